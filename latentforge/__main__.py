@@ -1,0 +1,3 @@
+from latentforge.cli import main
+
+main()

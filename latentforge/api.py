@@ -1,0 +1,163 @@
+"""The operations behind the CLI, callable from Python and notebooks.
+
+    run = latentforge.train("multiply/tiny", **{"train.steps": 50})
+    run = latentforge.load_run(run.path)
+    run.config, run.metrics, run.model()
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from latentforge.config import Config, apply_overrides, build_config, load_config
+from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from latentforge.engine.loop import Trainer, build_task_and_model, evaluate, load_model_state, resolve_device
+from latentforge.engine.task import Task
+from latentforge.errors import ConfigError, RunError
+from latentforge.track.files import write_atomic, write_json
+from latentforge.track.listing import effective_status
+from latentforge.track.rundir import RunDir, default_runs_dir, new_run_id
+
+
+def _override_list(overrides: tuple[str, ...] | list[str], kw: dict[str, Any]) -> list[str]:
+    """Dotted strings, plus keyword overrides written as `train__steps=5` or `**{"train.steps": 5}`."""
+    # JSON is YAML, so numbers, booleans, lists and quoted strings keep their types.
+    return list(overrides) + [f"{key.replace('__', '.')}={json.dumps(value)}" for key, value in kw.items()]
+
+
+def read_config(run: RunDir) -> Config:
+    try:
+        raw = yaml.safe_load(run.config_path.read_text())
+    except OSError as e:
+        raise RunError(f"cannot read {run.config_path}: {e.strerror}") from None
+    except yaml.YAMLError:
+        raise RunError(f"{run.config_path} is not valid YAML; the run's config is damaged") from None
+    if not isinstance(raw, dict):
+        raise RunError(f"{run.config_path} does not hold a config")
+    return build_config(raw)
+
+
+class Run:
+    """A run directory read back: its record, config, metrics and checkpoints."""
+
+    def __init__(self, path: str | Path, runs_dir: str | Path | None = None):
+        self.dir = RunDir.find(path, runs_dir)
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    @property
+    def id(self) -> str:
+        return self.dir.id
+
+    @property
+    def info(self) -> dict[str, Any]:
+        info = self.dir.info()
+        info["status"] = effective_status(info)
+        return info
+
+    @property
+    def status(self) -> str:
+        return self.info["status"]
+
+    @property
+    def config(self) -> Config:
+        return read_config(self.dir)
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.dir.read_metrics()
+
+    def checkpoints(self) -> list[int]:
+        return list_checkpoints(self.dir.checkpoints)
+
+    def checkpoint_path(self, checkpoint: str | int = "latest") -> Path:
+        best = (self.dir.info().get("best") or {}).get("step")
+        return resolve_checkpoint(self.dir.checkpoints, checkpoint, best)
+
+    def load(self, checkpoint: str | int = "latest", device: str = "cpu") -> tuple[Task, nn.Module, int]:
+        """The task and the model with a checkpoint's weights, in eval mode, and that step."""
+        cfg = self.config
+        path = self.checkpoint_path(checkpoint)
+        task, model = build_task_and_model(cfg, resolve_device(device))
+        state = load_checkpoint(path)
+        load_model_state(model, state["model"], path)
+        return task, model.eval(), int(state["step"])
+
+    def model(self, checkpoint: str | int = "latest", device: str = "cpu") -> nn.Module:
+        return self.load(checkpoint, device)[1]
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.status!r})"
+
+
+def load_run(path: str | Path, runs_dir: str | Path | None = None) -> Run:
+    return Run(path, runs_dir)
+
+
+def train(config: str | Path | Config, *overrides: str, name: str | None = None,
+          runs_dir: str | Path | None = None, overwrite: bool = False, quiet: bool = True,
+          **kw_overrides: Any) -> Run:
+    """Train a preset name, YAML file or Config into a new run directory; returns the Run."""
+    items = _override_list(overrides, kw_overrides)
+    if isinstance(config, Config):
+        cfg = apply_overrides(config, items)
+        label = cfg.task.name
+    else:
+        cfg = load_config(config, items)
+        label = Path(str(config)).stem if str(config).endswith((".yaml", ".yml")) else str(config)
+    trainer = Trainer(cfg, quiet=quiet)
+    run = RunDir.create(default_runs_dir(runs_dir), name or new_run_id(label), overwrite)
+    write_atomic(run.config_path, cfg.to_yaml())
+    run.write_info({"id": run.id, "task": cfg.task.name, "source": str(config), "overrides": items,
+                    "command": sys.argv, "status": "created", "created": time.time(), "step": 0,
+                    "total_steps": cfg.train.steps, "best": None})
+    trainer.fit(run)
+    return Run(run.path)
+
+
+def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "latest",
+           runs_dir: str | Path | None = None, quiet: bool = True, **kw_overrides: Any) -> Run:
+    """Continue a run from a checkpoint to its configured end (overrides may extend it)."""
+    run = RunDir.find(run_spec, runs_dir)
+    info = run.info()
+    if effective_status(info) == "running" and info.get("host") == RunDir.host():
+        raise RunError(f"run {run.id} is still running (pid {info.get('pid')}); stop it before resuming")
+    items = _override_list(overrides, kw_overrides)
+    cfg = apply_overrides(read_config(run), items)
+    path = resolve_checkpoint(run.checkpoints, checkpoint, (info.get("best") or {}).get("step"))
+    trainer = Trainer(cfg, quiet=quiet, resume_from=path)
+    if items:
+        write_atomic(run.config_path, cfg.to_yaml())
+        run.update_info(overrides=info.get("overrides", []) + items, total_steps=cfg.train.steps)
+    trainer.fit(run)
+    return Run(run.path)
+
+
+def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits: list[str] | None = None,
+                 runs_dir: str | Path | None = None, device: str = "auto") -> tuple[dict[str, float], Path]:
+    """Evaluate a checkpoint on splits; the metrics are also saved under the run's artifacts/."""
+    run = Run(run_spec, runs_dir)
+    task, model, step = run.load(checkpoint, device)
+    available = task.eval_splits()
+    splits = splits or task.training_eval_splits()
+    for split in splits:
+        if split not in available:
+            raise ConfigError(f"unknown split {split!r} (splits of this run: {', '.join(available)})")
+    dev = next(model.parameters()).device
+    precision = run.config.train.precision if dev.type == "cuda" else "fp32"
+    metrics = evaluate(task, model, splits, dev, precision)
+    out = run.dir.artifacts / f"eval_{'+'.join(splits)}_step{step:08d}.json"
+    run.dir.artifacts.mkdir(exist_ok=True)
+    write_json(out, {"step": step, "checkpoint": str(checkpoint), "splits": splits, "device": str(dev),
+                     "torch": torch.__version__, "metrics": metrics})
+    return {"step": step, **metrics}, out

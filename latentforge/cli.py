@@ -1,0 +1,213 @@
+"""The `latentforge` command: one subcommand per user action."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from latentforge import api
+from latentforge.config import list_presets
+from latentforge.errors import LatentforgeError, TrainingStopped
+from latentforge.track.listing import duration, list_runs, print_table, sort_runs
+from latentforge.track.rundir import default_runs_dir
+
+app = typer.Typer(
+    help="latentforge: train, resume, list and evaluate research models whose interesting part is a latent.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+runs_app = typer.Typer(help="List runs, or show one run.", invoke_without_command=True, no_args_is_help=False)
+app.add_typer(runs_app, name="runs")
+
+out = Console()
+err = Console(stderr=True)
+
+RunsDir = typer.Option(None, "--runs-dir", help="Where runs live (default ./runs or $LATENTFORGE_RUNS).")
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or status lines.")
+Overrides = typer.Argument(None, help="Config overrides: section.key=value ...", show_default=False)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Bad input becomes one line on stderr and exit code 2; an unstable run exits 1; Ctrl-C 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LatentforgeError as e:
+            err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except TrainingStopped as e:
+            err.print(f"[red]stopped:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("aborted (second Ctrl-C): no checkpoint written for the current step")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _where(run: api.Run, quiet: bool) -> None:
+    if quiet:
+        return
+    info = run.info
+    best = info.get("best")
+    out.print(f"run {run.id}: {info['status']} at step {info.get('step')}/{info.get('total_steps')}"
+              + (f", best {best['metric']}={best['value']:.4f} at step {best['step']}" if best else ""))
+    out.print(f"  run directory  {run.path}\n  metrics        {run.dir.metrics_path}\n"
+              f"  checkpoints    {run.dir.checkpoints}\n  plots          {run.dir.artifacts}\n"
+              f"  tensorboard    tensorboard --logdir {run.dir.tb}")
+
+
+@app.command()
+@user_errors
+def train(
+    config: str = typer.Argument(..., help="A preset (e.g. multiply, multiply/tiny) or a YAML file."),
+    overrides: Optional[list[str]] = Overrides,
+    name: Optional[str] = typer.Option(None, "--name", help="Run id (default: <preset>-<date>-<hex>)."),
+    runs_dir: Optional[Path] = RunsDir,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run of the same name."),
+    quiet: bool = Quiet,
+) -> None:
+    """Train a new run from a preset or YAML file, with key=value overrides."""
+    run = api.train(config, *(overrides or []), name=name, runs_dir=runs_dir, overwrite=overwrite, quiet=quiet)
+    _where(run, quiet)
+    if run.status == "interrupted":
+        raise typer.Exit(130)
+
+
+@app.command()
+@user_errors
+def resume(
+    run: str = typer.Argument(..., help="A run directory or run id."),
+    overrides: Optional[list[str]] = Overrides,
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    runs_dir: Optional[Path] = RunsDir,
+    quiet: bool = Quiet,
+) -> None:
+    """Continue a run from its latest checkpoint to the configured end (train.steps=N extends it)."""
+    result = api.resume(run, *(overrides or []), checkpoint=checkpoint, runs_dir=runs_dir, quiet=quiet)
+    _where(result, quiet)
+    if result.status == "interrupted":
+        raise typer.Exit(130)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    run: str = typer.Argument(..., help="A run directory or run id."),
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split(s) to evaluate (default: the run's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    runs_dir: Optional[Path] = RunsDir,
+    quiet: bool = Quiet,
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Evaluate a checkpoint; prints the metrics and saves them in the run's artifacts/."""
+    metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device)
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    if not quiet:
+        out.print(f"saved {path}")
+
+
+@runs_app.callback()
+@user_errors
+def runs(
+    ctx: typer.Context,
+    sort: str = typer.Option("date", "--sort", help="date, step, loss or an eval metric (e.g. test/exact_match)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Show at most N runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs as JSON."),
+    runs_dir: Optional[Path] = RunsDir,
+    quiet: bool = Quiet,
+) -> None:
+    """List runs: id, task, status, step/total, best metric, last loss, started, host."""
+    if ctx.invoked_subcommand is not None:
+        return
+    directory = default_runs_dir(runs_dir)
+    rows = sort_runs(list_runs(directory), sort)[:limit]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        out.print(f"no runs in {directory}/")
+    else:
+        metric = sort if sort not in ("date", "step", "loss") else None
+        print_table(rows, out, metric)
+
+
+@runs_app.command("show")
+@user_errors
+def runs_show(
+    run: str = typer.Argument(..., help="A run directory or run id."),
+    runs_dir: Optional[Path] = RunsDir,
+    quiet: bool = Quiet,
+) -> None:
+    """One run's config summary, status and final metrics."""
+    r = api.Run(run, runs_dir)
+    info, cfg = r.info, r.config
+    best = info.get("best")
+    rows = [
+        ("run", r.id), ("path", str(r.path)), ("status", info["status"]), ("task", cfg.task.name),
+        ("source", f"{info.get('source', '')} {' '.join(info.get('overrides', []))}".strip()),
+        ("step", f"{info.get('step', 0)}/{info.get('total_steps')}"),
+        ("best", f"{best['metric']}={best['value']:.4f} at step {best['step']}" if best else "-"),
+        ("last loss", f"{info['last_loss']:.4f}" if info.get("last_loss") is not None else "-"),
+        ("duration", duration(info)), ("host", info.get("host", "")), ("device", info.get("device", "")),
+        ("params", f"{info['params']:,}" if info.get("params") else "-"),
+        ("git", info.get("git_sha") or "-"), ("torch", info.get("torch", "-")),
+        ("checkpoints", ", ".join(map(str, r.checkpoints())) or "-"),
+        ("model", ", ".join(f"{k}={v}" for k, v in cfg.to_dict()["model"].items())),
+        ("optim", ", ".join(f"{k}={v}" for k, v in cfg.to_dict()["optim"].items())),
+        ("train", ", ".join(f"{k}={v}" for k, v in cfg.to_dict()["train"].items() if k != "guard")),
+    ]
+    if info.get("error"):
+        rows.append(("error", info["error"]))
+    table = Table(show_header=False, show_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+    last_eval = info.get("last_eval") or {}
+    if last_eval:
+        metrics = Table(title=f"metrics at step {last_eval.get('step')}", show_edge=False, header_style="bold")
+        metrics.add_column("metric")
+        metrics.add_column("value", justify="right")
+        for key, value in last_eval.items():
+            if key != "step":
+                metrics.add_row(key, f"{value:.4f}")
+        out.print(metrics)
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in presets."""
+    for name in list_presets():
+        out.print(name)
+
+
+def main() -> None:
+    # Keep rich's output plain when it goes to a file or a pipe.
+    if not sys.stdout.isatty():
+        os.environ.setdefault("COLUMNS", "200")
+    app()
+
+
+if __name__ == "__main__":
+    main()

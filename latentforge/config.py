@@ -1,0 +1,393 @@
+"""Typed configs: dataclass defaults <- preset YAML <- user YAML <- key=value overrides.
+
+Every value is checked before any work starts; a problem is one `ConfigError` line naming the key
+and what is allowed. The engine's sections (optim, train, checkpoint, track) live here; a task
+brings its own dataclasses for the `task`, `model` and `data` sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from latentforge.errors import ConfigError
+
+PRESET_ROOT = Path(__file__).parent / "tasks"
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise a ConfigError for `key` unless `ok`; section prefixes are added by the loader."""
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+# ----------------------------------------------------------------------------- engine sections
+
+
+@dataclass
+class TaskConfig:
+    """Which task to train; tasks subclass this to add their own options."""
+
+    name: str = ""
+
+    def validate(self) -> None:
+        require(bool(self.name), "name", "must name a task (a folder under latentforge/tasks/)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Embeddings are excluded from weight decay by default (as in nanoGPT/Lingua, they are
+    # 2-D but act as lookup tables); biases and norm gains are never decayed.
+    decay_embeddings: bool = False
+    schedule: Literal["constant", "linear", "cosine", "noam", "wsd"] = "cosine"
+    # < 1: a fraction of train.steps; >= 1: a number of steps.
+    warmup: float = 0.0
+    min_lr: float = 0.0
+    # wsd only: the fraction of training spent in the final decay.
+    decay_frac: float = 0.2
+
+    def validate(self) -> None:
+        require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1) (got {list(self.betas)})")
+        require(self.eps > 0, "eps", f"must be > 0 (got {self.eps})")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        require(self.warmup >= 0, "warmup", f"must be >= 0 (got {self.warmup})")
+        require(self.warmup < 1 or float(self.warmup).is_integer(), "warmup",
+                f"must be a fraction < 1 or a whole number of steps (got {self.warmup})")
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}] (got {self.min_lr})")
+        require(0 < self.decay_frac <= 1, "decay_frac", f"must be in (0, 1] (got {self.decay_frac})")
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return round(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+
+
+@dataclass
+class GuardConfig:
+    """Stability guard: skip updates whose loss is non-finite or spikes far above its recent values."""
+
+    enabled: bool = True
+    # A spike is a loss above mean + spike_sigmas * std of the last `window` good losses
+    # and above spike_ratio * that mean (so noise around a near-zero loss is not a spike).
+    spike_sigmas: float = 6.0
+    spike_ratio: float = 3.0
+    window: int = 100
+    # Spikes are only judged once this many good steps have been seen.
+    min_history: int = 50
+    lr_factor: float = 0.5
+    cooldown: int = 100
+    max_bad_steps: int = 10
+
+    def validate(self) -> None:
+        require(self.spike_sigmas > 0, "spike_sigmas", f"must be > 0 (got {self.spike_sigmas})")
+        require(self.spike_ratio >= 1, "spike_ratio", f"must be >= 1 (got {self.spike_ratio})")
+        require(self.window >= 2, "window", f"must be >= 2 (got {self.window})")
+        require(2 <= self.min_history <= self.window, "min_history",
+                f"must be in [2, window={self.window}] (got {self.min_history})")
+        require(0 < self.lr_factor <= 1, "lr_factor", f"must be in (0, 1] (got {self.lr_factor})")
+        require(self.cooldown >= 0, "cooldown", f"must be >= 0 (got {self.cooldown})")
+        require(self.max_bad_steps >= 1, "max_bad_steps", f"must be >= 1 (got {self.max_bad_steps})")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    # Clip the global gradient norm to this value; 0 turns clipping off.
+    clip_grad: float = 1.0
+    log_every: int = 50
+    # Evaluate every N steps (0: only at the end).
+    eval_every: int = 500
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "log_every"):
+            value = getattr(self, key)
+            require(value >= 1, key, f"must be >= 1 (got {value})")
+        require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
+        require(self.clip_grad >= 0, "clip_grad", f"must be >= 0 (got {self.clip_grad})")
+        require(self.eval_every >= 0, "eval_every", f"must be >= 0 (got {self.eval_every})")
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N steps (0: only at the end and on interrupt).
+    every: int = 500
+    # Keep the last K periodic checkpoints (the best one is kept besides).
+    keep: int = 3
+    # Eval metric that picks the best checkpoint ("" disables best tracking).
+    metric: str = "test/exact_match"
+    mode: Literal["max", "min"] = "max"
+
+    def validate(self) -> None:
+        require(self.every >= 0, "every", f"must be >= 0 (got {self.every})")
+        require(self.keep >= 1, "keep", f"must be >= 1 (got {self.keep})")
+
+
+@dataclass
+class TrackConfig:
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    task: Any = field(default_factory=TaskConfig)
+    model: Any = None
+    data: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; returns the value in its typed form."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key} must be {_type_name(tp)} (got {value!r})")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build_dataclass(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} items (got {len(value)})")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def build_dataclass(cls: type, values: dict[str, Any] | None, prefix: str) -> Any:
+    """Build `cls` from a mapping, refusing unknown keys (with the closest names) and wrong types."""
+    values = values or {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(f'{prefix}.{c}' for c in close)}?" if close else ""
+            raise ConfigError(f"unknown key {full}{hint} (valid keys in {prefix or 'the config'}: "
+                              f"{', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+    return obj
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def preset_path(name: str) -> Path:
+    """`multiply` -> tasks/multiply/configs/default.yaml, `multiply/tiny` -> .../tiny.yaml."""
+    task, _, preset = name.partition("/")
+    path = PRESET_ROOT / task / "configs" / f"{preset or 'default'}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset or file named {name!r} (presets: {', '.join(list_presets())})")
+    return path
+
+
+def list_presets() -> list[str]:
+    presets = []
+    for path in sorted(PRESET_ROOT.glob("*/configs/*.yaml")):
+        task = path.parent.parent.name
+        presets.append(task if path.stem == "default" else f"{task}/{path.stem}")
+    return presets
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _load_layers(source: str, seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The YAML layers of a preset name or file, following `base:` from the bottom up."""
+    path = Path(source)
+    is_file = source.endswith((".yaml", ".yml")) or path.is_file()
+    if is_file and not path.is_file():
+        raise ConfigError(f"config file {source} does not exist")
+    path = path if is_file else preset_path(source)
+    if str(path.resolve()) in seen:
+        raise ConfigError(f"config {source} includes itself through base:")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if not is_file:
+        data.setdefault("task", {}).setdefault("name", path.parent.parent.name)
+    layers = _load_layers(str(base), seen + (str(path.resolve()),)) if base else []
+    return layers + [data]
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Parse `a.b=value` strings; values are read as YAML (numbers, true/false, lists)."""
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
+
+
+def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        merged = OmegaConf.merge(*[OmegaConf.create(layer) for layer in layers]) if layers else {}
+        return OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot combine config: {str(e).splitlines()[0]}") from None
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Validate a merged mapping into a Config with the task's own section types."""
+    from latentforge.tasks import get_task
+
+    raw = dict(raw)
+    for key in raw:
+        if key not in {f.name for f in dataclasses.fields(Config)}:
+            names = [f.name for f in dataclasses.fields(Config)]
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown section {key}{hint} (sections: {', '.join(names)})")
+    task_name = (raw.get("task") or {}).get("name") if isinstance(raw.get("task"), dict) else None
+    if not task_name:
+        raise ConfigError("task.name is not set: start from a preset or set task.name in your YAML")
+    task_cls = get_task(task_name)
+    sections = {
+        "task": task_cls.TaskConfig, "model": task_cls.ModelConfig, "data": task_cls.DataConfig,
+        "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "track": TrackConfig,
+    }
+    built = {}
+    for name, cls in sections.items():
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of keys (got {value!r})")
+        built[name] = build_dataclass(cls, value, name)
+    cfg = Config(**built)
+    task_cls.validate_config(cfg)
+    return cfg
+
+
+def load_config(source: str | Path, overrides: list[str] | None = None) -> Config:
+    """Resolve a preset name or YAML file plus `key=value` overrides into a validated Config."""
+    layers = _load_layers(str(source))
+    layers.append(parse_overrides(list(overrides or [])))
+    return build_config(merge_layers(layers))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A validated copy of `cfg` with `key=value` overrides applied (used by resume)."""
+    return build_config(merge_layers([cfg.to_dict(), parse_overrides(overrides)]))

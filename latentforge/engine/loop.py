@@ -1,0 +1,352 @@
+"""The training loop, written once for every task: precision, compile, accumulation, clipping,
+the stability guard, evaluation, checkpoints, exact resume, interrupts and logging."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentforge.config import Config
+from latentforge.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from latentforge.engine.guard import StabilityGuard
+from latentforge.engine.optim import build_optimizer, lr_at
+from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
+from latentforge.engine.task import Task
+from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
+from latentforge.tasks import get_task
+from latentforge.track.metrics import MetricsLogger
+from latentforge.track.plots import plot_run
+from latentforge.track.progress import TrainProgress
+from latentforge.track.rundir import RunDir, git_sha
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is available (use train.device=cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device=mps but MPS is not available (use train.device=cpu or auto)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def build_task_and_model(cfg: Config, device: torch.device) -> tuple[Task, nn.Module]:
+    task = get_task(cfg.task.name)(cfg, device)
+    return task, task.build_model().to(device)
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], source: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"checkpoint {source} does not fit this model's config: {first}") from None
+
+
+def evaluate(task: Task, model: nn.Module, splits: list[str], device: torch.device,
+             precision: str) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            for split in splits:
+                metrics.update(task.evaluate(model, split))
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Builds everything `cfg` needs (from scratch or from a checkpoint directory) before any run
+    directory exists, so bad input fails without leaving anything behind; `fit(run)` trains."""
+
+    def __init__(self, cfg: Config, quiet: bool = False, resume_from: Path | None = None):
+        self.cfg, self.quiet = cfg, quiet
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        seed_everything(t.seed)
+        self.task, self.model = build_task_and_model(cfg, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        self.batches = self.task.train_batches()
+        self.guard = StabilityGuard(t.guard)
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+        self.window = self._empty_window()
+        if resume_from is not None:
+            self._restore(resume_from)
+            if self.step > t.steps:
+                raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {self.step}")
+        self.train_model = torch.compile(self.model) if t.compile else self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ state
+    def _empty_window(self) -> dict[str, Any]:
+        """Device-side sums of the metrics since the last log (read only every log_every steps)."""
+        return {"sums": {}, "steps": 0, "tokens": 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "rng": rng_state(),
+            "data": self.batches.state_dict(),
+            "guard": self.guard.state_dict(),
+            "best": self.best,
+            "window": {"sums": {k: v.detach().cpu() for k, v in self.window["sums"].items()},
+                       "steps": self.window["steps"], "tokens": self.window["tokens"]},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "config": self.cfg.to_dict(),
+        }
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        load_model_state(self.model, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} optimizer state does not fit: {e}") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.batches.load_state_dict(state["data"])
+        self.guard.load_state_dict(state["guard"])
+        self.best = state["best"]
+        w = state["window"]
+        self.window = {"sums": {k: v.to(self.device) for k, v in w["sums"].items()},
+                       "steps": w["steps"], "tokens": w["tokens"]}
+        set_rng_state(state["rng"])
+
+    def save(self, kind: str) -> Path:
+        protected = {self.best["step"]} if self.best else set()
+        path = save_checkpoint(self.run.checkpoints, self.step, self.state_dict(), kind,
+                               {"best": self.best})
+        prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        sums = self.window["sums"]
+        sums[name] = sums[name] + value.detach().float() if name in sums else value.detach().float().clone()
+
+    def train_step(self) -> str | None:
+        """One optimizer update over grad_accum micro-batches; returns why it was skipped, if it was."""
+        t = self.cfg.train
+        lr = lr_at(self.step, self.cfg.optim, t.steps) * self.guard.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        extras: dict[str, torch.Tensor] = {}
+        micro_batches = [self.batches.next_batch() for _ in range(t.grad_accum)]
+        weights = [self.task.loss_weight(b) for b in micro_batches]
+        total_weight = sum(weights)
+        tokens = 0
+        for batch, weight in zip(micro_batches, weights):
+            share = weight / total_weight
+            with autocast(self.device, t.precision):
+                loss, metrics = self.task.loss(self.train_model, batch)
+            scaled = loss * share
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float() * share
+            for k, v in metrics.items():
+                extras[k] = extras.get(k, 0) + v.detach().float() * share
+            tokens += self.task.tokens_in(batch)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = t.clip_grad if t.clip_grad > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
+        reason = None
+        if t.guard.enabled:
+            loss_value = float(loss_sum)
+            # Under fp16 the grad scaler already skips overflowing steps by itself.
+            norm_value = float(grad_norm) if self.scaler is None else None
+            reason = self.guard.judge(loss_value, norm_value)
+            self.guard.record(loss_value, bad=reason is not None)
+        if reason is None:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if reason is None:
+            self._accumulate("train/loss", loss_sum)
+            self._accumulate("train/grad_norm", grad_norm)
+            for k, v in extras.items():
+                self._accumulate(f"train/{k}", v)
+            self.window["steps"] += 1
+        self.window["tokens"] += tokens
+        self.last_lr = lr
+        return reason
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, run: RunDir) -> str:
+        """Train to train.steps; returns the final status (finished or interrupted)."""
+        self.run = run
+        t, c = self.cfg.train, self.cfg.checkpoint
+        logger = MetricsLogger(self.run, self.cfg.track.tensorboard,
+                               resume_step=self.step if self.step > 0 else None)
+        if self.step > 0:
+            self.run.truncate_metrics(self.step)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        info = self.run.info()
+        info.update(status="running", host=self.run.host(), pid=os.getpid(), device=str(self.device),
+                    params=n_params, total_steps=t.steps, step=self.step, git_sha=git_sha(),
+                    torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None)
+        info.setdefault("started", time.time())
+        if self.step > 0:
+            info.setdefault("resumed", []).append({"step": self.step, "time": time.time()})
+        self.run.write_info(info)
+
+        progress = TrainProgress(t.steps, self.step, enabled=not self.quiet)
+        self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
+        status = "finished"
+        last_eval_step = -1
+        try:
+            with StopRequest() as stop:
+                clock = time.perf_counter()
+                while self.step < t.steps:
+                    reason = self.train_step()
+                    if reason is not None:
+                        self._on_bad_step(reason, logger, progress)
+                    done = self.step == t.steps
+                    if self.step % t.log_every == 0 or done:
+                        elapsed = time.perf_counter() - clock
+                        self._log_window(logger, progress, elapsed)
+                        clock = time.perf_counter()
+                    saved = False
+                    if (t.eval_every and self.step % t.eval_every == 0) or done:
+                        saved = self._evaluate(logger, progress)
+                        last_eval_step = self.step
+                        clock = time.perf_counter()
+                    if not saved and ((c.every and self.step % c.every == 0) or done):
+                        self.save("final" if done else "periodic")
+                        clock = time.perf_counter()
+                    if stop.signal_name is not None and not done:
+                        self.save("interrupt")
+                        progress.print(f"{stop.signal_name}: checkpoint saved at step {self.step}; "
+                                       f"continue with: latentforge resume {self.run.path}")
+                        status = "interrupted"
+                        break
+                if self.step >= t.steps and last_eval_step != self.step:
+                    # Resuming a finished run with no extra steps: still evaluate and record.
+                    self._evaluate(logger, progress)
+        except KeyboardInterrupt:
+            self.run.update_info(status="interrupted", ended=time.time(), step=self.step)
+            raise
+        except TrainingStopped as e:
+            self.run.update_info(status="failed", ended=time.time(), step=self.step, error=str(e))
+            raise
+        except BaseException as e:
+            self.run.update_info(status="failed", ended=time.time(), step=self.step,
+                                 error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            progress.close()
+            logger.close()
+        self.run.update_info(status=status, ended=time.time(), step=self.step)
+        plot_run(self.run)
+        return status
+
+    def _log_window(self, logger: MetricsLogger, progress: TrainProgress, elapsed: float) -> None:
+        w = self.window
+        metrics = {k: float(v) / max(w["steps"], 1) for k, v in w["sums"].items()}
+        metrics["train/lr"] = self.last_lr
+        metrics["train/tokens_per_s"] = w["tokens"] / max(elapsed, 1e-9)
+        metrics["train/bad_steps"] = float(self.guard.bad_total)
+        logger.log(self.step, metrics)
+        self.window = self._empty_window()
+        if "train/loss" in metrics:
+            self.run.update_info(step=self.step, last_loss=metrics["train/loss"])
+        progress.update(self.step, f"loss {metrics.get('train/loss', float('nan')):.4f}  lr {self.last_lr:.2e}  "
+                                   f"{metrics['train/tokens_per_s']:,.0f} tok/s")
+
+    def _evaluate(self, logger: MetricsLogger, progress: TrainProgress) -> bool:
+        """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved."""
+        splits = self.task.training_eval_splits()
+        metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+        logger.log(self.step, metrics)
+        logger.flush()
+        headline = {k: v for k, v in metrics.items() if k.count("/") == 1 and not k.endswith("/examples")}
+        progress.print(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in headline.items()))
+        self.run.update_info(last_eval={"step": self.step, **metrics})
+        c = self.cfg.checkpoint
+        if not c.metric:
+            return False
+        if c.metric not in metrics:
+            progress.print(f"warning: checkpoint.metric {c.metric!r} is not among the eval metrics "
+                           f"({', '.join(sorted(headline))}); no best checkpoint is tracked")
+            return False
+        value = metrics[c.metric]
+        better = self.best is None or (value > self.best["value"] if c.mode == "max" else value < self.best["value"])
+        if better and math.isfinite(value):
+            self.best = {"metric": c.metric, "value": value, "step": self.step}
+            self.run.update_info(best=self.best)
+            self.save("final" if self.step == self.cfg.train.steps else "best")
+            return True
+        return False
+
+    def _on_bad_step(self, reason: str, logger: MetricsLogger, progress: TrainProgress) -> None:
+        g = self.guard
+        logger.log(self.step, {"guard/bad_step": 1.0, "guard/lr_scale": g.cfg.lr_factor})
+        events = self.run.info().get("guard_events", [])
+        events.append({"step": self.step, "reason": reason})
+        self.run.update_info(guard_events=events[-100:])
+        progress.print(f"step {self.step}: skipped update, {reason}; LR x{g.cfg.lr_factor} "
+                       f"for {g.cfg.cooldown} steps")
+        if g.bad_streak == 1:
+            self.save("emergency")
+        if g.must_stop:
+            raise TrainingStopped(f"training stopped at step {self.step}: {g.bad_streak} bad steps in a row "
+                                  f"(last: {reason}); lower optim.lr or raise train.guard.max_bad_steps")

@@ -1,0 +1,76 @@
+"""The one seam between the engine and an experiment: a Task builds the model, the batches,
+the loss and the evaluation. The engine knows nothing else about it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from latentforge.config import Config, TaskConfig
+
+
+class BatchStream(Protocol):
+    """An endless, resumable source of training batches.
+
+    `state_dict()` is saved in every checkpoint; after `load_state_dict()` the stream yields
+    exactly the batches it would have yielded had it never stopped.
+    """
+
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(ABC):
+    """Base class of every task; subclasses set the three config types and the methods below."""
+
+    name: str = ""
+    TaskConfig: type = TaskConfig
+    ModelConfig: type
+    DataConfig: type
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """Cross-section checks that need the whole config; raise ConfigError."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model, on the CPU; the engine moves it to the device."""
+
+    @abstractmethod
+    def train_batches(self) -> BatchStream:
+        """The training stream, batches already on self.device."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss of a batch plus extra scalar metrics (device tensors, read only at log time)."""
+
+    def loss_weight(self, batch: Any) -> torch.Tensor | float:
+        """How much this batch's mean loss weighs when micro-batches are accumulated (e.g. its
+        scored tokens), so that accumulation gives the larger batch's loss exactly."""
+        return 1.0
+
+    @abstractmethod
+    def tokens_in(self, batch: Any) -> int:
+        """Tokens (or examples) in a batch, for throughput."""
+
+    @abstractmethod
+    def eval_splits(self) -> list[str]:
+        """Names accepted by evaluate(); those the task evaluates during training come first."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Metrics named `<split>/<metric>` for one split."""
+
+    def training_eval_splits(self) -> list[str]:
+        """The splits evaluated every train.eval_every steps and at the end."""
+        return self.eval_splits()[:1]

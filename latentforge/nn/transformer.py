@@ -1,0 +1,118 @@
+"""A decoder-only transformer: pre-norm blocks, rotary positions, SDPA attention, optional tying."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TransformerShape:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    max_len: int = 256
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim // 2) for rotary position embeddings."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of x (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        assert shape.d_model % shape.n_head == 0, "d_model must be divisible by n_head"
+        self.n_head = shape.n_head
+        self.qkv = nn.Linear(shape.d_model, 3 * shape.d_model, bias=False)
+        self.proj = nn.Linear(shape.d_model, shape.d_model, bias=False)
+        self.dropout = shape.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        hidden = int(shape.mlp_ratio * shape.d_model)
+        self.up = nn.Linear(shape.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, shape.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(shape.d_model)
+        self.attn = SelfAttention(shape)
+        self.norm2 = nn.LayerNorm(shape.d_model)
+        self.mlp = MLP(shape)
+        self.drop = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.drop = nn.Dropout(shape.dropout)
+        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
+        self.norm = nn.LayerNorm(shape.d_model)
+        self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        if shape.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(shape.max_len, shape.d_model // shape.n_head, shape.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Scaled init of the residual projections (GPT-2): keeps the residual stream's variance flat.
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, std=0.02 / (2 * shape.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        if T > self.shape.max_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.max_len={self.shape.max_len}")
+        x = self.drop(self.embed(tokens))
+        for block in self.blocks:
+            x = block(x, self.rope_cos, self.rope_sin)
+        return self.head(self.norm(x))

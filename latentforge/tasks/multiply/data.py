@@ -1,0 +1,329 @@
+"""Multiplication data: operand pairs, their token sequences, and the public implicit-CoT files.
+
+A sequence is `a * b = c <end>` with every number written digit by digit, least-significant
+digit first by default. Padding has its own id, never shared with a digit. Batches are a pure
+function of (seed, batch index), so resuming or sharding needs nothing but the index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentforge.errors import DataError
+
+STAR, EQUALS, END, PAD = 10, 11, 12, 13
+VOCAB_SIZE = 14
+IGNORE = -100
+# Small operand spaces are enumerated and held out exactly; larger ones are sampled per batch.
+MAX_ENUMERATED_PAIRS = 2_000_000
+MAX_OPERAND_DIGITS = 18
+
+
+def number_range(digits: int) -> tuple[int, int]:
+    """[low, high] of the numbers with this many digits (1 digit includes 0)."""
+    return (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+
+
+def to_digits(x: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 (B,) -> digits (B, width), least-significant first."""
+    pow10 = 10 ** torch.arange(width, device=x.device, dtype=torch.int64)
+    return (x[:, None] // pow10) % 10
+
+
+def digit_count(digits: torch.Tensor) -> torch.Tensor:
+    """Number of significant digits of LSD-first digit rows (0 counts as one digit)."""
+    width = digits.shape[1]
+    position = torch.arange(1, width + 1, device=digits.device)
+    return (position * (digits != 0)).amax(dim=1).clamp(min=1)
+
+
+def multiply_digits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact long multiplication of LSD-first digit rows: (B, Da) x (B, Db) -> (B, Da + Db)."""
+    B, Da = a.shape
+    Db = b.shape[1]
+    partial = a[:, :, None] * b[:, None, :]
+    column = (torch.arange(Da, device=a.device)[:, None] + torch.arange(Db, device=a.device)[None]).reshape(-1)
+    sums = torch.zeros(B, Da + Db, dtype=torch.int64, device=a.device)
+    sums.index_add_(1, column, partial.reshape(B, -1))
+    carry = torch.zeros(B, dtype=torch.int64, device=a.device)
+    out = torch.empty_like(sums)
+    for k in range(Da + Db):
+        total = sums[:, k] + carry
+        out[:, k] = total % 10
+        carry = total // 10
+    return out
+
+
+@dataclass
+class Examples:
+    """Operands and product as LSD-first digit rows, with their lengths."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    len_a: torch.Tensor
+    len_b: torch.Tensor
+    len_c: torch.Tensor
+
+    @classmethod
+    def from_digits(cls, a: torch.Tensor, b: torch.Tensor) -> Examples:
+        c = multiply_digits(a, b)
+        return cls(a, b, c, digit_count(a), digit_count(b), digit_count(c))
+
+    @classmethod
+    def from_ints(cls, a: torch.Tensor, b: torch.Tensor, width_a: int, width_b: int) -> Examples:
+        return cls.from_digits(to_digits(a, width_a), to_digits(b, width_b))
+
+    def fixed_width(self) -> Examples:
+        """The same examples laid out at full width: operands zero-padded to their widest, the
+        answer to the sum of the widths (as in the implicit-CoT files), so every row aligns."""
+        B = len(self)
+
+        def full(width: int) -> torch.Tensor:
+            return torch.full((B,), width, dtype=torch.int64, device=self.a.device)
+
+        return Examples(self.a, self.b, self.c, full(self.a.shape[1]), full(self.b.shape[1]), full(self.c.shape[1]))
+
+    def __len__(self) -> int:
+        return self.a.shape[0]
+
+    def select(self, index: torch.Tensor) -> Examples:
+        return Examples(*(getattr(self, f)[index] for f in ("a", "b", "c", "len_a", "len_b", "len_c")))
+
+
+def _place(seq: torch.Tensor, digits: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
+           reverse: bool) -> None:
+    """Write each row's `length` digits at positions start..start+length-1 of `seq`, in place."""
+    L = seq.shape[1]
+    p = torch.arange(L, device=seq.device)[None]
+    offset = p - start[:, None]
+    inside = (offset >= 0) & (offset < length[:, None])
+    k = offset if reverse else length[:, None] - 1 - offset
+    k = k.clamp(0, digits.shape[1] - 1)
+    seq.copy_(torch.where(inside, digits.gather(1, k), seq))
+
+
+def sequence_length(width_a: int, width_b: int) -> int:
+    """Tokens in `a * b = c <end>` at the widest operands."""
+    return width_a + width_b + (width_a + width_b) + 3
+
+
+def encode(ex: Examples, reverse: bool, length: int) -> torch.Tensor:
+    """Token rows `a * b = c <end> <pad>...` of a fixed length."""
+    B = len(ex)
+    seq = torch.full((B, length), PAD, dtype=torch.int64, device=ex.a.device)
+    p = torch.arange(length, device=seq.device)[None]
+    zero = torch.zeros(B, dtype=torch.int64, device=seq.device)
+    _place(seq, ex.a, ex.len_a, zero, reverse)
+    seq[p == ex.len_a[:, None]] = STAR
+    _place(seq, ex.b, ex.len_b, ex.len_a + 1, reverse)
+    eq = ex.len_a + ex.len_b + 1
+    seq[p == eq[:, None]] = EQUALS
+    _place(seq, ex.c, ex.len_c, eq + 1, reverse)
+    seq[p == (eq + 1 + ex.len_c)[:, None]] = END
+    return seq
+
+
+def training_pair(ex: Examples, reverse: bool, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for next-token training; only the answer and <end> are scored."""
+    seq = encode(ex, reverse, length)
+    inputs, targets = seq[:, :-1], seq[:, 1:].clone()
+    p = torch.arange(length - 1, device=seq.device)[None]
+    eq = (ex.len_a + ex.len_b + 1)[:, None]
+    answer = (p >= eq) & (p <= eq + ex.len_c[:, None])
+    targets[~answer] = IGNORE
+    return inputs, targets
+
+
+def pair_keys(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A collision-free int64 key of (a, b) for operands below 10**9, a hash beyond."""
+    return a * 1_000_000_007 + b
+
+
+class OperandSpace:
+    """All (a, b) with a in the digit range of operand a and b in that of operand b."""
+
+    def __init__(self, digits_a: tuple[int, int], digits_b: tuple[int, int]):
+        self.digits_a, self.digits_b = digits_a, digits_b
+        self.low_a, self.high_a = number_range(digits_a[0])[0], number_range(digits_a[1])[1]
+        self.low_b, self.high_b = number_range(digits_b[0])[0], number_range(digits_b[1])[1]
+        self.size = (self.high_a - self.low_a + 1) * (self.high_b - self.low_b + 1)
+        self.symmetric = digits_a == digits_b
+        self.enumerated = self.size <= MAX_ENUMERATED_PAIRS
+
+    def all_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.arange(self.low_a, self.high_a + 1)
+        b = torch.arange(self.low_b, self.high_b + 1)
+        return a.repeat_interleave(len(b)), b.repeat(len(a))
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n pairs: operand lengths uniform over their ranges, then values uniform at that length."""
+        return self._sample_operand(self.digits_a, n, generator), self._sample_operand(self.digits_b, n, generator)
+
+    @staticmethod
+    def _sample_operand(digits: tuple[int, int], n: int, generator: torch.Generator) -> torch.Tensor:
+        length = torch.randint(digits[0], digits[1] + 1, (n,), generator=generator)
+        low = torch.where(length == 1, 0, 10 ** (length - 1))
+        high = 10**length
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return (low + (u * (high - low).double()).long()).clamp(max=high - 1)
+
+
+class MultiplyData:
+    """The held-out test pairs, the training pairs, and deterministic batches of them."""
+
+    def __init__(self, digits_a: tuple[int, int], digits_b: tuple[int, int], test_size: int,
+                 holdout_commuted: bool, seed: int):
+        self.space = OperandSpace(digits_a, digits_b)
+        self.width_a, self.width_b = digits_a[1], digits_b[1]
+        self.seed = seed
+        g = torch.Generator().manual_seed(seed)
+        if self.space.enumerated:
+            a, b = self.space.all_pairs()
+            test = self._holdout(a, b, test_size, holdout_commuted and self.space.symmetric, g)
+            self.test = (a[test], b[test])
+            self.train = (a[~test], b[~test])
+        else:
+            a, b = self._unique_sample(test_size, g)
+            if holdout_commuted and self.space.symmetric:
+                a, b = torch.cat([a, b]), torch.cat([b, a])
+            self.test = (a, b)
+            self.train = None
+        self.test_keys = torch.unique(pair_keys(*self.test))
+
+    @staticmethod
+    def _holdout(a: torch.Tensor, b: torch.Tensor, test_size: int, commuted: bool,
+                 g: torch.Generator) -> torch.Tensor:
+        """A mask of held-out pairs; with `commuted`, b*a is held out whenever a*b is."""
+        key = torch.minimum(a, b) * (b.max() + 1) + torch.maximum(a, b) if commuted else torch.arange(len(a))
+        unique_keys, group = torch.unique(key, return_inverse=True)
+        order = torch.randperm(len(unique_keys), generator=g)
+        sizes = torch.bincount(group, minlength=len(unique_keys))[order]
+        chosen = order[: int((sizes.cumsum(0) < test_size).sum()) + 1]
+        return torch.isin(group, chosen)
+
+    def _unique_sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.space.sample(2 * n, g)
+        _, first = _first_occurrences(pair_keys(a, b))
+        first = first[:n]
+        return a[first], b[first]
+
+    @property
+    def train_size(self) -> int | None:
+        return len(self.train[0]) if self.train is not None else None
+
+    def examples(self, a: torch.Tensor, b: torch.Tensor, device: torch.device) -> Examples:
+        return Examples.from_ints(a.to(device), b.to(device), self.width_a, self.width_b)
+
+
+def _first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique keys and the index of each one's first occurrence, in order of first appearance."""
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((len(unique),), len(keys), dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(len(keys)), reduce="amin")
+    return unique, first.sort().values
+
+
+class MultiplyBatches:
+    """Endless training batches: epochs over the enumerated training pairs (a fresh shuffle each
+    epoch), or fresh samples that avoid the test pairs. Batch i depends only on (seed, i)."""
+
+    def __init__(self, data: MultiplyData, batch_size: int, reverse: bool, fixed_width: bool, length: int,
+                 device: torch.device):
+        self.data, self.batch_size, self.reverse, self.length = data, batch_size, reverse, length
+        self.fixed_width = fixed_width
+        self.device = device
+        self.index = 0
+        self._epoch_cache: tuple[int, torch.Tensor] | None = None
+        if data.train is not None:
+            self.train_a, self.train_b = data.train[0].to(device), data.train[1].to(device)
+        self.test_keys = data.test_keys.to(device)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + epoch + 1)
+            self._epoch_cache = (epoch, torch.randperm(len(self.train_a), generator=g).to(self.device))
+        return self._epoch_cache[1]
+
+    def pairs(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.data.train is not None:
+            n = len(self.train_a)
+            start = index * self.batch_size
+            chunks = []
+            while sum(len(c) for c in chunks) < self.batch_size:
+                epoch, offset = divmod(start + sum(len(c) for c in chunks), n)
+                take = min(n - offset, self.batch_size - sum(len(c) for c in chunks))
+                chunks.append(self._permutation(epoch)[offset: offset + take])
+            rows = torch.cat(chunks)
+            return self.train_a[rows], self.train_b[rows]
+        g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + 7_919 * (index + 1))
+        a, b = self.data.space.sample(self.batch_size, g)
+        a, b = a.to(self.device), b.to(self.device)
+        while True:
+            clash = torch.isin(pair_keys(a, b), self.test_keys)
+            if not bool(clash.any()):
+                return a, b
+            na, nb = self.data.space.sample(self.batch_size, g)
+            a = torch.where(clash, na.to(self.device), a)
+            b = torch.where(clash, nb.to(self.device), b)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.pairs(self.index)
+        self.index += 1
+        ex = self.data.examples(a, b, self.device)
+        return training_pair(ex.fixed_width() if self.fixed_width else ex, self.reverse, self.length)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = int(state["index"])
+
+
+def read_icot_file(path: str | Path) -> Examples:
+    """Read a public implicit-CoT file (`a_digits * b_digits||cot #### c_digits`, LSD first)."""
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read multiplication file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file in the implicit-CoT format") from None
+    if not lines:
+        raise DataError(f"{path} holds no examples")
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            question, _, answer = line.partition("####")
+            operands = question.split("||")[0].split("*")
+            if len(operands) != 2 or not answer.strip():
+                raise ValueError
+            a, b = ([int(t) for t in op.split()] for op in operands)
+            c = [int(t) for t in answer.split()]
+            if not a or not b or not all(0 <= d <= 9 for d in a + b + c):
+                raise ValueError
+        except ValueError:
+            raise DataError(f"{path} line {number} is not 'a digits * b digits||chain #### answer digits': "
+                            f"{line[:60]!r}") from None
+        rows.append((a, b, c))
+    width_a = max(len(r[0]) for r in rows)
+    width_b = max(len(r[1]) for r in rows)
+    if max(width_a, width_b) > MAX_OPERAND_DIGITS:
+        raise DataError(f"{path}: operands longer than {MAX_OPERAND_DIGITS} digits are not supported")
+
+    def pad(digits: list[int], width: int) -> list[int]:
+        return digits + [0] * (width - len(digits))
+
+    a = torch.tensor([pad(r[0], width_a) for r in rows])
+    b = torch.tensor([pad(r[1], width_b) for r in rows])
+    ex = Examples.from_digits(a, b)
+    stated = torch.tensor([pad(r[2], width_a + width_b)[: width_a + width_b] for r in rows])
+    wrong = (stated != ex.c).any(dim=1).nonzero()
+    if len(wrong):
+        n = int(wrong[0]) + 1
+        raise DataError(f"{path} line {n}: the stated answer is not the product of its operands")
+    return ex

@@ -1,0 +1,46 @@
+"""Training curves as a PNG in the run's artifacts/ (a researcher would rather look than read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from latentforge.track.rundir import RunDir
+
+
+def plot_run(run: RunDir) -> Path | None:
+    """Train loss (log scale) and each split's headline eval metrics over steps."""
+    records = run.read_metrics()
+    loss = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    evals: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.count("/") == 1 and not key.startswith(("train/", "guard/")) and not key.endswith("/examples"):
+                evals.setdefault(key, []).append((r["step"], value))
+    if not loss and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if loss:
+        axes[0].plot(*zip(*loss), label="train/loss")
+        axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training loss")
+    for key, points in sorted(evals.items()):
+        axes[1].plot(*zip(*points), marker="o", markersize=3, label=key)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("evaluation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(run.id)
+    fig.tight_layout()
+    path = run.artifacts / "curves.png"
+    run.artifacts.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

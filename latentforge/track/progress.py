@@ -1,0 +1,32 @@
+"""The training progress bar: step, loss, lr, throughput and ETA (off with --quiet)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class TrainProgress:
+    def __init__(self, total: int, start: int, enabled: bool, description: str = "train"):
+        self.progress = None
+        if enabled:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self.task = self.progress.add_task(description, total=total, completed=start, stats="")
+            self.progress.start()
+
+    def update(self, step: int, stats: str | None = None) -> None:
+        if self.progress is not None:
+            fields = {"stats": stats} if stats is not None else {}
+            self.progress.update(self.task, completed=step, **fields)
+
+    def print(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

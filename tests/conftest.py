@@ -1,0 +1,47 @@
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from latentforge.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+ICOT = REPO.parent / "shared" / "data" / "icot_mult"
+
+# Small and fast: what most engine and CLI tests train.
+TINY = ["train.steps=12", "train.log_every=1", "train.eval_every=6", "checkpoint.every=4",
+        "data.test_size=100", "data.train_eval_size=100", "train.batch_size=16"]
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def cli(runs_dir: Path):
+    """Run the CLI in-process; returns click's Result (exit_code, output, stderr)."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+def losses(run_path: Path) -> dict[int, float]:
+    """Per-step training loss from a run's metrics.jsonl."""
+    out = {}
+    for line in (run_path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            out[record["step"]] = record["train/loss"]
+    return out
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under path with its bytes: to prove bad input changed nothing on disk."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

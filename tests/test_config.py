@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+
+from latentforge.config import apply_overrides, list_presets, load_config
+from latentforge.errors import ConfigError
+
+
+def test_presets_are_addressed_by_name():
+    assert {"multiply", "multiply/tiny"} <= set(list_presets())
+    cfg = load_config("multiply")
+    tiny = load_config("multiply/tiny")
+    assert cfg.task.name == tiny.task.name == "multiply"
+    # tiny inherits from the default preset through `base:` and overrides the model.
+    assert tiny.model.d_model == 32 and tiny.optim.lr == cfg.optim.lr
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("multiply/tiny", ["train.steps=7", "optim.lr=0.01", "train.guard.enabled=false",
+                                        "data.digits_a=[1,3]", "optim.betas=[0.8,0.9]"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 0.01 and cfg.train.guard.enabled is False
+    assert cfg.data.digits_a == (1, 3) and cfg.optim.betas == (0.8, 0.9)
+
+
+def test_user_yaml_with_base_and_interpolation(tmp_path: Path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("base: multiply/tiny\ntrain:\n  steps: 40\ncheckpoint:\n  every: ${train.steps}\n")
+    cfg = load_config(str(f), ["optim.lr=0.002"])
+    assert cfg.train.steps == 40 and cfg.checkpoint.every == 40 and cfg.optim.lr == 0.002
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    cfg = load_config("multiply/tiny", ["train.steps=9"])
+    f = tmp_path / "config.yaml"
+    f.write_text(cfg.to_yaml())
+    assert load_config(str(f)) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stpes=5"], "unknown key train.stpes; did you mean train.steps"),
+    (["optim.learning_rate=1"], "unknown key optim.learning_rate"),
+    (["trian.steps=5"], "unknown section trian; did you mean train"),
+    (["train.steps=abc"], "train.steps must be an integer (got 'abc')"),
+    (["train.compile=3"], "train.compile must be true or false"),
+    (["optim.lr=-0.1"], "optim.lr must be > 0 (got -0.1)"),
+    (["train.batch_size=0"], "train.batch_size must be >= 1 (got 0)"),
+    (["train.precision=fp8"], "train.precision must be one of 'fp32', 'bf16', 'fp16'"),
+    (["data.test_size=6000"], "data.test_size must be at most half of the 10000 possible pairs"),
+    (["data.digits_a=[3,1]"], "data.digits_a must be [min, max]"),
+    (["model.d_model=33"], "model.d_model must be divisible by model.n_head"),
+    (["data.digits_a=[1,9]", "data.digits_b=[1,9]", "model.max_len=16"], "model.max_len must be >= 39"),
+    (["optim.warmup=2.5"], "optim.warmup must be a fraction < 1 or a whole number of steps"),
+    (["checkpoint.metric=valid/exact_match"], "checkpoint.metric must be a metric of an evaluated split"),
+    (["data.eval_splits=[nope]"], "data.eval_splits: unknown split 'nope'"),
+    (["train.steps"], "must look like section.key=value"),
+])
+def test_bad_values_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("multiply/tiny", overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="no preset or file named 'multiplyy'.*multiply/tiny"):
+        load_config("multiplyy")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in .*bad.yaml line \d+"):
+        load_config(str(f))
+
+
+def test_yaml_without_task_is_refused(tmp_path: Path):
+    f = tmp_path / "notask.yaml"
+    f.write_text("train:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="task.name is not set"):
+        load_config(str(f))
+
+
+def test_unknown_task():
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+        load_config("multiply/tiny", ["task.name=nope"])
+
+
+def test_apply_overrides_revalidates():
+    cfg = load_config("multiply/tiny")
+    assert apply_overrides(cfg, ["train.steps=99"]).train.steps == 99
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        apply_overrides(cfg, ["optim.lr=0"])

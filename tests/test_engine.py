@@ -1,0 +1,205 @@
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, losses
+
+import latentforge
+from latentforge.config import GuardConfig
+from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint
+from latentforge.engine.guard import StabilityGuard
+from latentforge.engine.loop import Trainer
+from latentforge.errors import TrainingStopped
+from latentforge.tasks.multiply.task import Multiply
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Send this process a real SIGTERM right after `step` finishes."""
+    original = Trainer.train_step
+
+    def train_step(self):
+        reason = original(self)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reason
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_interrupted_and_resumed_run_matches_the_straight_run(runs_dir, monkeypatch):
+    """2N steps straight == N steps, SIGTERM, resume, N steps: identical per-step losses.
+    With gradient accumulation, dropout (RNG state), a cosine schedule over 2N steps, a resume
+    that falls mid-epoch and mid log-window, and evaluation/checkpoints in between."""
+    common = [*TINY, "train.steps=16", "train.grad_accum=2", "model.dropout=0.1", "train.log_every=3",
+              "checkpoint.every=5", "data.test_size=2000", "train.batch_size=24"]
+    straight = latentforge.train("multiply/tiny", *common, name="straight", runs_dir=runs_dir)
+    # 8000 training pairs / (24 x 2) per step: the resume at step 7 is mid-epoch.
+    interrupt_at(monkeypatch, 7)
+    part = latentforge.train("multiply/tiny", *common, name="part", runs_dir=runs_dir)
+    assert part.status == "interrupted" and 7 in part.checkpoints()
+    monkeypatch.undo()
+    resumed = latentforge.resume("part", runs_dir=runs_dir)
+    assert resumed.status == "finished"
+    a, b = straight.metrics, resumed.metrics
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # no duplicated or missing records
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key.startswith(("train/loss", "train/grad_norm", "train/answer", "test/exact", "test/token")):
+                assert ra[key] == rb[key], (ra["step"], key)
+    sa = load_checkpoint(straight.checkpoint_path("latest"))["model"]
+    sb = load_checkpoint(resumed.checkpoint_path("latest"))["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_extend_a_finished_run(runs_dir):
+    first = latentforge.train("multiply/tiny", *TINY, "optim.schedule=constant", "optim.warmup=3",
+                              name="ext", runs_dir=runs_dir)
+    assert first.status == "finished" and first.info["step"] == 12
+    extended = latentforge.resume("ext", "train.steps=20", runs_dir=runs_dir)
+    assert extended.info["step"] == 20 and extended.info["total_steps"] == 20
+    assert extended.config.train.steps == 20
+    assert sorted(losses(extended.path)) == list(range(1, 21))
+    # N + resume + N equals 2N straight when the schedule does not depend on the total.
+    straight = latentforge.train("multiply/tiny", *TINY, "optim.schedule=constant", "optim.warmup=3",
+                                 "train.steps=20", name="straight20", runs_dir=runs_dir)
+    assert losses(straight.path) == losses(extended.path)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(runs_dir):
+    big = latentforge.train("multiply/tiny", *TINY, "train.batch_size=32", name="big", runs_dir=runs_dir)
+    acc = latentforge.train("multiply/tiny", *TINY, "train.batch_size=8", "train.grad_accum=4",
+                            name="acc", runs_dir=runs_dir)
+    lb, la = losses(big.path), losses(acc.path)
+    assert lb.keys() == la.keys()
+    for step in lb:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5, abs=1e-6)
+    mb, ma = big.model(), acc.model()
+    for pb, pa in zip(mb.parameters(), ma.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_keep_last_k_plus_best(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, "train.steps=30", "checkpoint.every=2", "checkpoint.keep=2",
+                            "train.eval_every=3", name="keep", runs_dir=runs_dir)
+    steps = run.checkpoints()
+    best = run.info["best"]
+    assert best["metric"] == "test/exact_match" and best["step"] in steps
+    assert [s for s in steps if s != best["step"]] == [s for s in (28, 30) if s != best["step"]]
+    assert len(steps) == (2 if best["step"] in (28, 30) else 3)
+    meta = json.loads((run.path / "checkpoints" / f"step_{30:08d}" / "meta.json").read_text())
+    assert meta["kind"] == "final" and len(meta["sha256"]) == 64
+
+
+def test_guard_skips_a_nan_step_and_cools_the_lr(runs_dir, monkeypatch):
+    original = Multiply.loss
+    calls = {"n": 0}
+
+    def loss(self, model, batch):
+        calls["n"] += 1
+        value, metrics = original(self, model, batch)
+        return (value * math.nan if calls["n"] == 5 else value), metrics
+
+    monkeypatch.setattr(Multiply, "loss", loss)
+    run = latentforge.train("multiply/tiny", *TINY, "optim.schedule=constant", "train.guard.cooldown=3",
+                            "train.guard.lr_factor=0.25", "checkpoint.keep=10", name="nan", runs_dir=runs_dir)
+    assert run.status == "finished"
+    events = run.info["guard_events"]
+    assert [e["step"] for e in events] == [5] and "non-finite loss" in events[0]["reason"]
+    lrs = {r["step"]: r["train/lr"] for r in run.metrics if "train/lr" in r}
+    assert lrs[5] == pytest.approx(1e-3 * 3) and lrs[7] == pytest.approx(3e-3 * 0.25)
+    assert lrs[10] == pytest.approx(3e-3)
+    assert all(math.isfinite(v) for v in losses(run.path).values())
+    assert 5 not in losses(run.path)  # the skipped step's loss is an event, not a data point
+    meta = json.loads((run.path / "checkpoints" / f"step_{5:08d}" / "meta.json").read_text())
+    assert meta["kind"] == "emergency"
+    assert any(r.get("guard/bad_step") == 1.0 and r["step"] == 5 for r in run.metrics)
+
+
+def test_guard_stops_after_consecutive_bad_steps(runs_dir, monkeypatch):
+    original = Multiply.loss
+
+    def loss(self, model, batch):
+        value, metrics = original(self, model, batch)
+        return value * math.inf, metrics
+
+    monkeypatch.setattr(Multiply, "loss", loss)
+    with pytest.raises(TrainingStopped, match="3 bad steps in a row"):
+        latentforge.train("multiply/tiny", *TINY, "train.guard.max_bad_steps=3", name="inf", runs_dir=runs_dir)
+    run = latentforge.load_run("inf", runs_dir=runs_dir)
+    assert run.status == "failed" and "3 bad steps in a row" in run.info["error"]
+    assert 1 in run.checkpoints()  # the emergency checkpoint of the first bad step
+
+
+def test_guard_spike_detection():
+    guard = StabilityGuard(GuardConfig(window=20, min_history=10, spike_sigmas=4, spike_ratio=2))
+    for i in range(20):
+        assert guard.judge(1.0 + 0.01 * (i % 3), 1.0) is None
+        guard.record(1.0 + 0.01 * (i % 3), bad=False)
+    assert guard.judge(1.05, 1.0) is None
+    assert "loss spike" in guard.judge(5.0, 1.0)
+    assert "non-finite gradient norm" in guard.judge(1.0, math.inf)
+    guard.record(5.0, bad=True)
+    assert guard.lr_scale == 0.5 and guard.bad_streak == 1
+    restored = StabilityGuard(guard.cfg)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.state_dict() == guard.state_dict()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(runs_dir, precision):
+    run = latentforge.train("multiply/tiny", *TINY, f"train.precision={precision}", name=precision,
+                            runs_dir=runs_dir)
+    values = list(losses(run.path).values())
+    assert run.status == "finished" and all(math.isfinite(v) for v in values)
+    state = load_checkpoint(run.checkpoint_path("latest"))
+    assert (state["scaler"] is not None) == (precision == "fp16")
+
+
+def test_the_default_preset_learns(runs_dir):
+    """A short run of the real preset: loss falls well below its start and test accuracy rises."""
+    run = latentforge.train("multiply", "train.steps=300", "train.eval_every=300", "train.log_every=25",
+                            name="learn", runs_dir=runs_dir)
+    values = losses(run.path)
+    assert values[300] < 0.6 * values[25]
+    assert run.info["last_eval"]["test/token_acc"] > 0.4
+
+
+def test_corrupt_checkpoint_is_refused_and_left_alone(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, name="corrupt", runs_dir=runs_dir)
+    state = run.checkpoint_path("latest") / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    before = state.read_bytes()
+    with pytest.raises(latentforge.errors.CheckpointError, match="truncated or corrupt"):
+        latentforge.resume("corrupt", "train.steps=20", runs_dir=runs_dir)
+    assert state.read_bytes() == before
+
+
+def test_half_written_checkpoint_is_never_picked(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, name="half", runs_dir=runs_dir)
+    (run.path / "checkpoints" / ".tmp-step_00000099-1234").mkdir()
+    (run.path / "checkpoints" / "step_00000098").mkdir()  # no meta.json: incomplete
+    assert list_checkpoints(run.path / "checkpoints")[-1] == 12
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(runs_dir):
+    eager = latentforge.train("multiply/tiny", *TINY, "train.steps=4", name="eager", runs_dir=runs_dir)
+    compiled = latentforge.train("multiply/tiny", *TINY, "train.steps=4", "train.compile=true",
+                                 name="compiled", runs_dir=runs_dir)
+    le, lc = losses(eager.path), losses(compiled.path)
+    for step in le:
+        assert lc[step] == pytest.approx(le[step], rel=1e-4)
+
+
+def test_load_run_gives_config_metrics_and_model(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, train__seed=3, name="api", runs_dir=runs_dir)
+    loaded = latentforge.load_run(Path(runs_dir) / "api")
+    assert loaded.config.train.seed == 3 and loaded.config.train.steps == 12
+    assert any("test/exact_match" in r for r in loaded.metrics)
+    model = loaded.model("best")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    assert run.info["params"] == sum(p.numel() for p in model.parameters())
