@@ -45,8 +45,10 @@ class TaskConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer and its learning-rate schedule."""
 
+    # adamw, or muon: Muon on hidden weight matrices and AdamW on everything else.
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -60,6 +62,8 @@ class OptimConfig:
     min_lr: float = 0.0
     # wsd only: the fraction of training spent in the final decay.
     decay_frac: float = 0.2
+    # muon only: its momentum.
+    momentum: float = 0.95
 
     def validate(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
@@ -70,6 +74,7 @@ class OptimConfig:
         require(self.warmup < 1 or float(self.warmup).is_integer(), "warmup",
                 f"must be a fraction < 1 or a whole number of steps (got {self.warmup})")
         require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}] (got {self.min_lr})")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1) (got {self.momentum})")
         require(0 < self.decay_frac <= 1, "decay_frac", f"must be in (0, 1] (got {self.decay_frac})")
 
     def warmup_steps(self, total_steps: int) -> int:

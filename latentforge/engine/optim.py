@@ -26,11 +26,53 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-        fused=device.type == "cuda",
-    )
+class OptimizerGroup:
+    """Several optimizers stepped as one (Muon for hidden matrices, AdamW for the rest); it has
+    the parts of the Optimizer interface the loop and the grad scaler use."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    def step(self, closure: None = None) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("optimizers", [])) != len(self.optimizers):
+            raise ValueError("the checkpoint was written with another optimizer (optim.name)")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+    groups = param_groups(model, cfg)
+    adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, **adamw)
+    # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head,
+    # biases and norms stay with AdamW. Its LR is scaled to match AdamW's update size, so one
+    # optim.lr serves both.
+    outer = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    hidden = [p for p in groups[0]["params"] if p.dim() == 2 and id(p) not in outer]
+    rest = [{**g, "params": [p for p in g["params"] if all(p is not h for h in hidden)]} for g in groups]
+    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                            adjust_lr_fn="match_rms_adamw")
+    return OptimizerGroup([muon, torch.optim.AdamW(rest, **adamw)])
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -64,7 +64,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(hidden, shape.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
 class Block(nn.Module):

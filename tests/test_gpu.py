@@ -1,0 +1,37 @@
+"""GPU-only checks (skipped without CUDA): bf16 autocast, torch.compile and CUDA RNG in checkpoints."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY, losses
+
+import latentforge
+from latentforge.engine.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_bf16_compiled_training_on_cuda(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, "train.steps=30", "train.device=cuda", "train.precision=bf16",
+                            "train.compile=true", name="gpu", runs_dir=runs_dir)
+    values = losses(run.path)
+    assert run.info["device"].startswith("cuda") and all(math.isfinite(v) for v in values.values())
+    assert values[30] < values[1]
+    state = load_checkpoint(run.checkpoint_path("latest"))
+    assert "cuda" in state["rng"]
+
+
+def test_bf16_matches_fp32_on_cuda(runs_dir):
+    fp32 = latentforge.train("multiply/tiny", *TINY, "train.device=cuda", name="fp32", runs_dir=runs_dir)
+    bf16 = latentforge.train("multiply/tiny", *TINY, "train.device=cuda", "train.precision=bf16", name="bf16",
+                             runs_dir=runs_dir)
+    a, b = losses(fp32.path), losses(bf16.path)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-2)
+
+
+def test_resume_on_cuda_continues(runs_dir):
+    latentforge.train("multiply/tiny", *TINY, "train.device=cuda", name="r", runs_dir=runs_dir)
+    run = latentforge.resume("r", "train.steps=20", runs_dir=runs_dir)
+    assert run.status == "finished" and sorted(losses(run.path)) == list(range(1, 21))
