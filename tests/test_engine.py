@@ -107,8 +107,9 @@ def test_guard_skips_a_nan_step_and_cools_the_lr(runs_dir, monkeypatch):
         return (value * math.nan if calls["n"] == 5 else value), metrics
 
     monkeypatch.setattr(Multiply, "loss", loss)
-    run = latentforge.train("multiply/tiny", *TINY, "optim.schedule=constant", "optim.lr=3e-3", "train.guard.cooldown=3",
-                            "train.guard.lr_factor=0.25", "checkpoint.keep=10", name="nan", runs_dir=runs_dir)
+    run = latentforge.train("multiply/tiny", *TINY, "optim.schedule=constant", "optim.lr=3e-3",
+                            "train.guard.cooldown=3", "train.guard.lr_factor=0.25", "checkpoint.keep=10",
+                            name="nan", runs_dir=runs_dir)
     assert run.status == "finished"
     events = run.info["guard_events"]
     assert [e["step"] for e in events] == [5] and "non-finite loss" in events[0]["reason"]
