@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import subprocess
 import tempfile
 
 import torch
 
 import latentforge
 from latentforge.tasks.multiply.data import sequence_length
+from latentforge.track.rundir import git_sha
 
 SETTINGS = {
     "fp32 eager": ["train.precision=fp32"],
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = git_sha() or "(not a git checkout: see the commit this tree came from)"
     print(f"device: {device_name}; torch {torch.__version__}; date {datetime.date.today()}; commit {sha}")
     print(f"command: python -m bench.multiply_speed --steps {args.steps} --device {args.device}\n")
     print("| setting | steps/s | tokens/s | test exact match 2x2 after the run |")

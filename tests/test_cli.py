@@ -230,3 +230,15 @@ def test_ctrl_c_checkpoints_and_resume_finishes(runs_dir):
     assert done.returncode == 0, done.stderr
     info = json.loads((runs_dir / "sig" / "run.json").read_text())
     assert info["status"] == "finished" and info["step"] == step + 3
+
+
+def test_a_run_whose_process_died_is_listed_as_crashed(cli, runs_dir, trained):
+    info = json.loads((trained / "run.json").read_text())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    info.update(status="running", pid=dead.pid)
+    (trained / "run.json").write_text(json.dumps(info))
+    rows = json.loads(ok(cli("runs", "--json", "--runs-dir", runs_dir)).output)
+    assert rows[0]["status"] == "crashed"
+    ok(cli("resume", "base", "train.steps=14", "--runs-dir", runs_dir, "-q"))
+    assert json.loads((trained / "run.json").read_text())["status"] == "finished"
