@@ -128,7 +128,7 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
             value = getattr(self, key)
             require(value >= 1, key, f"must be >= 1 (got {value})")
-        require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
+        require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0 (got {self.clip_grad})")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0 (got {self.eval_every})")
 
@@ -192,7 +192,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
@@ -234,7 +234,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
-        return dict(value)
+        key_type, value_type = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_type, f"{key} key {k!r}"): _coerce(v, value_type, f"{key}[{k!r}]")
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise bad

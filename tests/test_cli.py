@@ -117,6 +117,10 @@ def test_resume_from_a_chosen_checkpoint(cli, runs_dir, trained):
     ok(cli("resume", trained, "--checkpoint", "8", "--runs-dir", runs_dir, "-q"))
     steps = [json.loads(x)["step"] for x in (trained / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(12) >= 1
+    info = json.loads((trained / "run.json").read_text())
+    best = info["best"]["step"]
+    assert (trained / "checkpoints" / f"step_{best:08d}").is_dir()  # run.json's best is a kept checkpoint
+    ok(cli("eval", "base", "--checkpoint", "best", "--runs-dir", runs_dir))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -242,3 +246,15 @@ def test_a_run_whose_process_died_is_listed_as_crashed(cli, runs_dir, trained):
     assert rows[0]["status"] == "crashed"
     ok(cli("resume", "base", "train.steps=14", "--runs-dir", runs_dir, "-q"))
     assert json.loads((trained / "run.json").read_text())["status"] == "finished"
+
+
+def test_bad_device_and_unusable_runs_dir(cli, runs_dir, trained, tmp_path):
+    refused(cli("eval", "base", "--device", "tpu", "--runs-dir", runs_dir), "device must be auto, cpu, cuda or mps")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    refused(cli("train", "multiply/tiny", "--runs-dir", blocker), "cannot create run directory")
+    assert blocker.read_text() == "not a directory"
+    (runs_dir / "plain").write_text("x")
+    refused(cli("train", "multiply/tiny", "--name", "plain", "--overwrite", "--runs-dir", runs_dir),
+            "is not a latentforge run")
+    assert (runs_dir / "plain").read_text() == "x"

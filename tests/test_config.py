@@ -54,6 +54,10 @@ def test_resolved_config_round_trips(tmp_path: Path):
     (["checkpoint.metric=valid/exact_match"], "checkpoint.metric must be a metric of an evaluated split"),
     (["data.eval_splits=[nope]"], "data.eval_splits: unknown split 'nope'"),
     (["train.steps"], "must look like section.key=value"),
+    (["data.eval_files={1: x.txt}"], "data.eval_files key 1 must be a string"),
+    (["data.eval_files={a: 5}"], "data.eval_files['a'] must be a string"),
+    (["train.seed=5000000000"], "train.seed must be in [0, 2**32)"),
+    (["data.seed=-1"], "data.seed must be in [0, 2**32)"),
 ])
 def test_bad_values_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -91,3 +95,9 @@ def test_apply_overrides_revalidates():
     assert apply_overrides(cfg, ["train.steps=99"]).train.steps == 99
     with pytest.raises(ConfigError, match="optim.lr must be > 0"):
         apply_overrides(cfg, ["optim.lr=0"])
+
+
+def test_eval_file_paths_are_saved_absolute(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("multiply/tiny", ["data.eval_files={mine: data/x.txt}"])
+    assert cfg.data.eval_files["mine"] == str(tmp_path / "data" / "x.txt")

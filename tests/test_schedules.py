@@ -73,3 +73,19 @@ def test_weight_decay_only_on_matrices():
     with_embed = param_groups(model, OptimConfig(decay_embeddings=True))[0]["params"]
     assert any(p is model.embed.weight for p in with_embed)
     assert not math.isnan(decay["weight_decay"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    import torch
+
+    from latentforge.engine.optim import build_optimizer
+
+    model = Transformer(TransformerShape(vocab_size=14, n_layer=1, d_model=32, n_head=2, tie_embeddings=False))
+    opt = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
+    muon, adamw = opt.optimizers
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    adamw_params = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert id(model.head.weight) in adamw_params and id(model.embed.weight) in adamw_params
+    assert id(model.blocks[0].attn.qkv.weight) in muon_params
+    assert muon_params.isdisjoint(adamw_params)
+    assert len(muon_params) + len(adamw_params) == len(list(model.parameters()))

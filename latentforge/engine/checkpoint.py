@@ -117,6 +117,14 @@ def read_meta(path: Path) -> dict[str, Any]:
         return {}
 
 
+def remove_stale_temporaries(ckpt_dir: Path) -> None:
+    """Remove half-written checkpoints left by a process that died while saving."""
+    if ckpt_dir.is_dir():
+        for d in ckpt_dir.iterdir():
+            if d.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int, protected: set[int]) -> None:
     """Remove all but the newest `keep` checkpoints, never one whose step is protected."""
     prunable = [s for s in list_checkpoints(ckpt_dir) if s not in protected]

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from latentforge.config import Config
-from latentforge.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from latentforge.engine.checkpoint import (
+    load_checkpoint,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from latentforge.engine.guard import StabilityGuard
 from latentforge.engine.optim import build_optimizer, lr_at
 from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
@@ -33,6 +38,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda or mps (got {name!r})")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -242,7 +249,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         info = self.run.info()
         info.update(status="running", host=self.run.host(), pid=os.getpid(), device=str(self.device),
-                    params=n_params, total_steps=t.steps, step=self.step, git_sha=git_sha(),
+                    params=n_params, total_steps=t.steps, step=self.step, best=self.best, git_sha=git_sha(),
                     torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None)
         info.setdefault("started", time.time())
         if self.step > 0:
@@ -252,7 +259,7 @@ class Trainer:
         progress = TrainProgress(t.steps, self.step, enabled=not self.quiet)
         self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
         status = "finished"
-        last_eval_step = -1
+        remove_stale_temporaries(self.run.checkpoints)
         try:
             with StopRequest() as stop:
                 clock = time.perf_counter()
@@ -268,7 +275,6 @@ class Trainer:
                     saved = False
                     if (t.eval_every and self.step % t.eval_every == 0) or done:
                         saved = self._evaluate(logger, progress)
-                        last_eval_step = self.step
                         clock = time.perf_counter()
                     if not saved and ((c.every and self.step % c.every == 0) or done):
                         self.save("final" if done else "periodic")
@@ -279,9 +285,6 @@ class Trainer:
                                        f"continue with: latentforge resume {self.run.path}")
                         status = "interrupted"
                         break
-                if self.step >= t.steps and last_eval_step != self.step:
-                    # Resuming a finished run with no extra steps: still evaluate and record.
-                    self._evaluate(logger, progress)
         except KeyboardInterrupt:
             self.run.update_info(status="interrupted", ended=time.time(), step=self.step)
             raise
@@ -296,7 +299,11 @@ class Trainer:
             progress.close()
             logger.close()
         self.run.update_info(status=status, ended=time.time(), step=self.step)
-        plot_run(self.run)
+        try:
+            plot_run(self.run)
+        except (OSError, ValueError, RuntimeError) as e:
+            # The run is complete and its metrics are safe; a plot is a convenience.
+            progress.print(f"warning: could not draw {self.run.artifacts}/curves.png: {e}")
         return status
 
     def _log_window(self, logger: MetricsLogger, progress: TrainProgress, elapsed: float) -> None:

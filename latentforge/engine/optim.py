@@ -64,10 +64,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **adamw)
-    # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head,
-    # biases and norms stay with AdamW. Its LR is scaled to match AdamW's update size, so one
+    # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head (a
+    # module named `head`), biases and norms stay with AdamW. Its LR is scaled to match AdamW's update size, so one
     # optim.lr serves both.
-    outer = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    outer = {id(p) for name, m in model.named_modules()
+             if isinstance(m, nn.Embedding) or name.split(".")[-1] == "head" for p in m.parameters()}
     hidden = [p for p in groups[0]["params"] if p.dim() == 2 and id(p) not in outer]
     rest = [{**g, "params": [p for p in g["params"] if all(p is not h for h in hidden)]} for g in groups]
     muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,

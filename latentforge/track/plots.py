@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from latentforge.track.rundir import RunDir
@@ -40,7 +41,11 @@ def plot_run(run: RunDir) -> Path | None:
     fig.suptitle(run.id)
     fig.tight_layout()
     path = run.artifacts / "curves.png"
+    tmp = run.artifacts / ".curves.png.tmp"
     run.artifacts.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
     return path

@@ -91,11 +91,14 @@ class RunDir:
             if not overwrite:
                 raise RunError(f"run directory {path} already exists; pass --overwrite to replace it "
                                f"or --name to choose another name")
-            if not (path / "run.json").is_file() and any(path.iterdir()):
+            if not path.is_dir() or (not (path / "run.json").is_file() and any(path.iterdir())):
                 raise RunError(f"{path} exists and is not a latentforge run; refusing to overwrite it")
             shutil.rmtree(path)
-        for sub in ("", "checkpoints", "artifacts"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("", "checkpoints", "artifacts"):
+                (path / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {path}: {e.strerror}") from None
         return cls(path)
 
     @classmethod

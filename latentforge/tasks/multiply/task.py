@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,11 +70,18 @@ class MultiplyDataConfig:
     eval_batch_size: int = 1000
     seed: int = 1234
 
+    def __post_init__(self) -> None:
+        # Absolute paths, so the saved config evaluates and reruns from any directory.
+        if isinstance(self.eval_files, dict):
+            self.eval_files = {k: str(Path(v).expanduser().resolve()) if isinstance(v, str) else v
+                               for k, v in self.eval_files.items()}
+
     def validate(self) -> None:
         for key in ("digits_a", "digits_b"):
             low, high = getattr(self, key)
             require(1 <= low <= high <= MAX_OPERAND_DIGITS, key,
                     f"must be [min, max] with 1 <= min <= max <= {MAX_OPERAND_DIGITS} (got {[low, high]})")
+        require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
         require(self.test_size >= 1, "test_size", f"must be >= 1 (got {self.test_size})")
         require(self.train_eval_size >= 1, "train_eval_size", f"must be >= 1 (got {self.train_eval_size})")
         require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1 (got {self.eval_batch_size})")
