@@ -1,4 +1,4 @@
-"""AdamW with decay on weight matrices only, and the learning-rate schedules."""
+"""AdamW (or Muon + AdamW) with decay on weight matrices only, and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ from torch import nn
 from latentforge.config import OptimConfig
 
 
+def _param_ids(model: nn.Module, head_too: bool = False) -> set[int]:
+    """Ids of the embedding parameters, and with `head_too` those of a module named `head`."""
+    return {id(p) for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) or (head_too and name.split(".")[-1] == "head")
+            for p in m.parameters()}
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on >= 2-D weights; never on biases or norm gains; on embeddings if asked."""
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    embedding_params = _param_ids(model)
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -65,12 +72,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **adamw)
     # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head (a
-    # module named `head`), biases and norms stay with AdamW. Its LR is scaled to match AdamW's update size, so one
-    # optim.lr serves both.
-    outer = {id(p) for name, m in model.named_modules()
-             if isinstance(m, nn.Embedding) or name.split(".")[-1] == "head" for p in m.parameters()}
+    # module named `head`), biases and norms stay with AdamW. Its LR is scaled to match AdamW's
+    # update size, so one optim.lr serves both.
+    outer = _param_ids(model, head_too=True)
     hidden = [p for p in groups[0]["params"] if p.dim() == 2 and id(p) not in outer]
-    rest = [{**g, "params": [p for p in g["params"] if all(p is not h for h in hidden)]} for g in groups]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in groups]
     muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                             adjust_lr_fn="match_rms_adamw")
     return OptimizerGroup([muon, torch.optim.AdamW(rest, **adamw)])
