@@ -19,7 +19,14 @@ from torch import nn
 
 from latentforge.config import Config, apply_overrides, build_config, load_config
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
-from latentforge.engine.loop import Trainer, build_task_and_model, evaluate, load_model_state, resolve_device
+from latentforge.engine.loop import (
+    Trainer,
+    autocast,
+    build_task_and_model,
+    evaluate,
+    load_model_state,
+    resolve_device,
+)
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, RunError
 from latentforge.track.files import write_atomic, write_json
@@ -161,3 +168,14 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
     write_json(out, {"step": step, "checkpoint": str(checkpoint), "splits": splits, "device": str(dev),
                      "torch": torch.__version__, "metrics": metrics})
     return {"step": step, **metrics}, out
+
+
+def predict(run_spec: str | Path, text: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
+            device: str = "auto") -> dict[str, str]:
+    """The model's output for one input written as text (e.g. "1234*5678" for multiply)."""
+    run = Run(run_spec, runs_dir)
+    task, model, _ = run.load(checkpoint, device)
+    dev = next(model.parameters()).device
+    precision = run.config.train.precision if dev.type == "cuda" else "fp32"
+    with torch.no_grad(), autocast(dev, precision):
+        return task.predict(model, text)

@@ -17,6 +17,7 @@ from rich.table import Table
 from latentforge import api
 from latentforge.config import list_presets
 from latentforge.errors import LatentforgeError, TrainingStopped
+from latentforge.track.compare import compare_rows, print_comparison, save_comparison
 from latentforge.track.listing import duration, list_runs, print_table, sort_runs
 from latentforge.track.rundir import default_runs_dir
 
@@ -125,6 +126,46 @@ def eval_command(
     out.print(table)
     if not quiet:
         out.print(f"saved {path}")
+
+
+@app.command()
+@user_errors
+def predict(
+    run: str = typer.Argument(..., help="A run directory or run id."),
+    text: str = typer.Argument(..., help='The input, e.g. "1234*5678" for multiply.'),
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """The model's output for one input (for multiply: its answer, its chain, and the true product)."""
+    result = api.predict(run, text, checkpoint, runs_dir, device)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    width = max(map(len, result))
+    for key, value in result.items():
+        out.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def compare(
+    runs: list[str] = typer.Argument(..., help="Run directories or run ids.", show_default=False),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to compare (default: checkpoint.metric's)."),
+    out_dir: Path = typer.Option(Path("artifacts"), "--out", help="Where to save compare-<time>.csv and .png."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (the files are still saved)."),
+    runs_dir: Optional[Path] = RunsDir,
+) -> None:
+    """Compare runs: size, FLOPs, training time and exact match per digit length and per parameter."""
+    rows = compare_rows([api.Run(run, runs_dir) for run in runs], split)
+    paths = save_comparison(rows, out_dir)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_comparison(rows, out)
+    for path in paths:
+        (err if as_json else out).print(f"saved {path}", highlight=False, soft_wrap=True)
 
 
 @runs_app.callback()

@@ -1,13 +1,16 @@
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from latentforge.cli import app
+from latentforge.engine.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-ICOT = REPO.parent / "shared" / "data" / "icot_mult"
+ICOT = REPO / "latentforge" / "tasks" / "multiply" / "icot"
 
 # Small and fast: what most engine and CLI tests train.
 TINY = ["train.steps=12", "train.log_every=1", "train.eval_every=6", "checkpoint.every=4",
@@ -45,3 +48,16 @@ def snapshot(path: Path) -> dict[str, bytes]:
     if not path.exists():
         return {}
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Send this process a real SIGTERM right after `step` finishes."""
+    original = Trainer.train_step
+
+    def train_step(self):
+        reason = original(self)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reason
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)

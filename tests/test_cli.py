@@ -32,7 +32,7 @@ def trained(cli, runs_dir):
 
 def test_help_lists_every_command(cli):
     out = ok(cli("--help")).output
-    for command in ("train", "resume", "runs", "eval", "presets"):
+    for command in ("train", "resume", "runs", "eval", "predict", "compare", "presets"):
         assert command in out
     for command in ("train", "resume", "eval", "runs"):
         assert "--help" in ok(cli(command, "--help")).output
@@ -98,7 +98,6 @@ def test_eval_prints_and_saves(cli, runs_dir, trained):
     assert 0.0 <= metrics["test/exact_match"] <= 1.0
 
 
-@pytest.mark.skipif(not ICOT.is_dir(), reason="shared icot data not present")
 def test_eval_on_the_public_icot_test_set(cli, runs_dir):
     ok(cli("train", "multiply/tiny", *TINY, "train.steps=2", f"data.eval_files={{icot4: {ICOT}/4_by_4/test.txt}}",
            "--name", "icot", "--runs-dir", runs_dir, "-q"))

@@ -1,33 +1,17 @@
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, losses
+from conftest import TINY, interrupt_at, losses
 
 import latentforge
 from latentforge.config import GuardConfig
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint
 from latentforge.engine.guard import StabilityGuard
-from latentforge.engine.loop import Trainer
 from latentforge.errors import TrainingStopped
 from latentforge.tasks.multiply.task import Multiply
-
-
-def interrupt_at(monkeypatch, step: int) -> None:
-    """Send this process a real SIGTERM right after `step` finishes."""
-    original = Trainer.train_step
-
-    def train_step(self):
-        reason = original(self)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return reason
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])

@@ -7,22 +7,42 @@ from conftest import ICOT
 
 from latentforge.errors import DataError
 from latentforge.tasks.multiply.data import (
+    Examples,
+    MultiplyBatches,
+    MultiplyData,
+    column_totals,
+    multiply_digits,
+    pair_keys,
+    read_icot_file,
+    to_digits,
+)
+from latentforge.tasks.multiply.layout import (
+    ANSWER,
     END,
     EQUALS,
     IGNORE,
     PAD,
     STAR,
-    Examples,
-    MultiplyBatches,
-    MultiplyData,
-    encode,
-    multiply_digits,
-    pair_keys,
-    read_icot_file,
+    build_sequences,
+    chain_length,
+    chain_tokens,
+    extract_answer,
+    render,
     sequence_length,
-    to_digits,
-    training_pair,
 )
+
+
+def encode(ex: Examples, reverse: bool, length: int) -> torch.Tensor:
+    return build_sequences(ex, reverse, length).tokens
+
+
+def training_pair(ex: Examples, reverse: bool, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return build_sequences(ex, reverse, length).training_pair()
+
+
+def batches(data: MultiplyData, batch_size: int) -> MultiplyBatches:
+    return MultiplyBatches(data, batch_size, True, lambda ex, i: training_pair(ex, True, sequence_length(
+        data.width_a, data.width_b)), torch.device("cpu"))
 
 
 def decode(row: list[int], reverse: bool) -> tuple[int, int, int]:
@@ -83,8 +103,8 @@ def test_data_is_deterministic_from_the_seed():
     two = MultiplyData((1, 2), (1, 2), 500, True, seed=5)
     other = MultiplyData((1, 2), (1, 2), 500, True, seed=6)
     assert torch.equal(one.test[0], two.test[0]) and not torch.equal(one.test[0], other.test[0])
-    b1 = MultiplyBatches(one, 64, True, True, 11, torch.device("cpu"))
-    b2 = MultiplyBatches(two, 64, True, True, 11, torch.device("cpu"))
+    b1 = batches(one, 64)
+    b2 = batches(two, 64)
     b2.load_state_dict({"index": 150})  # jump mid-epoch: batch i depends only on (seed, i)
     for _ in range(150):
         b1.next_batch()
@@ -95,7 +115,7 @@ def test_data_is_deterministic_from_the_seed():
 def test_epochs_cover_every_training_pair_once():
     data = MultiplyData((1, 1), (1, 2), 100, False, seed=0)
     n = data.train_size
-    batches = MultiplyBatches(data, 7, True, False, 9, torch.device("cpu"))
+    batches = MultiplyBatches(data, 7, False, lambda ex, i: ex, torch.device("cpu"))
     seen = []
     for i in range(n // 7):
         a, b = batches.pairs(i)
@@ -106,7 +126,7 @@ def test_epochs_cover_every_training_pair_once():
 def test_sampled_space_never_trains_on_test_pairs():
     data = MultiplyData((3, 6), (3, 6), 2000, True, seed=0)
     assert data.train is None  # too many pairs to enumerate
-    batches = MultiplyBatches(data, 512, True, True, sequence_length(6, 6), torch.device("cpu"))
+    batches = MultiplyBatches(data, 512, True, lambda ex, i: ex, torch.device("cpu"))
     test_keys = set(data.test_keys.tolist())
     lengths = set()
     for i in range(20):
@@ -116,7 +136,6 @@ def test_sampled_space_never_trains_on_test_pairs():
     assert lengths == {3, 4, 5, 6}  # operand lengths are sampled uniformly
 
 
-@pytest.mark.skipif(not ICOT.is_dir(), reason="shared icot data not present")
 def test_reads_the_public_icot_files():
     ex = read_icot_file(ICOT / "4_by_4" / "test.txt")
     assert len(ex) == 1000 and int(ex.len_a.max()) == 4 and int(ex.len_b.max()) == 4
@@ -150,3 +169,56 @@ def test_binary_file_is_refused(tmp_path: Path):
     f.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError):
         read_icot_file(f)
+
+
+@pytest.mark.parametrize("n", [4, 5, 7, 9, 11])
+def test_chain_reproduces_the_public_files_exactly(n):
+    """The generated chain of thought equals the public files' chain, token for token."""
+    for name in ("valid.txt", "test.txt"):
+        path = ICOT / f"{n}_by_{n}" / name
+        ex = read_icot_file(path)
+        tokens, lengths = chain_tokens(ex.fixed_width(), reverse=True)
+        assert int(lengths.min()) == int(lengths.max()) == chain_length(n, n)
+        for line, row in zip(path.read_text().splitlines(), tokens.tolist()):
+            assert render(row) == line.split("||")[1].split("####")[0].strip()
+
+
+def test_chain_of_a_small_product_by_hand():
+    # 12 x 34 (LSD first: a = 2 1, b = 4 3): partials 12*4 = 048 -> "8 4 0", 12*3 = 036 shifted -> "0 6 3 0".
+    ex = Examples.from_ints(torch.tensor([12]), torch.tensor([34]), 2, 2)
+    tokens, lengths = chain_tokens(ex, reverse=True)
+    assert render(tokens[0].tolist()) == "8 4 0 + 0 6 3 0"
+    tokens, _ = chain_tokens(ex, reverse=False)
+    assert render(tokens[0].tolist()) == "0 4 8 + 0 3 6 0"
+
+
+def test_chain_layout_and_removal():
+    ex = Examples.from_ints(torch.tensor([12, 12]), torch.tensor([34, 34]), 2, 2).fixed_width()
+    chain = chain_tokens(ex, reverse=True)
+    L = sequence_length(2, 2, chain=True)
+    seqs = build_sequences(ex, True, L, chain, removed=torch.tensor([3, 100]))
+    assert render(seqs.tokens[0].tolist()) == "2 1 * 4 3 = + 0 6 3 0 #### 8 0 4 0 <end>"
+    # Everything removed: the `#` goes too, leaving the answer-only layout.
+    assert render(seqs.tokens[1].tolist()) == "2 1 * 4 3 = 8 0 4 0 <end>"
+    inputs, targets = seqs.training_pair()
+    assert render([t for t in targets[0].tolist() if t != IGNORE]) == "+ 0 6 3 0 #### 8 0 4 0 <end>"
+
+
+def test_variable_width_layouts_and_thoughts():
+    ex = Examples.from_ints(torch.tensor([7, 123]), torch.tensor([45, 6]), 3, 2)
+    seqs = build_sequences(ex, False, sequence_length(3, 2, thoughts=2), thoughts=2)
+    assert render(seqs.tokens[0].tolist()) == "7 * 4 5 = <t> <t> 3 1 5 <end>"
+    assert render(seqs.tokens[1].tolist()) == "1 2 3 * 6 = <t> <t> 7 3 8 <end>"
+    assert seqs.prompt_len.tolist() == [7, 8]
+
+
+def test_answer_is_read_after_the_mark_or_from_the_start():
+    generated = torch.tensor([[1, 2, ANSWER, 3, 4, END, 5], [3, 4, END, 9, 9, 9, 9]])
+    assert extract_answer(generated, 3).tolist() == [[3, 4, END], [3, 4, END]]
+    assert extract_answer(torch.tensor([[3, END, 4]]), 3).tolist() == [[3, END, PAD]]
+
+
+def test_column_totals_are_the_running_sums():
+    # 99 x 99: column 0 = 81 (digit 1, carry 8); column 1 = 81 + 81 + 8 = 170; column 2 = 81 + 17 = 98.
+    totals = column_totals(torch.tensor([[9, 9]]), torch.tensor([[9, 9]]))
+    assert totals.tolist() == [[81, 170, 98, 9]] and 99 * 99 == 9801

@@ -24,7 +24,7 @@ from latentforge.engine.checkpoint import (
     save_checkpoint,
 )
 from latentforge.engine.guard import StabilityGuard
-from latentforge.engine.optim import build_optimizer, lr_at
+from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
 from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
 from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
@@ -130,6 +130,8 @@ class Trainer:
             self._restore(resume_from)
             if self.step > t.steps:
                 raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {self.step}")
+        # Measured here, before any run directory exists, so a failure leaves nothing behind.
+        self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
         self.train_model = torch.compile(self.model) if t.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -187,6 +189,8 @@ class Trainer:
     def train_step(self) -> str | None:
         """One optimizer update over grad_accum micro-batches; returns why it was skipped, if it was."""
         t = self.cfg.train
+        if self.task.reset_optimizer(self.step):
+            reset_optimizer_state(self.optimizer)
         lr = lr_at(self.step, self.cfg.optim, t.steps) * self.guard.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -252,6 +256,11 @@ class Trainer:
                     params=n_params, total_steps=t.steps, step=self.step, best=self.best, git_sha=git_sha(),
                     torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None)
         info.setdefault("started", time.time())
+        if self.step == 0:
+            info["flops_per_example"] = self.flops_per_example
+        # Wall time spent training, summed over resumes (what `compare` reports).
+        self.seconds_before = float(info.get("train_seconds", 0.0))
+        self.fit_start = time.perf_counter()
         if self.step > 0:
             info.setdefault("resumed", []).append({"step": self.step, "time": time.time()})
         self.run.write_info(info)
@@ -298,13 +307,16 @@ class Trainer:
         finally:
             progress.close()
             logger.close()
-        self.run.update_info(status=status, ended=time.time(), step=self.step)
+        self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds())
         try:
             plot_run(self.run)
         except (OSError, ValueError, RuntimeError) as e:
             # The run is complete and its metrics are safe; a plot is a convenience.
             progress.print(f"warning: could not draw {self.run.artifacts}/curves.png: {e}")
         return status
+
+    def _train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.fit_start
 
     def _log_window(self, logger: MetricsLogger, progress: TrainProgress, elapsed: float) -> None:
         w = self.window
@@ -315,7 +327,7 @@ class Trainer:
         logger.log(self.step, metrics)
         self.window = self._empty_window()
         if "train/loss" in metrics:
-            self.run.update_info(step=self.step, last_loss=metrics["train/loss"])
+            self.run.update_info(step=self.step, last_loss=metrics["train/loss"], train_seconds=self._train_seconds())
         progress.update(self.step, f"loss {metrics.get('train/loss', float('nan')):.4f}  lr {self.last_lr:.2e}  "
                                    f"{metrics['train/tokens_per_s']:,.0f} tok/s")
 

@@ -10,16 +10,22 @@ from torch import nn
 from latentforge.config import OptimConfig
 
 
-def _param_ids(model: nn.Module, head_too: bool = False) -> set[int]:
-    """Ids of the embedding parameters, and with `head_too` those of a module named `head`."""
-    return {id(p) for name, m in model.named_modules()
-            if isinstance(m, nn.Embedding) or (head_too and name.split(".")[-1] == "head")
-            for p in m.parameters()}
+def _embedding_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+
+
+def _hidden_matrix_ids(model: nn.Module) -> set[int]:
+    """Weights of the linear layers inside the network: not the output head (a module named
+    `head`, tied or not), not one-output readouts such as probes, not embeddings or raw parameters."""
+    embeddings = _embedding_ids(model)
+    return {id(m.weight) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[-1] != "head" and min(m.weight.shape) > 1
+            and id(m.weight) not in embeddings}
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on >= 2-D weights; never on biases or norm gains; on embeddings if asked."""
-    embedding_params = _param_ids(model)
+    embedding_params = _embedding_ids(model)
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -71,12 +77,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **adamw)
-    # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head (a
-    # module named `head`), biases and norms stay with AdamW. Its LR is scaled to match AdamW's
-    # update size, so one optim.lr serves both.
-    outer = _param_ids(model, head_too=True)
-    hidden = [p for p in groups[0]["params"] if p.dim() == 2 and id(p) not in outer]
-    hidden_ids = {id(p) for p in hidden}
+    # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head,
+    # readouts, biases and norms stay with AdamW. Its LR is scaled to match AdamW's update size,
+    # so one optim.lr serves both.
+    hidden_ids = _hidden_matrix_ids(model)
+    hidden = [p for p in groups[0]["params"] if id(p) in hidden_ids]
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in groups]
     muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                             adjust_lr_fn="match_rms_adamw")
@@ -106,3 +111,9 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     # cosine
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer | OptimizerGroup) -> None:
+    """Forget moments and momentum (a fresh optimizer over the same parameters and groups)."""
+    for o in getattr(optimizer, "optimizers", [optimizer]):
+        o.state.clear()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from latentforge.config import Config, TaskConfig
+from latentforge.errors import ConfigError
 
 
 class BatchStream(Protocol):
@@ -74,3 +75,17 @@ class Task(ABC):
     def training_eval_splits(self) -> list[str]:
         """The splits evaluated every train.eval_every steps and at the end."""
         return self.eval_splits()[:1]
+
+    def reset_optimizer(self, step: int) -> bool:
+        """Whether the optimizer's state (moments, momentum) is cleared before this step, e.g. at
+        a curriculum stage boundary. A pure function of the step, so resume stays exact."""
+        return False
+
+    def flops_per_example(self, model: nn.Module) -> float | None:
+        """Forward FLOPs the model spends on one example at inference (saved in run.json for
+        `latentforge compare`); None when the task does not measure it."""
+        return None
+
+    def predict(self, model: nn.Module, text: str) -> dict[str, str]:
+        """The model's output for one input written as text, as labelled lines to print."""
+        raise ConfigError(f"task {self.name!r} has no predict command")

@@ -38,8 +38,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, shape: TransformerShape):
+    def __init__(self, shape: TransformerShape, causal: bool = True):
         super().__init__()
+        self.causal = causal
         assert shape.d_model % shape.n_head == 0, "d_model must be divisible by n_head"
         self.n_head = shape.n_head
         self.qkv = nn.Linear(shape.d_model, 3 * shape.d_model, bias=False)
@@ -51,7 +52,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -108,11 +109,19 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        T = tokens.shape[1]
+    def hidden(self, x: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Input embeddings (B, T, C) -> the final normed hidden states, and the residual stream
+        after each block listed in `keep` (1 = after the first block)."""
+        T = x.shape[1]
         if T > self.shape.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_len={self.shape.max_len}")
-        x = self.drop(self.embed(tokens))
-        for block in self.blocks:
+        kept = {}
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks, 1):
             x = block(x, self.rope_cos, self.rope_sin)
-        return self.head(self.norm(x))
+            if layer in keep:
+                kept[layer] = x
+        return self.norm(x), kept
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(self.embed(tokens))[0])

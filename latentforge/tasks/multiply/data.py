@@ -1,12 +1,13 @@
-"""Multiplication data: operand pairs, their token sequences, and the public implicit-CoT files.
+"""Multiplication data: operand pairs, their digits and products, and the public implicit-CoT files.
 
-A sequence is `a * b = c <end>` with every number written digit by digit, least-significant
-digit first by default. Padding has its own id, never shared with a digit. Batches are a pure
-function of (seed, batch index), so resuming or sharding needs nothing but the index.
+Numbers are LSD-first digit rows; layout.py turns them into tokens. Training pairs are a pure
+function of (seed, batch index), so resuming or sharding needs nothing but the index, and they
+never include a held-out pair (our own test split, or the public files evaluated on).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,6 @@ import torch
 
 from latentforge.errors import DataError
 
-STAR, EQUALS, END, PAD = 10, 11, 12, 13
-VOCAB_SIZE = 14
-IGNORE = -100
 # Small operand spaces are enumerated and held out exactly; larger ones are sampled per batch.
 MAX_ENUMERATED_PAIRS = 2_000_000
 MAX_OPERAND_DIGITS = 18
@@ -41,8 +39,10 @@ def digit_count(digits: torch.Tensor) -> torch.Tensor:
     return (position * (digits != 0)).amax(dim=1).clamp(min=1)
 
 
-def multiply_digits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact long multiplication of LSD-first digit rows: (B, Da) x (B, Db) -> (B, Da + Db)."""
+def column_totals(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The running sums of long multiplication of LSD-first digit rows, (B, Da) x (B, Db) ->
+    (B, Da + Db): column k's total is sum(a_i * b_j for i + j = k) plus the carry into column k;
+    its last digit is the product's digit k and the rest is carried on."""
     B, Da = a.shape
     Db = b.shape[1]
     partial = a[:, :, None] * b[:, None, :]
@@ -50,12 +50,22 @@ def multiply_digits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(B, Da + Db, dtype=torch.int64, device=a.device)
     sums.index_add_(1, column, partial.reshape(B, -1))
     carry = torch.zeros(B, dtype=torch.int64, device=a.device)
-    out = torch.empty_like(sums)
+    totals = torch.empty_like(sums)
     for k in range(Da + Db):
-        total = sums[:, k] + carry
-        out[:, k] = total % 10
-        carry = total // 10
-    return out
+        totals[:, k] = sums[:, k] + carry
+        carry = totals[:, k] // 10
+    return totals
+
+
+def multiply_digits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact long multiplication of LSD-first digit rows: (B, Da) x (B, Db) -> (B, Da + Db)."""
+    return column_totals(a, b) % 10
+
+
+def from_digits(digits: torch.Tensor) -> torch.Tensor:
+    """LSD-first digit rows (B, W) -> int64 numbers (exact up to 18 digits)."""
+    pow10 = 10 ** torch.arange(digits.shape[1], device=digits.device, dtype=torch.int64)
+    return (digits * pow10).sum(1)
 
 
 @dataclass
@@ -95,50 +105,6 @@ class Examples:
         return Examples(*(getattr(self, f)[index] for f in ("a", "b", "c", "len_a", "len_b", "len_c")))
 
 
-def _place(seq: torch.Tensor, digits: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
-           reverse: bool) -> None:
-    """Write each row's `length` digits at positions start..start+length-1 of `seq`, in place."""
-    L = seq.shape[1]
-    p = torch.arange(L, device=seq.device)[None]
-    offset = p - start[:, None]
-    inside = (offset >= 0) & (offset < length[:, None])
-    k = offset if reverse else length[:, None] - 1 - offset
-    k = k.clamp(0, digits.shape[1] - 1)
-    seq.copy_(torch.where(inside, digits.gather(1, k), seq))
-
-
-def sequence_length(width_a: int, width_b: int) -> int:
-    """Tokens in `a * b = c <end>` at the widest operands."""
-    return width_a + width_b + (width_a + width_b) + 3
-
-
-def encode(ex: Examples, reverse: bool, length: int) -> torch.Tensor:
-    """Token rows `a * b = c <end> <pad>...` of a fixed length."""
-    B = len(ex)
-    seq = torch.full((B, length), PAD, dtype=torch.int64, device=ex.a.device)
-    p = torch.arange(length, device=seq.device)[None]
-    zero = torch.zeros(B, dtype=torch.int64, device=seq.device)
-    _place(seq, ex.a, ex.len_a, zero, reverse)
-    seq[p == ex.len_a[:, None]] = STAR
-    _place(seq, ex.b, ex.len_b, ex.len_a + 1, reverse)
-    eq = ex.len_a + ex.len_b + 1
-    seq[p == eq[:, None]] = EQUALS
-    _place(seq, ex.c, ex.len_c, eq + 1, reverse)
-    seq[p == (eq + 1 + ex.len_c)[:, None]] = END
-    return seq
-
-
-def training_pair(ex: Examples, reverse: bool, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) for next-token training; only the answer and <end> are scored."""
-    seq = encode(ex, reverse, length)
-    inputs, targets = seq[:, :-1], seq[:, 1:].clone()
-    p = torch.arange(length - 1, device=seq.device)[None]
-    eq = (ex.len_a + ex.len_b + 1)[:, None]
-    answer = (p >= eq) & (p <= eq + ex.len_c[:, None])
-    targets[~answer] = IGNORE
-    return inputs, targets
-
-
 def pair_keys(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A collision-free int64 key of (a, b) for operands below 10**9, a hash beyond."""
     return a * 1_000_000_007 + b
@@ -174,10 +140,11 @@ class OperandSpace:
 
 
 class MultiplyData:
-    """The held-out test pairs, the training pairs, and deterministic batches of them."""
+    """The held-out test pairs and the training pairs. `exclude` holds further pairs (those of the
+    evaluation files) that training never sees, in either order."""
 
     def __init__(self, digits_a: tuple[int, int], digits_b: tuple[int, int], test_size: int,
-                 holdout_commuted: bool, seed: int):
+                 holdout_commuted: bool, seed: int, exclude: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.space = OperandSpace(digits_a, digits_b)
         self.width_a, self.width_b = digits_a[1], digits_b[1]
         self.seed = seed
@@ -193,7 +160,13 @@ class MultiplyData:
                 a, b = torch.cat([a, b]), torch.cat([b, a])
             self.test = (a, b)
             self.train = None
-        self.test_keys = torch.unique(pair_keys(*self.test))
+        held_out = [pair_keys(*self.test)]
+        if exclude is not None:
+            held_out += [pair_keys(*exclude), pair_keys(exclude[1], exclude[0])]
+        self.test_keys = torch.unique(torch.cat(held_out))
+        if self.train is not None and exclude is not None:
+            keep = ~torch.isin(pair_keys(*self.train), self.test_keys)
+            self.train = (self.train[0][keep], self.train[1][keep])
 
     @staticmethod
     def _holdout(a: torch.Tensor, b: torch.Tensor, test_size: int, commuted: bool,
@@ -230,11 +203,12 @@ def _first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class MultiplyBatches:
     """Endless training batches: epochs over the enumerated training pairs (a fresh shuffle each
-    epoch), or fresh samples that avoid the test pairs. Batch i depends only on (seed, i)."""
+    epoch), or fresh samples that avoid the held-out pairs. Batch i depends only on (seed, i);
+    `make_batch(examples, i)` turns the examples into what the model trains on."""
 
-    def __init__(self, data: MultiplyData, batch_size: int, reverse: bool, fixed_width: bool, length: int,
-                 device: torch.device):
-        self.data, self.batch_size, self.reverse, self.length = data, batch_size, reverse, length
+    def __init__(self, data: MultiplyData, batch_size: int, fixed_width: bool,
+                 make_batch: Callable[[Examples, int], Any], device: torch.device):
+        self.data, self.batch_size, self.make_batch = data, batch_size, make_batch
         self.fixed_width = fixed_width
         self.device = device
         self.index = 0
@@ -273,9 +247,10 @@ class MultiplyBatches:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.pairs(self.index)
-        self.index += 1
         ex = self.data.examples(a, b, self.device)
-        return training_pair(ex.fixed_width() if self.fixed_width else ex, self.reverse, self.length)
+        batch = self.make_batch(ex.fixed_width() if self.fixed_width else ex, self.index)
+        self.index += 1
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"index": self.index}

@@ -1,32 +1,97 @@
-"""The `multiply` task: a decoder-only transformer learns a x b = c with no chain of thought."""
+"""The `multiply` task: ways a small transformer can learn a x b = c, with and without a chain of
+thought, all trained on the same generated pairs and scored by the same evaluator.
+
+Variants (task.variant): nocot (answer only), cot (explicit chain), icot-si (the chain removed
+stage by stage), latent (encoder -> k latent tokens -> decoder), pause (k thought tokens,
+optionally continuous), aux-probe (answer only plus probes regressing the running sums).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from latentforge.config import Config, TaskConfig, require
+from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
-from latentforge.errors import ConfigError
-from latentforge.nn.transformer import Transformer, TransformerShape
+from latentforge.errors import ConfigError, DataError
+from latentforge.nn.transformer import TransformerShape
 from latentforge.tasks.multiply.data import (
-    END,
-    IGNORE,
     MAX_OPERAND_DIGITS,
-    PAD,
-    VOCAB_SIZE,
     Examples,
     MultiplyBatches,
     MultiplyData,
     OperandSpace,
-    encode,
+    column_totals,
+    from_digits,
     read_icot_file,
+)
+from latentforge.tasks.multiply.decoder import DecoderLM
+from latentforge.tasks.multiply.latent import LatentTransformer, scheduled_inputs
+from latentforge.tasks.multiply.layout import (
+    ANSWER,
+    END,
+    IGNORE,
+    PAD,
+    VOCAB_SIZE,
+    answer_tokens,
+    build_sequences,
+    chain_tokens,
+    extract_answer,
+    render,
     sequence_length,
 )
+
+ICOT_DIR = Path(__file__).parent / "icot"
+ICOT_SIZES = (4, 5, 7, 9, 11)
+Variant = Literal["nocot", "cot", "icot-si", "latent", "pause", "aux-probe"]
+
+
+@dataclass
+class InternalizeConfig:
+    """icot-si: chain tokens removed from the left, `remove_per_stage` more at each stage."""
+
+    remove_per_stage: int = 8
+    # A stage lasts stage_steps optimizer steps, or stage_epochs epochs of data.epoch_size pairs.
+    stage_steps: int = 0
+    stage_epochs: float = 0.0
+    # Removal smoothing: each example drops o extra tokens, P(o) proportional to exp(-smoothing * o); 0 = off.
+    smoothing: float = 0.0
+    # Clear the optimizer's moments at each stage boundary (as the ICoT-SI paper does).
+    reset_optimizer: bool = True
+
+    def validate(self) -> None:
+        require(self.remove_per_stage >= 1, "remove_per_stage", f"must be >= 1 (got {self.remove_per_stage})")
+        require(self.stage_steps >= 0 and self.stage_epochs >= 0, "stage_steps",
+                "and stage_epochs must be >= 0")
+        require((self.stage_steps > 0) != (self.stage_epochs > 0), "stage_steps",
+                f"or stage_epochs: set exactly one of them > 0 (got {self.stage_steps}, {self.stage_epochs})")
+        require(self.smoothing >= 0, "smoothing", f"must be >= 0 (got {self.smoothing})")
+
+
+@dataclass
+class MultiplyTaskConfig(TaskConfig):
+    variant: Variant = "nocot"
+    internalize: InternalizeConfig = field(default_factory=lambda: InternalizeConfig(stage_steps=1000))
+    # latent: probability of feeding the true previous answer digit to the decoder (scheduled sampling).
+    teacher_forcing: ScalarSchedule = field(default_factory=ScalarSchedule)
+    # aux-probe: weight of the probes' mean squared error in the loss.
+    probe_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.probe_weight >= 0, "probe_weight", f"must be >= 0 (got {self.probe_weight})")
+        tf = self.teacher_forcing
+        require(0 <= tf.start <= 1 and 0 <= tf.end <= 1, "teacher_forcing",
+                f"start and end are probabilities in [0, 1] (got {tf.start}, {tf.end})")
 
 
 @dataclass
@@ -38,15 +103,33 @@ class MultiplyModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     max_len: int = 64
+    # pause: thought tokens between the question and the answer; continuous feeds back hidden states.
+    thoughts: int = 0
+    continuous: bool = False
+    # latent: n_layer decoder blocks read `latents` learned tokens refined by latent_layers blocks
+    # from an encoder_layers encoder; bottleneck 1 = the decoder sees only the latents, < 1 also
+    # the encoder's memory (its attention weight scaled by 1 - bottleneck).
+    latents: int = 8
+    encoder_layers: int = 2
+    latent_layers: int = 2
+    bottleneck: float = 1.0
+    # aux-probe: the residual stream after these blocks (1 = first) is probed for the running sums.
+    probe_layers: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        for key in ("n_layer", "n_head", "d_model", "max_len"):
+        for key in ("n_layer", "n_head", "d_model", "max_len", "latents", "encoder_layers"):
             require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
         require(self.d_model % self.n_head == 0, "d_model",
                 f"must be divisible by model.n_head={self.n_head} (got {self.d_model})")
         require((self.d_model // self.n_head) % 2 == 0, "n_head", "must leave an even head size for RoPE")
         require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0 (got {self.mlp_ratio})")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+        require(self.thoughts >= 0, "thoughts", f"must be >= 0 (got {self.thoughts})")
+        require(self.latent_layers >= 0, "latent_layers", f"must be >= 0 (got {self.latent_layers})")
+        require(0 <= self.bottleneck <= 1, "bottleneck", f"must be in [0, 1] (got {self.bottleneck})")
+        for layer in self.probe_layers:
+            require(1 <= layer <= self.n_layer, "probe_layers",
+                    f"must name blocks 1..{self.n_layer} (got {self.probe_layers})")
 
 
 @dataclass
@@ -65,9 +148,13 @@ class MultiplyDataConfig:
     # Splits evaluated during training; `train` is a sample of the training pairs.
     eval_splits: list[str] = field(default_factory=lambda: ["test"])
     train_eval_size: int = 1000
+    # The public implicit-CoT sets of this run's N x N (valid, test): splits icot_valid, icot_test.
+    icot_sets: list[str] = field(default_factory=list)
     # Extra evaluation sets from implicit-CoT files: {split name: path}.
     eval_files: dict[str, str] = field(default_factory=dict)
     eval_batch_size: int = 1000
+    # Pairs per epoch where the pairs are sampled, not enumerated (the papers' 808k training files).
+    epoch_size: int = 808_000
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -82,40 +169,85 @@ class MultiplyDataConfig:
             require(1 <= low <= high <= MAX_OPERAND_DIGITS, key,
                     f"must be [min, max] with 1 <= min <= max <= {MAX_OPERAND_DIGITS} (got {[low, high]})")
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
-        require(self.test_size >= 1, "test_size", f"must be >= 1 (got {self.test_size})")
-        require(self.train_eval_size >= 1, "train_eval_size", f"must be >= 1 (got {self.train_eval_size})")
-        require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1 (got {self.eval_batch_size})")
+        for key in ("test_size", "train_eval_size", "eval_batch_size", "epoch_size"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
         size = OperandSpace(self.digits_a, self.digits_b).size
         require(self.test_size <= size // 2, "test_size",
                 f"must be at most half of the {size} possible pairs (got {self.test_size})")
+        for name in self.icot_sets:
+            require(name in ("valid", "test"), "icot_sets", f"items must be valid or test (got {name!r})")
+        if self.icot_sets:
+            n = self.digits_a[1]
+            require(self.digits_a == self.digits_b == (n, n) and n in ICOT_SIZES, "icot_sets",
+                    f"needs digits_a = digits_b = [N, N] with N in {list(ICOT_SIZES)}, the sizes of the public "
+                    f"sets (got {list(self.digits_a)}, {list(self.digits_b)}); set data.icot_sets=[] otherwise")
         for name in self.eval_files:
-            require(name not in ("test", "train") and "/" not in name, "eval_files",
-                    f"split name {name!r} must not be 'test', 'train' or contain '/'")
+            require(name not in ("test", "train") and not name.startswith("icot_") and "/" not in name,
+                    "eval_files", f"split name {name!r} must not be test, train, icot_* or contain '/'")
+
+    def files(self) -> dict[str, str]:
+        """Every evaluation file by split name."""
+        n = self.digits_a[1]
+        public = {f"icot_{s}": str(ICOT_DIR / f"{n}_by_{n}" / f"{s}.txt") for s in self.icot_sets}
+        return {**public, **self.eval_files}
+
+
+# Options that only one variant reads: setting them for another is a mistake worth a clear error.
+VARIANT_OPTIONS = {
+    "pause": [("model", "thoughts"), ("model", "continuous")],
+    "latent": [("model", "latents"), ("model", "encoder_layers"), ("model", "latent_layers"),
+               ("model", "bottleneck"), ("task", "teacher_forcing")],
+    "aux-probe": [("model", "probe_layers"), ("task", "probe_weight")],
+    "icot-si": [("task", "internalize")],
+}
 
 
 class Multiply(Task):
     name = "multiply"
-    TaskConfig = TaskConfig
+    TaskConfig = MultiplyTaskConfig
     ModelConfig = MultiplyModelConfig
     DataConfig = MultiplyDataConfig
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
         d = cfg.data
-        self.data = MultiplyData(d.digits_a, d.digits_b, d.test_size, d.holdout_commuted, d.seed)
-        self.length = sequence_length(d.digits_a[1], d.digits_b[1])
-        self._eval_sets: dict[str, Examples] = {}
-        # Read the evaluation files now, so a bad file stops the run before any training.
-        for split in d.eval_files:
-            self.eval_examples(split)
+        self.variant = cfg.task.variant
+        self.with_chain = self.variant in ("cot", "icot-si")
+        self.thoughts = cfg.model.thoughts if self.variant == "pause" else 0
+        self.length = sequence_length(d.digits_a[1], d.digits_b[1], self.with_chain, self.thoughts)
+        # Read the evaluation files now: a bad file stops the run before any training, and their
+        # pairs are kept out of the training data.
+        self._eval_sets = {split: self._to_device(read_icot_file(path)) for split, path in d.files().items()}
+        exclude = None
+        if self._eval_sets:
+            sets = list(self._eval_sets.values())
+            exclude = (torch.cat([from_digits(e.a).cpu() for e in sets]),
+                       torch.cat([from_digits(e.b).cpu() for e in sets]))
+        self.data = MultiplyData(d.digits_a, d.digits_b, d.test_size, d.holdout_commuted, d.seed, exclude)
+        self.stream: MultiplyBatches | None = None
+        self.stage_steps = self._stage_steps()
+
+    def _to_device(self, ex: Examples) -> Examples:
+        return Examples(*(getattr(ex, f).to(self.device) for f in ("a", "b", "c", "len_a", "len_b", "len_c")))
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        d, m = cfg.data, cfg.model
-        length = sequence_length(d.digits_a[1], d.digits_b[1])
+        d, m, variant = cfg.data, cfg.model, cfg.task.variant
+        defaults = {"model": MultiplyModelConfig(), "task": MultiplyTaskConfig()}
+        for owner, options in VARIANT_OPTIONS.items():
+            for section, key in options:
+                if owner != variant and getattr(getattr(cfg, section), key) != getattr(defaults[section], key):
+                    raise ConfigError(f"{section}.{key} applies to task.variant={owner} only "
+                                      f"(this run is {variant}); remove it")
+        if variant == "pause":
+            require(m.thoughts >= 1, "model.thoughts", "must be >= 1 for task.variant=pause")
+        if variant == "aux-probe":
+            require(bool(m.probe_layers), "model.probe_layers", "must name at least one block for aux-probe")
+        thoughts = m.thoughts if variant == "pause" else 0
+        length = sequence_length(d.digits_a[1], d.digits_b[1], variant in ("cot", "icot-si"), thoughts)
         require(length <= m.max_len, "model.max_len",
                 f"must be >= {length}, the longest sequence of data.digits_a/digits_b (got {m.max_len})")
-        splits = ["test", "train", *d.eval_files]
+        splits = ["test", "train", *d.files()]
         for split in d.eval_splits:
             if split not in splits:
                 raise ConfigError(f"data.eval_splits: unknown split {split!r} (splits: {', '.join(splits)})")
@@ -125,34 +257,144 @@ class Multiply(Task):
                     f"must be a metric of an evaluated split {d.eval_splits}, e.g. test/exact_match "
                     f"(got {cfg.checkpoint.metric!r})")
 
+    # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return Transformer(TransformerShape(
-            vocab_size=VOCAB_SIZE, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
-            mlp_ratio=m.mlp_ratio, dropout=m.dropout, max_len=m.max_len, tie_embeddings=m.tie_embeddings,
-        ))
+        if self.variant == "latent":
+            return LatentTransformer(
+                vocab_size=VOCAB_SIZE, pad_id=PAD, d_model=m.d_model, n_head=m.n_head, mlp_ratio=m.mlp_ratio,
+                dropout=m.dropout, max_len=m.max_len, encoder_layers=m.encoder_layers,
+                latent_layers=m.latent_layers, decoder_layers=m.n_layer, latents=m.latents, bottleneck=m.bottleneck)
+        shape = TransformerShape(vocab_size=VOCAB_SIZE, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
+                                 mlp_ratio=m.mlp_ratio, dropout=m.dropout, max_len=m.max_len,
+                                 tie_embeddings=m.tie_embeddings)
+        probes = tuple(m.probe_layers) if self.variant == "aux-probe" else ()
+        return DecoderLM(shape, continuous=self.variant == "pause" and m.continuous, probe_layers=probes)
 
-    def train_batches(self) -> MultiplyBatches:
-        t = self.cfg.train
+    # ------------------------------------------------------------------ icot-si schedule
+    def _stage_steps(self) -> int:
+        cfg = self.cfg.task.internalize
+        if cfg.stage_steps:
+            return cfg.stage_steps
+        pairs_per_step = self.cfg.train.batch_size * self.cfg.train.grad_accum
+        epoch = self.data.train_size or self.cfg.data.epoch_size
+        return max(1, math.ceil(cfg.stage_epochs * epoch / pairs_per_step))
+
+    def removed_at(self, step: int) -> int:
+        """Chain tokens removed from the left for the update at `step` (before smoothing)."""
+        if self.variant != "icot-si":
+            return 0
+        return (step // self.stage_steps) * self.cfg.task.internalize.remove_per_stage
+
+    def reset_optimizer(self, step: int) -> bool:
+        if self.variant != "icot-si" or not self.cfg.task.internalize.reset_optimizer or step == 0:
+            return False
         d = self.cfg.data
-        return MultiplyBatches(self.data, t.batch_size, d.reverse, d.fixed_width, self.length, self.device)
+        # Only while tokens are still being removed: once the chain is gone the stages are over.
+        full_chain = sequence_length(d.digits_a[1], d.digits_b[1], True) - sequence_length(d.digits_a[1],
+                                                                                             d.digits_b[1])
+        return step % self.stage_steps == 0 and self.removed_at(step - 1) < full_chain
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
-        inputs, targets = batch
-        logits = model(inputs)
+    def current_step(self) -> int:
+        """The next training step (the end of training when evaluating a loaded run)."""
+        if self.stream is None:
+            return self.cfg.train.steps
+        return self.stream.index // self.cfg.train.grad_accum
+
+    # ------------------------------------------------------------------ batches
+    def train_batches(self) -> MultiplyBatches:
+        d = self.cfg.data
+        self.stream = MultiplyBatches(self.data, self.cfg.train.batch_size, d.fixed_width,
+                                      lambda ex, index: self.make_batch(ex, index // self.cfg.train.grad_accum),
+                                      self.device)
+        return self.stream
+
+    def make_batch(self, ex: Examples, step: int, smooth: bool = True) -> dict[str, Any]:
+        """What the model trains on at `step`: token rows and targets, and the variant's extras."""
+        d = self.cfg.data
+        chain = removed = None
+        if self.with_chain:
+            chain = chain_tokens(ex, d.reverse)
+            removed = torch.full((len(ex),), self.removed_at(step), dtype=torch.int64, device=self.device)
+            smoothing = self.cfg.task.internalize.smoothing
+            if self.variant == "icot-si" and smooth and smoothing > 0:
+                # P(o) ~ exp(-smoothing * o): the floor of an exponential variable with that rate.
+                u = torch.rand(len(ex), device=self.device).clamp(min=1e-12)
+                removed = removed + torch.floor(-torch.log(u) / smoothing).long()
+        seqs = build_sequences(ex, d.reverse, self.length, chain, removed, self.thoughts)
+        if self.variant == "latent":
+            return self._latent_batch(ex, seqs.tokens, step)
+        inputs, targets = seqs.training_pair()
+        batch: dict[str, Any] = {"inputs": inputs, "targets": targets}
+        if self.variant == "icot-si":
+            batch["removed"] = removed.float().mean()
+        if self.variant == "aux-probe":
+            batch["probe_targets"] = self._probe_targets(ex, seqs.prompt_len, inputs.shape[1])
+        return batch
+
+    def _latent_batch(self, ex: Examples, tokens: torch.Tensor, step: int) -> dict[str, Any]:
+        """Question `a * b` (PAD after it) for the encoder; `= c` -> `c <end>` for the decoder."""
+        width_q = self.cfg.data.digits_a[1] + self.cfg.data.digits_b[1] + 1
+        q_len = ex.len_a + ex.len_b + 1
+        positions = torch.arange(width_q, device=self.device)[None]
+        question = tokens[:, :width_q].masked_fill(positions >= q_len[:, None], PAD)
+        width_c = ex.c.shape[1] + 2
+        index = (q_len[:, None] + torch.arange(width_c, device=self.device)[None]).clamp(max=tokens.shape[1] - 1)
+        decoder = tokens.gather(1, index)
+        targets = decoder[:, 1:].masked_fill(decoder[:, 1:] == PAD, IGNORE)
+        p = self.cfg.task.teacher_forcing.value(step)
+        return {"question": question, "inputs": decoder[:, :-1], "targets": targets,
+                "teacher_forcing": torch.tensor(p, device=self.device)}
+
+    def _probe_targets(self, ex: Examples, prompt_len: torch.Tensor, width: int) -> torch.Tensor:
+        """At the input position that predicts answer digit k: column k's running sum (scaled to
+        about [0, 1]); NaN elsewhere."""
+        totals = column_totals(ex.a, ex.b).float() / (81.0 * min(ex.a.shape[1], ex.b.shape[1]))
+        out = torch.full((len(ex), width), float("nan"), device=self.device)
+        k = torch.arange(totals.shape[1], device=self.device)[None]
+        offset = k if self.cfg.data.reverse else ex.len_c[:, None] - 1 - k
+        position = prompt_len[:, None] + offset - 1
+        valid = k < ex.len_c[:, None]
+        out.scatter_(1, torch.where(valid, position, width - 1).clamp(max=width - 1),
+                     torch.where(valid, totals, float("nan")))
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, model: nn.Module, batch: dict[str, Any]):
+        targets = batch["targets"]
+        metrics: dict[str, torch.Tensor] = {}
+        probes: dict[int, torch.Tensor] = {}
+        if self.variant == "latent":
+            p = float(batch["teacher_forcing"])
+            inputs = scheduled_inputs(model, batch["question"], batch["inputs"], p)
+            logits = model(batch["question"], inputs)
+            metrics["teacher_forcing"] = batch["teacher_forcing"]
+        elif self.variant == "aux-probe":
+            logits, probes = model.forward_probed(batch["inputs"])
+        else:
+            logits = model(batch["inputs"])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
         scored = targets != IGNORE
-        token_acc = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
-        return loss, {"answer_token_acc": token_acc}
+        metrics["answer_token_acc"] = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
+        if "removed" in batch:
+            metrics["removed_tokens"] = batch["removed"]
+        if probes:
+            target = batch["probe_targets"]
+            known = ~target.isnan()
+            mse = torch.stack([F.mse_loss(p.float()[known], target[known]) for p in probes.values()]).mean()
+            metrics["token_loss"], metrics["probe_mse"] = loss.detach(), mse.detach()
+            loss = loss + self.cfg.task.probe_weight * mse
+        return loss, metrics
 
-    def loss_weight(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (batch[1] != IGNORE).sum()
+    def loss_weight(self, batch: dict[str, Any]) -> torch.Tensor:
+        return (batch["targets"] != IGNORE).sum()
 
-    def tokens_in(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-        return batch[0].numel()
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        return batch["inputs"].numel() + (batch["question"].numel() if "question" in batch else 0)
 
+    # ------------------------------------------------------------------ evaluation
     def eval_splits(self) -> list[str]:
-        return ["test", "train", *self.cfg.data.eval_files]
+        return ["test", "train", *self.cfg.data.files()]
 
     def training_eval_splits(self) -> list[str]:
         return list(self.cfg.data.eval_splits)
@@ -161,38 +403,66 @@ class Multiply(Task):
         if split not in self._eval_sets:
             if split == "test":
                 ex = self.data.examples(*self.data.test, self.device)
-            elif split == "train":
-                d = self.cfg.data
-                batches = MultiplyBatches(self.data, d.train_eval_size, d.reverse, d.fixed_width, self.length,
-                                          self.device)
-                ex = self.data.examples(*batches.pairs(0), self.device)
             else:
-                ex = read_icot_file(self.cfg.data.eval_files[split])
-                ex = Examples(*(getattr(ex, f).to(self.device) for f in ("a", "b", "c", "len_a", "len_b", "len_c")))
+                d = self.cfg.data
+                sampler = MultiplyBatches(self.data, d.train_eval_size, d.fixed_width, lambda ex, i: ex, self.device)
+                ex = self.data.examples(*sampler.pairs(0), self.device)
             self._eval_sets[split] = ex
         return self._eval_sets[split]
 
+    def generate(self, model: nn.Module, ex: Examples) -> torch.Tensor:
+        """Greedy output after the prompt for examples of one operand layout (what the model writes:
+        the chain and `#` if it learned one, then the answer and <end>)."""
+        d = self.cfg.data
+        answer_width = ex.c.shape[1] + 1
+        if self.variant == "latent":
+            batch = self._latent_batch(ex, build_sequences(ex, d.reverse, self.length).tokens, 0)
+            return model.generate(batch["question"], batch["inputs"][:, :1], answer_width, END)
+        seqs = build_sequences(ex, d.reverse, self.length, thoughts=self.thoughts)
+        prompt = seqs.tokens[:, : int(seqs.prompt_len[0])]
+        chain = sequence_length(int(ex.len_a[0]), int(ex.len_b[0]), True) - sequence_length(
+            int(ex.len_a[0]), int(ex.len_b[0])) if self.with_chain else 0
+        return model.generate(prompt, chain + answer_width)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        """Greedy-decode every answer; token accuracy and exact match, overall and per a x b length."""
+        """Greedy-decode every answer: exact match and token accuracy, overall and per a x b length;
+        the chain tokens written before the answer; the teacher-forced loss at the current stage."""
         d = self.cfg.data
         ex = self.eval_examples(split)
         layout = ex.fixed_width() if d.fixed_width else ex
-        correct = torch.zeros(len(ex), device=self.device)
+        expected = answer_tokens(layout, d.reverse)
         target_len = layout.len_c + 1
+        scored = torch.arange(expected.shape[1], device=self.device)[None] < target_len[:, None]
+        correct = torch.zeros(len(ex), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        loss_weight = torch.zeros((), device=self.device)
+        chain_sum = torch.zeros((), dtype=torch.int64, device=self.device)
+        step = self.current_step()
         # Rows with the same operand layout share a prompt length and decode together.
         for la, lb in torch.unique(torch.stack([layout.len_a, layout.len_b], 1), dim=0).tolist():
             rows = ((layout.len_a == la) & (layout.len_b == lb)).nonzero().squeeze(1)
             for chunk in rows.split(d.eval_batch_size):
                 sub = layout.select(chunk)
-                generated = greedy_answer(model, sub, la, lb, d.reverse)
-                target = encode(sub, d.reverse, 2 * (la + lb) + 3)[:, la + lb + 2:]
-                scored = torch.arange(target.shape[1], device=self.device)[None] < target_len[chunk, None]
-                correct[chunk] = ((generated == target) & scored).sum(1).float()
+                generated = self.generate(model, sub)
+                got = extract_answer(generated, expected.shape[1])
+                marked = (generated == ANSWER).any(1)
+                chain_sum += torch.where(marked, (generated == ANSWER).int().argmax(1), 0).sum()
+                correct[chunk] = ((got == expected[chunk]) & scored[chunk]).sum(1).float()
+                batch = self.make_batch(sub, step, smooth=False)
+                if self.variant == "latent":
+                    batch["teacher_forcing"] = torch.tensor(1.0, device=self.device)
+                loss, _ = self.loss(model, batch)
+                weight = self.loss_weight(batch)
+                loss_sum += loss.float() * weight
+                loss_weight += weight
         exact = correct == target_len
         metrics = {
+            f"{split}/loss": float(loss_sum / loss_weight),
             f"{split}/token_acc": float(correct.sum() / target_len.sum()),
             f"{split}/exact_match": float(exact.float().mean()),
+            # Tokens written before the answer: 0 means no chain of thought at inference.
+            f"{split}/chain_tokens": float(chain_sum) / len(ex),
         }
         # Buckets by the operands' own lengths (not their padded layout).
         buckets = torch.stack([ex.len_a, ex.len_b], 1)
@@ -203,18 +473,66 @@ class Multiply(Task):
         metrics[f"{split}/examples"] = float(len(ex))
         return metrics
 
+    # ------------------------------------------------------------------ predict and FLOPs
+    def parse_question(self, text: str) -> Examples:
+        match = re.fullmatch(r"\s*(\d+)\s*[*x×]\s*(\d+)\s*", text)
+        if not match:
+            raise DataError(f"cannot read {text!r}: write two whole numbers, e.g. 1234*5678")
+        d = self.cfg.data
+        numbers = []
+        for digits, (low, high), key in ((match[1], d.digits_a, "digits_a"), (match[2], d.digits_b, "digits_b")):
+            value = int(digits)
+            length = len(str(value))
+            if not low <= length <= high:
+                raise DataError(f"{value} has {length} digits; this model learned operands of {low} to {high} "
+                                f"digits (data.{key})")
+            numbers.append(value)
+        ex = Examples.from_ints(torch.tensor([numbers[0]], device=self.device),
+                                torch.tensor([numbers[1]], device=self.device), d.digits_a[1], d.digits_b[1])
+        return ex.fixed_width() if d.fixed_width else ex
 
-def greedy_answer(model: nn.Module, ex: Examples, la: int, lb: int, reverse: bool) -> torch.Tensor:
-    """Generate la + lb + 1 tokens after `a * b =` for examples whose operands have la and lb digits."""
-    prompt_len = la + lb + 2
-    tokens = encode(ex, reverse, prompt_len + la + lb + 1)[:, :prompt_len]
-    for _ in range(la + lb + 1):
-        next_token = model(tokens)[:, -1].argmax(-1)
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-    answer = tokens[:, prompt_len:]
-    # Everything after the first <end> counts as padding.
-    after_end = (answer == END).int().cumsum(1) - (answer == END).int() > 0
-    return answer.masked_fill(after_end, PAD)
+    @torch.no_grad()
+    def predict(self, model: nn.Module, text: str) -> dict[str, str]:
+        ex = self.parse_question(text)
+        a, b = int(from_digits(ex.a)), int(from_digits(ex.b))
+        generated = self.generate(model, ex)[0].tolist()
+        chain, answer = [], generated
+        if ANSWER in generated:
+            at = generated.index(ANSWER)
+            chain, answer = generated[:at], generated[at + 1:]
+        answer = answer[: answer.index(END)] if END in answer else answer
+        digits = [t for t in answer if t < 10]
+        lines = {"question": f"{a} * {b}"}
+        if self.with_chain or self.variant == "pause":
+            lines["chain"] = render(chain) if self.with_chain else f"{self.thoughts} thought tokens"
+        if len(digits) != len(answer) or not digits:
+            lines["answer"] = f"(not a number: {render(answer)})"
+        else:
+            value = int("".join(map(str, digits[::-1] if self.cfg.data.reverse else digits)))
+            lines["answer"] = str(value)
+        lines["true"] = str(a * b)
+        lines["correct"] = "yes" if lines["answer"] == lines["true"] else "no"
+        return lines
+
+    def flops_per_example(self, model: nn.Module) -> float:
+        """Forward FLOPs over one example of the widest layout in a single pass: what a decoder with
+        a key-value cache spends to write the answer (and chain) after reading the question."""
+        d = self.cfg.data
+        ex = Examples.from_ints(torch.ones(1, dtype=torch.int64, device=self.device),
+                                torch.ones(1, dtype=torch.int64, device=self.device),
+                                d.digits_a[1], d.digits_b[1]).fixed_width()
+        # At the end of training: for icot-si, with the chain (mostly) internalized.
+        batch = self.make_batch(ex, self.cfg.train.steps, smooth=False)
+        was_training = model.training
+        model.eval()
+        # Counted with autograd on: the flop counter's module tracker trips over no-grad views of parameters.
+        with FlopCounterMode(display=False) as counter:
+            if self.variant == "latent":
+                model(batch["question"], batch["inputs"])
+            else:
+                model.transformer(batch["inputs"])
+        model.train(was_training)
+        return float(counter.get_total_flops())
 
 
 TASK = Multiply

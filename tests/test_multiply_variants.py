@@ -1,0 +1,185 @@
+"""The multiply variants end to end on the CPU, and the schedules that drive them."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, interrupt_at, losses
+
+import latentforge
+from latentforge.config import load_config
+from latentforge.engine.loop import Trainer
+from latentforge.tasks.multiply.data import Examples
+from latentforge.tasks.multiply.layout import ANSWER, IGNORE, THOUGHT, chain_length, chain_tokens, render
+from latentforge.tasks.multiply.task import Multiply
+
+VARIANTS = {
+    "nocot": ["task.variant=nocot"],
+    "cot": ["task.variant=cot"],
+    "icot-si": ["task.variant=icot-si", "task.internalize.stage_steps=3", "task.internalize.remove_per_stage=3",
+                "task.internalize.smoothing=2"],
+    "pause": ["task.variant=pause", "model.thoughts=2"],
+    "pause-continuous": ["task.variant=pause", "model.thoughts=2", "model.continuous=true"],
+    "aux-probe": ["task.variant=aux-probe", "model.probe_layers=[1]"],
+    "latent": ["task.variant=latent", "model.latents=3", "model.encoder_layers=1", "model.latent_layers=1",
+               "task.teacher_forcing.kind=linear", "task.teacher_forcing.end=0.5", "task.teacher_forcing.end_step=8"],
+}
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_evaluates_and_predicts_through_the_cli(cli, runs_dir, variant):
+    ok(cli("train", "multiply/tiny", *TINY, *VARIANTS[variant], "--name", "v", "--runs-dir", runs_dir, "-q"))
+    info = json.loads((runs_dir / "v" / "run.json").read_text())
+    assert info["status"] == "finished" and info["flops_per_example"] > 0 and info["train_seconds"] > 0
+    for key in ("test/loss", "test/exact_match", "test/chain_tokens", "test/exact_match/2x2"):
+        assert key in info["last_eval"]
+    assert all(v == v for v in losses(runs_dir / "v").values())  # finite, not NaN
+    out = ok(cli("predict", "v", "12*34", "--runs-dir", runs_dir, "--json")).output
+    result = json.loads(out)
+    assert result["question"] == "12 * 34" and result["true"] == "408"
+    assert result["correct"] == ("yes" if result["answer"] == "408" else "no")
+    assert ("chain" in result) == (variant in ("cot", "icot-si", "pause", "pause-continuous"))
+
+
+@pytest.mark.parametrize("text", ["12*", "*12", "12+34", "ab*cd", "1.5*2", ""])
+def test_predict_refuses_malformed_input(cli, runs_dir, text):
+    ok(cli("train", "multiply/tiny", *TINY, "train.steps=1", "--name", "p", "--runs-dir", runs_dir, "-q"))
+    result = cli("predict", "p", text, "--runs-dir", runs_dir)
+    assert result.exit_code == 2
+    assert "write two whole numbers" in result.output and "Traceback" not in result.output
+
+
+def test_predict_refuses_operands_longer_than_trained(cli, runs_dir):
+    ok(cli("train", "multiply/tiny", *TINY, "train.steps=1", "--name", "p", "--runs-dir", runs_dir, "-q"))
+    result = cli("predict", "p", "123*4", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "has 3 digits" in result.output and "data.digits_a" in result.output
+
+
+def test_an_option_of_another_variant_is_refused(cli, runs_dir):
+    result = cli("train", "multiply/tiny", "task.variant=nocot", "model.thoughts=4", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "model.thoughts applies to task.variant=pause" in result.output
+    assert not runs_dir.exists()
+
+
+def task_for(*overrides: str) -> Multiply:
+    return Multiply(load_config("multiply/tiny", [*TINY, *overrides, "train.device=cpu"]), torch.device("cpu"))
+
+
+def test_internalization_removes_the_right_tokens_at_the_right_steps():
+    task = task_for("task.variant=icot-si", "task.internalize.stage_steps=4", "task.internalize.remove_per_stage=3",
+                    "train.steps=40")
+    assert [task.removed_at(s) for s in (0, 3, 4, 7, 8, 12)] == [0, 0, 3, 3, 6, 9]
+    # The optimizer resets at each stage boundary, and no more once the whole chain is gone.
+    full = chain_length(2, 2) + 1
+    resets = [s for s in range(40) if task.reset_optimizer(s)]
+    assert resets == [s for s in range(4, 40, 4) if task.removed_at(s - 1) < full]
+    ex = Examples.from_ints(torch.tensor([12]), torch.tensor([34]), 2, 2).fixed_width()
+    chain = render(chain_tokens(ex, True)[0][0].tolist()).split()
+    for step in (0, 4, 8):
+        batch = task.make_batch(ex, step)
+        scored = render([t for t in batch["targets"][0].tolist() if t != IGNORE]).split()
+        assert scored == chain[task.removed_at(step):] + ["####", "8", "0", "4", "0", "<end>"]
+    # Past the chain's length there is no chain and no `#`: the answer-only layout.
+    late = task.make_batch(ex, 12)
+    assert ANSWER not in late["inputs"][0].tolist()
+
+
+def test_removal_smoothing_removes_extra_tokens_with_geometric_odds():
+    task = task_for("task.variant=icot-si", "task.internalize.stage_steps=4", "task.internalize.smoothing=1.0",
+                    "data.test_size=100")
+    ex = Examples.from_ints(torch.arange(10, 100).repeat(50), torch.arange(10, 100).repeat(50), 2, 2).fixed_width()
+    torch.manual_seed(0)
+    removed = task.make_batch(ex, 0)["removed"]
+    # E[floor(Exp(1))] = 1 / (e - 1) = 0.582: with smoothing the mean removal is above the stage's 0.
+    assert 0.5 < float(removed) < 0.67
+    assert float(task.make_batch(ex, 0, smooth=False)["removed"]) == 0
+
+
+def test_optimizer_state_is_reset_at_stage_boundaries():
+    cfg = load_config("multiply/tiny", [*TINY, "task.variant=icot-si", "task.internalize.stage_steps=3",
+                                        "optim.name=adamw", "train.device=cpu"])
+    trainer = Trainer(cfg, quiet=True)
+    steps_seen = []
+    for _ in range(7):
+        trainer.train_step()
+        state = next(iter(trainer.optimizer.state.values()))
+        steps_seen.append(int(state["step"]))
+    assert steps_seen == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_teacher_forcing_follows_its_schedule():
+    task = task_for(*VARIANTS["latent"])
+    ex = Examples.from_ints(torch.tensor([12]), torch.tensor([34]), 2, 2).fixed_width()
+    schedule = task.cfg.task.teacher_forcing
+    for step in (0, 2, 4, 8, 20):
+        assert float(task.make_batch(ex, step)["teacher_forcing"]) == pytest.approx(schedule.value(step))
+    assert schedule.value(0) == 1.0 and schedule.value(4) == pytest.approx(0.75) and schedule.value(20) == 0.5
+
+
+def test_scheduled_sampling_is_logged_per_step(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, *VARIANTS["latent"], name="tf", runs_dir=runs_dir)
+    logged = {r["step"]: r["train/teacher_forcing"] for r in run.metrics if "train/teacher_forcing" in r}
+    schedule = run.config.task.teacher_forcing
+    # log_every=1: the value logged at step s is the one used by the update that ended at s.
+    assert logged == {s: pytest.approx(schedule.value(s - 1)) for s in range(1, 13)}
+
+
+def test_probe_targets_sit_where_each_answer_digit_is_predicted():
+    task = task_for("task.variant=aux-probe", "model.probe_layers=[1]")
+    ex = Examples.from_ints(torch.tensor([99]), torch.tensor([99]), 2, 2).fixed_width()
+    batch = task.make_batch(ex, 0)
+    target = batch["probe_targets"][0]
+    known = (~target.isnan()).nonzero().squeeze(1).tolist()
+    # `9 9 * 9 9 =` is the prompt; the input at position 5 (`=`) predicts answer digit 0.
+    assert known == [5, 6, 7, 8]
+    assert (target[known] * 81 * 2).round().tolist() == [81, 170, 98, 9]
+    assert all(batch["targets"][0, p] != IGNORE for p in known)
+
+
+def test_continuous_thoughts_feed_back_the_previous_hidden_state():
+    task = task_for("task.variant=pause", "model.thoughts=2", "model.continuous=true")
+    model = task.build_model().eval()
+    tokens = torch.tensor([[1, 10, 2, 11, THOUGHT, THOUGHT, 2, 12]])
+    x = model.embeddings(tokens)
+    h, _ = model.transformer.hidden(x)
+    assert torch.allclose(x[0, 4], h[0, 3], atol=1e-5) and torch.allclose(x[0, 5], h[0, 4], atol=1e-5)
+    assert torch.equal(x[0, :4], model.transformer.embed(tokens[0, :4]))
+
+
+def test_public_sets_are_evaluated_and_never_trained_on():
+    task = task_for("data.digits_a=[4,4]", "data.digits_b=[4,4]", "data.icot_sets=[valid,test]",
+                    "data.eval_splits=[icot_valid]", "checkpoint.metric=icot_valid/exact_match", "model.max_len=32")
+    assert {"icot_valid", "icot_test"} <= set(task.eval_splits())
+    public = task.eval_examples("icot_test")
+    batches = task.train_batches()
+    keys = set()
+    for i in range(50):
+        a, b = batches.pairs(i)
+        keys |= set(zip(a.tolist(), b.tolist()))
+    from latentforge.tasks.multiply.data import from_digits
+    pairs = set(zip(from_digits(public.a).tolist(), from_digits(public.b).tolist()))
+    assert len(pairs) == 1000 and not keys & pairs and not keys & {(b, a) for a, b in pairs}
+
+
+def test_public_sets_need_a_matching_size(cli, runs_dir):
+    result = cli("train", "multiply/tiny", "data.icot_sets=[test]", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "data.icot_sets needs digits_a = digits_b = [N, N]" in result.output
+
+
+@pytest.mark.parametrize("variant", ["icot-si", "latent"])
+def test_variant_resumes_exactly(runs_dir, monkeypatch, variant):
+    """Removal smoothing, optimizer resets and scheduled sampling all draw on state the
+    checkpoint restores: N steps, SIGTERM, resume == 2N straight."""
+    common = [*TINY, *VARIANTS[variant], "train.steps=12", "model.dropout=0.1", "checkpoint.every=5"]
+    straight = latentforge.train("multiply/tiny", *common, name="straight", runs_dir=runs_dir)
+    interrupt_at(monkeypatch, 5)
+    part = latentforge.train("multiply/tiny", *common, name="part", runs_dir=runs_dir)
+    assert part.status == "interrupted"
+    monkeypatch.undo()
+    resumed = latentforge.resume("part", runs_dir=runs_dir)
+    assert losses(straight.path) == losses(resumed.path)
