@@ -126,12 +126,21 @@ def test_guard_spike_detection():
     guard = StabilityGuard(GuardConfig(window=20, min_history=10, spike_sigmas=4, spike_ratio=2))
     for i in range(20):
         assert guard.judge(1.0 + 0.01 * (i % 3), 1.0) is None
-        guard.record(1.0 + 0.01 * (i % 3), bad=False)
+        guard.record(1.0 + 0.01 * (i % 3), None)
     assert guard.judge(1.05, 1.0) is None
     assert "loss spike" in guard.judge(5.0, 1.0)
     assert "non-finite gradient norm" in guard.judge(1.0, math.inf)
-    guard.record(5.0, bad=True)
+    guard.record(5.0, guard.judge(5.0, 1.0))
     assert guard.lr_scale == 0.5 and guard.bad_streak == 1
+    # A spike that lasts max_bad_steps is a new loss level: the guard starts afresh.
+    for _ in range(guard.cfg.max_bad_steps - 2):
+        assert guard.record(5.0, guard.judge(5.0, 1.0)) is False
+    assert guard.record(5.0, guard.judge(5.0, 1.0)) is True
+    assert not guard.must_stop and len(guard.history) == 0 and guard.judge(5.0, 1.0) is None
+    # Non-finite steps never become a level: they stop training.
+    for _ in range(guard.cfg.max_bad_steps):
+        guard.record(math.nan, guard.judge(math.nan, 1.0))
+    assert guard.must_stop
     restored = StabilityGuard(guard.cfg)
     restored.load_state_dict(guard.state_dict())
     assert restored.state_dict() == guard.state_dict()

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import TINY, losses
+from test_multiply_variants import VARIANTS
 
 import latentforge
 from latentforge.engine.checkpoint import load_checkpoint
@@ -35,3 +36,13 @@ def test_resume_on_cuda_continues(runs_dir):
     latentforge.train("multiply/tiny", *TINY, "train.device=cuda", name="r", runs_dir=runs_dir)
     run = latentforge.resume("r", "train.steps=20", runs_dir=runs_dir)
     assert run.status == "finished" and sorted(losses(run.path)) == list(range(1, 21))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_in_bf16_on_cuda(runs_dir, variant):
+    """bf16 autocast through every model: cross-attention biases, continuous thoughts, probes."""
+    run = latentforge.train("multiply/tiny", *TINY, *VARIANTS[variant], "train.steps=20", "train.device=cuda",
+                            "train.precision=bf16", name=variant, runs_dir=runs_dir)
+    values = losses(run.path)
+    assert run.status == "finished" and all(math.isfinite(v) for v in values.values())
+    assert "test/exact_match" in run.info["last_eval"]

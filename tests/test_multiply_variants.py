@@ -78,6 +78,9 @@ def test_internalization_removes_the_right_tokens_at_the_right_steps():
     full = chain_length(2, 2) + 1
     resets = [s for s in range(40) if task.reset_optimizer(s)]
     assert resets == [s for s in range(4, 40, 4) if task.removed_at(s - 1) < full]
+    assert resets == [s for s in range(40) if task.new_stage(s)] and len(resets) >= 2
+    kept = task_for("task.variant=icot-si", "task.internalize.stage_steps=4", "task.internalize.reset_optimizer=false")
+    assert not any(kept.reset_optimizer(s) for s in range(40)) and kept.new_stage(4)
     ex = Examples.from_ints(torch.tensor([12]), torch.tensor([34]), 2, 2).fixed_width()
     chain = render(chain_tokens(ex, True)[0][0].tolist()).split()
     for step in (0, 4, 8):

@@ -1,7 +1,9 @@
 """Stability guard: judge each step's loss before its update is applied.
 
 A non-finite loss (or gradient norm) or a spike far above the recent losses skips the update and
-lowers the LR for a cool-down; after `max_bad_steps` bad steps in a row training stops.
+lowers the LR for a cool-down. After `max_bad_steps` non-finite steps in a row training stops; a
+spike that lasts that long is a new loss level (a curriculum stage, a harder batch mix), not an
+accident, so the guard forgets the old losses and training goes on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class StabilityGuard:
         self.cfg = cfg
         self.history: deque[float] = deque(maxlen=cfg.window)
         self.bad_streak = 0
+        self.spikes_only = True
         self.cooldown_left = 0
         self.bad_total = 0
 
@@ -36,15 +39,28 @@ class StabilityGuard:
                 return f"loss spike {loss:.4g} > {limit:.4g} (running mean {mean:.4g}, std {std:.4g})"
         return None
 
-    def record(self, loss: float, bad: bool) -> None:
-        if bad:
-            self.bad_streak += 1
-            self.bad_total += 1
-            self.cooldown_left = self.cfg.cooldown
-            return
+    def record(self, loss: float, reason: str | None) -> bool:
+        """Count a judged step; returns True when a lasting spike made the guard start afresh."""
+        if reason is None:
+            self.bad_streak = 0
+            self.spikes_only = True
+            self.history.append(loss)
+            self.cooldown_left = max(0, self.cooldown_left - 1)
+            return False
+        self.bad_streak += 1
+        self.bad_total += 1
+        self.spikes_only = self.spikes_only and reason.startswith("loss spike")
+        self.cooldown_left = self.cfg.cooldown
+        if self.spikes_only and self.bad_streak >= self.cfg.max_bad_steps:
+            self.rebaseline()
+            return True
+        return False
+
+    def rebaseline(self) -> None:
+        """Forget the recent losses: what comes next is judged against itself."""
+        self.history.clear()
         self.bad_streak = 0
-        self.history.append(loss)
-        self.cooldown_left = max(0, self.cooldown_left - 1)
+        self.spikes_only = True
 
     @property
     def must_stop(self) -> bool:
@@ -55,11 +71,12 @@ class StabilityGuard:
         return self.cfg.lr_factor if self.cooldown_left > 0 else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "bad_streak": self.bad_streak,
+        return {"history": list(self.history), "bad_streak": self.bad_streak, "spikes_only": self.spikes_only,
                 "cooldown_left": self.cooldown_left, "bad_total": self.bad_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque(state["history"], maxlen=self.cfg.window)
         self.bad_streak = state["bad_streak"]
+        self.spikes_only = state.get("spikes_only", True)
         self.cooldown_left = state["cooldown_left"]
         self.bad_total = state["bad_total"]

@@ -189,6 +189,9 @@ class Trainer:
     def train_step(self) -> str | None:
         """One optimizer update over grad_accum micro-batches; returns why it was skipped, if it was."""
         t = self.cfg.train
+        if self.task.new_stage(self.step):
+            # The data changes here (a curriculum stage): the loss level may jump, legitimately.
+            self.guard.rebaseline()
         if self.task.reset_optimizer(self.step):
             reset_optimizer_state(self.optimizer)
         lr = lr_at(self.step, self.cfg.optim, t.steps) * self.guard.lr_scale
@@ -221,7 +224,8 @@ class Trainer:
             # Under fp16 the grad scaler already skips overflowing steps by itself.
             norm_value = float(grad_norm) if self.scaler is None else None
             reason = self.guard.judge(loss_value, norm_value)
-            self.guard.record(loss_value, bad=reason is not None)
+            if self.guard.record(loss_value, reason):
+                reason = f"{reason}; {t.guard.max_bad_steps} spikes in a row: taken as the new loss level"
         if reason is None:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)

@@ -76,6 +76,11 @@ class Task(ABC):
         """The splits evaluated every train.eval_every steps and at the end."""
         return self.eval_splits()[:1]
 
+    def new_stage(self, step: int) -> bool:
+        """Whether the training data changes at this step (a curriculum stage), so the stability
+        guard judges the losses from here on afresh. A pure function of the step."""
+        return False
+
     def reset_optimizer(self, step: int) -> bool:
         """Whether the optimizer's state (moments, momentum) is cleared before this step, e.g. at
         a curriculum stage boundary. A pure function of the step, so resume stays exact."""

@@ -286,14 +286,16 @@ class Multiply(Task):
             return 0
         return (step // self.stage_steps) * self.cfg.task.internalize.remove_per_stage
 
-    def reset_optimizer(self, step: int) -> bool:
-        if self.variant != "icot-si" or not self.cfg.task.internalize.reset_optimizer or step == 0:
+    def new_stage(self, step: int) -> bool:
+        """icot-si: a stage starts here, while chain tokens are still left to remove."""
+        if self.variant != "icot-si" or step == 0 or step % self.stage_steps:
             return False
         d = self.cfg.data
-        # Only while tokens are still being removed: once the chain is gone the stages are over.
-        full_chain = sequence_length(d.digits_a[1], d.digits_b[1], True) - sequence_length(d.digits_a[1],
-                                                                                             d.digits_b[1])
-        return step % self.stage_steps == 0 and self.removed_at(step - 1) < full_chain
+        chain = sequence_length(d.digits_a[1], d.digits_b[1], True) - sequence_length(d.digits_a[1], d.digits_b[1])
+        return self.removed_at(step - 1) < chain
+
+    def reset_optimizer(self, step: int) -> bool:
+        return self.new_stage(step) and self.cfg.task.internalize.reset_optimizer
 
     def current_step(self) -> int:
         """The next training step (the end of training when evaluating a loaded run)."""
