@@ -297,11 +297,12 @@ class Multiply(Task):
     def reset_optimizer(self, step: int) -> bool:
         return self.new_stage(step) and self.cfg.task.internalize.reset_optimizer
 
-    def current_step(self) -> int:
-        """The next training step (the end of training when evaluating a loaded run)."""
+    def last_step(self) -> int:
+        """The step the model was last trained at (the end of training for a loaded run): the
+        evaluation loss uses that step's layout (for icot-si, its stage)."""
         if self.stream is None:
-            return self.cfg.train.steps
-        return self.stream.index // self.cfg.train.grad_accum
+            return max(self.cfg.train.steps - 1, 0)
+        return max(self.stream.index // self.cfg.train.grad_accum - 1, 0)
 
     # ------------------------------------------------------------------ batches
     def train_batches(self) -> MultiplyBatches:
@@ -440,7 +441,7 @@ class Multiply(Task):
         loss_sum = torch.zeros((), device=self.device)
         loss_weight = torch.zeros((), device=self.device)
         chain_sum = torch.zeros((), dtype=torch.int64, device=self.device)
-        step = self.current_step()
+        step = self.last_step()
         # Rows with the same operand layout share a prompt length and decode together.
         for la, lb in torch.unique(torch.stack([layout.len_a, layout.len_b], 1), dim=0).tolist():
             rows = ((layout.len_a == la) & (layout.len_b == lb)).nonzero().squeeze(1)
@@ -524,7 +525,7 @@ class Multiply(Task):
                                 torch.ones(1, dtype=torch.int64, device=self.device),
                                 d.digits_a[1], d.digits_b[1]).fixed_width()
         # At the end of training: for icot-si, with the chain (mostly) internalized.
-        batch = self.make_batch(ex, self.cfg.train.steps, smooth=False)
+        batch = self.make_batch(ex, self.last_step(), smooth=False)
         was_training = model.training
         model.eval()
         # Counted with autograd on: the flop counter's module tracker trips over no-grad views of parameters.
