@@ -186,3 +186,14 @@ def test_variant_resumes_exactly(runs_dir, monkeypatch, variant):
     monkeypatch.undo()
     resumed = latentforge.resume("part", runs_dir=runs_dir)
     assert losses(straight.path) == losses(resumed.path)
+
+
+def test_flops_per_answer_count_what_the_model_writes():
+    flops = {}
+    for name, overrides in {"nocot": [], "cot": ["task.variant=cot"],
+                            "icot-si": ["task.variant=icot-si", "task.internalize.stage_steps=2"],
+                            "pause": ["task.variant=pause", "model.thoughts=4"]}.items():
+        task = task_for(*overrides)
+        flops[name] = task.flops_per_example(task.build_model())
+    # icot-si ends with its chain internalized: it answers at the cost of nocot, not of cot.
+    assert flops["nocot"] == flops["icot-si"] < flops["pause"] < flops["cot"]

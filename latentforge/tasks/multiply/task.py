@@ -524,8 +524,8 @@ class Multiply(Task):
         ex = Examples.from_ints(torch.ones(1, dtype=torch.int64, device=self.device),
                                 torch.ones(1, dtype=torch.int64, device=self.device),
                                 d.digits_a[1], d.digits_b[1]).fixed_width()
-        # At the end of training: for icot-si, with the chain (mostly) internalized.
-        batch = self.make_batch(ex, self.last_step(), smooth=False)
+        # The layout of the trained model: for icot-si, that of the last step (chain internalized).
+        batch = self.make_batch(ex, max(self.cfg.train.steps - 1, 0), smooth=False)
         was_training = model.training
         model.eval()
         # Counted with autograd on: the flop counter's module tracker trips over no-grad views of parameters.
