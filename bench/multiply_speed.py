@@ -16,7 +16,7 @@ import tempfile
 import torch
 
 import latentforge
-from latentforge.tasks.multiply.data import sequence_length
+from latentforge.tasks.multiply.layout import sequence_length
 from latentforge.track.rundir import git_sha
 
 SETTINGS = {

@@ -86,10 +86,12 @@ class GuardConfig:
     """Stability guard: skip updates whose loss is non-finite or spikes far above its recent values."""
 
     enabled: bool = True
-    # A spike is a loss above mean + spike_sigmas * std of the last `window` good losses
-    # and above spike_ratio * that mean (so noise around a near-zero loss is not a spike).
+    # A spike is a loss above mean + spike_sigmas * std of the last `window` good losses,
+    # above spike_ratio * that mean, and above spike_floor (noise around a near-zero loss, where
+    # any ratio to the mean is large, is not a spike).
     spike_sigmas: float = 6.0
     spike_ratio: float = 3.0
+    spike_floor: float = 0.1
     window: int = 100
     # Spikes are only judged once this many good steps have been seen.
     min_history: int = 50
@@ -100,6 +102,7 @@ class GuardConfig:
     def validate(self) -> None:
         require(self.spike_sigmas > 0, "spike_sigmas", f"must be > 0 (got {self.spike_sigmas})")
         require(self.spike_ratio >= 1, "spike_ratio", f"must be >= 1 (got {self.spike_ratio})")
+        require(self.spike_floor >= 0, "spike_floor", f"must be >= 0 (got {self.spike_floor})")
         require(self.window >= 2, "window", f"must be >= 2 (got {self.window})")
         require(2 <= self.min_history <= self.window, "min_history",
                 f"must be in [2, window={self.window}] (got {self.min_history})")

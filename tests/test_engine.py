@@ -129,6 +129,11 @@ def test_guard_spike_detection():
         guard.record(1.0 + 0.01 * (i % 3), None)
     assert guard.judge(1.05, 1.0) is None
     assert "loss spike" in guard.judge(5.0, 1.0)
+    # Near zero, a tenfold jump is noise, not a spike: the floor keeps converged runs training.
+    quiet = StabilityGuard(GuardConfig(window=20, min_history=10))
+    for i in range(20):
+        quiet.record(0.001 * (1 + i % 2), None)
+    assert quiet.judge(0.05, 1.0) is None and "loss spike" in quiet.judge(0.5, 1.0)
     assert "non-finite gradient norm" in guard.judge(1.0, math.inf)
     guard.record(5.0, guard.judge(5.0, 1.0))
     assert guard.lr_scale == 0.5 and guard.bad_streak == 1

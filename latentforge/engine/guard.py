@@ -34,7 +34,7 @@ class StabilityGuard:
             n = len(self.history)
             mean = sum(self.history) / n
             std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (n - 1))
-            limit = max(mean + self.cfg.spike_sigmas * std, self.cfg.spike_ratio * mean)
+            limit = max(mean + self.cfg.spike_sigmas * std, self.cfg.spike_ratio * mean, self.cfg.spike_floor)
             if loss > limit:
                 return f"loss spike {loss:.4g} > {limit:.4g} (running mean {mean:.4g}, std {std:.4g})"
         return None
