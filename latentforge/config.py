@@ -299,10 +299,11 @@ def preset_path(name: str) -> Path:
 
 def list_presets() -> list[str]:
     presets = []
-    for path in sorted(PRESET_ROOT.glob("*/configs/*.yaml")):
+    for path in PRESET_ROOT.glob("*/configs/*.yaml"):
         task = path.parent.parent.name
         presets.append(task if path.stem == "default" else f"{task}/{path.stem}")
-    return presets
+    # A task's default first, then its other presets.
+    return sorted(presets, key=lambda name: (name.split("/")[0], "/" in name, name))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

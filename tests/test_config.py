@@ -7,7 +7,9 @@ from latentforge.errors import ConfigError
 
 
 def test_presets_are_addressed_by_name():
-    assert {"multiply", "multiply/tiny"} <= set(list_presets())
+    presets = list_presets()
+    assert {"multiply", "multiply/tiny", "multiply/icot-si"} <= set(presets)
+    assert presets.index("multiply") < presets.index("multiply/aux-probe")  # a task's default first
     cfg = load_config("multiply")
     tiny = load_config("multiply/tiny")
     assert cfg.task.name == tiny.task.name == "multiply"
