@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from latentforge.config import apply_overrides, list_presets, load_config
 from latentforge.errors import ConfigError
+from latentforge.tasks import get_task
 
 
 def test_presets_are_addressed_by_name():
@@ -103,3 +105,13 @@ def test_eval_file_paths_are_saved_absolute(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("multiply/tiny", ["data.eval_files={mine: data/x.txt}"])
     assert cfg.data.eval_files["mine"] == str(tmp_path / "data" / "x.txt")
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_loads_and_builds_its_task(preset):
+    cfg = load_config(preset, ["train.device=cpu"])
+    task = get_task(cfg.task.name)(cfg, torch.device("cpu"))
+    assert sum(p.numel() for p in task.build_model().parameters()) > 0
+    variant = getattr(cfg.task, "variant", None)
+    if variant and preset.count("/") and preset.split("/")[1] != "tiny":
+        assert preset.split("/")[1] == variant  # multiply/cot trains the cot variant
