@@ -79,14 +79,16 @@ def _group_chain(a: torch.Tensor, b: torch.Tensor, reverse: bool) -> torch.Tenso
 
 def chain_tokens(ex: Examples, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The chains of thought of every example: tokens (B, longest) padded with PAD, and lengths."""
-    B = len(ex)
-    lengths = torch.tensor([chain_length(la, lb) for la, lb in zip(ex.len_a.tolist(), ex.len_b.tolist())],
-                           device=ex.a.device)
-    out = torch.full((B, int(lengths.max())), PAD, dtype=torch.int64, device=ex.a.device)
-    for la, lb in torch.unique(torch.stack([ex.len_a, ex.len_b], 1), dim=0).tolist():
+    groups = torch.unique(torch.stack([ex.len_a, ex.len_b], 1), dim=0).tolist()
+    longest = max(chain_length(la, lb) for la, lb in groups)
+    out = torch.full((len(ex), longest), PAD, dtype=torch.int64, device=ex.a.device)
+    lengths = torch.zeros(len(ex), dtype=torch.int64, device=ex.a.device)
+    # Rows whose operands have the same lengths share one chain template.
+    for la, lb in groups:
         rows = ((ex.len_a == la) & (ex.len_b == lb)).nonzero().squeeze(1)
         chain = _group_chain(ex.a[rows, :la], ex.b[rows, :lb], reverse)
         out[rows, : chain.shape[1]] = chain
+        lengths[rows] = chain.shape[1]
     return out, lengths
 
 

@@ -44,6 +44,7 @@ from latentforge.tasks.multiply.layout import (
     VOCAB_SIZE,
     answer_tokens,
     build_sequences,
+    chain_length,
     chain_tokens,
     extract_answer,
     render,
@@ -291,8 +292,8 @@ class Multiply(Task):
         if self.variant != "icot-si" or step == 0 or step % self.stage_steps:
             return False
         d = self.cfg.data
-        chain = sequence_length(d.digits_a[1], d.digits_b[1], True) - sequence_length(d.digits_a[1], d.digits_b[1])
-        return self.removed_at(step - 1) < chain
+        # The chain and its `#`: once that many tokens are removed there are no stages left.
+        return self.removed_at(step - 1) < chain_length(d.digits_a[1], d.digits_b[1]) + 1
 
     def reset_optimizer(self, step: int) -> bool:
         return self.new_stage(step) and self.cfg.task.internalize.reset_optimizer
@@ -423,8 +424,7 @@ class Multiply(Task):
             return model.generate(batch["question"], batch["inputs"][:, :1], answer_width, END)
         seqs = build_sequences(ex, d.reverse, self.length, thoughts=self.thoughts)
         prompt = seqs.tokens[:, : int(seqs.prompt_len[0])]
-        chain = sequence_length(int(ex.len_a[0]), int(ex.len_b[0]), True) - sequence_length(
-            int(ex.len_a[0]), int(ex.len_b[0])) if self.with_chain else 0
+        chain = chain_length(int(ex.len_a[0]), int(ex.len_b[0])) + 1 if self.with_chain else 0
         return model.generate(prompt, chain + answer_width)
 
     @torch.no_grad()
