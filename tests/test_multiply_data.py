@@ -222,3 +222,15 @@ def test_column_totals_are_the_running_sums():
     # 99 x 99: column 0 = 81 (digit 1, carry 8); column 1 = 81 + 81 + 8 = 170; column 2 = 81 + 17 = 98.
     totals = column_totals(torch.tensor([[9, 9]]), torch.tensor([[9, 9]]))
     assert totals.tolist() == [[81, 170, 98, 9]] and 99 * 99 == 9801
+
+
+def test_chains_of_mixed_lengths_match_each_row_alone():
+    a = torch.tensor([7, 123, 45, 999])
+    b = torch.tensor([45, 6, 78, 9])
+    ex = Examples.from_ints(a, b, 3, 2)
+    tokens, lengths = chain_tokens(ex, reverse=True)
+    for i in range(4):
+        alone = Examples.from_ints(a[i: i + 1], b[i: i + 1], len(str(int(a[i]))), len(str(int(b[i]))))
+        one, n = chain_tokens(alone, reverse=True)
+        assert int(lengths[i]) == int(n[0]) == chain_length(len(str(int(a[i]))), len(str(int(b[i]))))
+        assert render(tokens[i].tolist()) == render(one[0].tolist())

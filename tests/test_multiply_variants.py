@@ -197,3 +197,12 @@ def test_flops_per_answer_count_what_the_model_writes():
         flops[name] = task.flops_per_example(task.build_model())
     # icot-si ends with its chain internalized: it answers at the cost of nocot, not of cot.
     assert flops["nocot"] == flops["icot-si"] < flops["pause"] < flops["cot"]
+
+
+@pytest.mark.parametrize("variant", ["cot", "latent", "pause-continuous"])
+def test_variable_width_layouts_train_and_evaluate(runs_dir, variant):
+    """Operands of 1 and 2 digits at their own lengths (no zero padding), most-significant first."""
+    run = latentforge.train("multiply/tiny", *TINY, *VARIANTS[variant], "data.fixed_width=false", "data.reverse=false",
+                            name="vw", runs_dir=runs_dir)
+    buckets = {k for k in run.info["last_eval"] if k.startswith("test/exact_match/")}
+    assert run.status == "finished" and buckets == {f"test/exact_match/{a}x{b}" for a in (1, 2) for b in (1, 2)}
