@@ -100,6 +100,12 @@ class Run:
         load_model_state(model, state["model"], path)
         return task, model.eval(), int(state["step"])
 
+    def inference_device(self, model: nn.Module) -> tuple[torch.device, str]:
+        """Where a loaded model sits, and the precision to run it in: the run's own on a GPU,
+        fp32 elsewhere."""
+        dev = next(model.parameters()).device
+        return dev, self.config.train.precision if dev.type == "cuda" else "fp32"
+
     def model(self, checkpoint: str | int = "latest", device: str = "cpu") -> nn.Module:
         return self.load(checkpoint, device)[1]
 
@@ -160,8 +166,7 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
     for split in splits:
         if split not in available:
             raise ConfigError(f"unknown split {split!r} (splits of this run: {', '.join(available)})")
-    dev = next(model.parameters()).device
-    precision = run.config.train.precision if dev.type == "cuda" else "fp32"
+    dev, precision = run.inference_device(model)
     metrics = evaluate(task, model, splits, dev, precision)
     out = run.dir.artifacts / f"eval_{'+'.join(splits)}_step{step:08d}.json"
     run.dir.artifacts.mkdir(exist_ok=True)
@@ -175,7 +180,6 @@ def predict(run_spec: str | Path, text: str, checkpoint: str | int = "latest", r
     """The model's output for one input written as text (e.g. "1234*5678" for multiply)."""
     run = Run(run_spec, runs_dir)
     task, model, _ = run.load(checkpoint, device)
-    dev = next(model.parameters()).device
-    precision = run.config.train.precision if dev.type == "cuda" else "fp32"
+    dev, precision = run.inference_device(model)
     with torch.no_grad(), autocast(dev, precision):
         return task.predict(model, text)

@@ -8,7 +8,7 @@ never include a held-out pair (our own test split, or the public files evaluated
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,14 @@ class Examples:
     def __len__(self) -> int:
         return self.a.shape[0]
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Examples:
+        return Examples(*(fn(getattr(self, f.name)) for f in fields(self)))
+
     def select(self, index: torch.Tensor) -> Examples:
-        return Examples(*(getattr(self, f)[index] for f in ("a", "b", "c", "len_a", "len_b", "len_c")))
+        return self._map(lambda t: t[index])
+
+    def to(self, device: torch.device) -> Examples:
+        return self._map(lambda t: t.to(device))
 
 
 def pair_keys(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -193,6 +193,11 @@ class MultiplyDataConfig:
         return {**public, **self.eval_files}
 
 
+def chain_and_thoughts(cfg: Config) -> tuple[bool, int]:
+    """What the variant puts between question and answer: the chain (cot, icot-si), thought tokens (pause)."""
+    return cfg.task.variant in ("cot", "icot-si"), cfg.model.thoughts if cfg.task.variant == "pause" else 0
+
+
 # Options that only one variant reads: setting them for another is a mistake worth a clear error.
 VARIANT_OPTIONS = {
     "pause": [("model", "thoughts"), ("model", "continuous")],
@@ -213,12 +218,11 @@ class Multiply(Task):
         super().__init__(cfg, device)
         d = cfg.data
         self.variant = cfg.task.variant
-        self.with_chain = self.variant in ("cot", "icot-si")
-        self.thoughts = cfg.model.thoughts if self.variant == "pause" else 0
+        self.with_chain, self.thoughts = chain_and_thoughts(cfg)
         self.length = sequence_length(d.digits_a[1], d.digits_b[1], self.with_chain, self.thoughts)
         # Read the evaluation files now: a bad file stops the run before any training, and their
         # pairs are kept out of the training data.
-        self._eval_sets = {split: self._to_device(read_icot_file(path)) for split, path in d.files().items()}
+        self._eval_sets = {split: read_icot_file(path).to(self.device) for split, path in d.files().items()}
         exclude = None
         if self._eval_sets:
             sets = list(self._eval_sets.values())
@@ -227,9 +231,6 @@ class Multiply(Task):
         self.data = MultiplyData(d.digits_a, d.digits_b, d.test_size, d.holdout_commuted, d.seed, exclude)
         self.stream: MultiplyBatches | None = None
         self.stage_steps = self._stage_steps()
-
-    def _to_device(self, ex: Examples) -> Examples:
-        return Examples(*(getattr(ex, f).to(self.device) for f in ("a", "b", "c", "len_a", "len_b", "len_c")))
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
@@ -244,8 +245,7 @@ class Multiply(Task):
             require(m.thoughts >= 1, "model.thoughts", "must be >= 1 for task.variant=pause")
         if variant == "aux-probe":
             require(bool(m.probe_layers), "model.probe_layers", "must name at least one block for aux-probe")
-        thoughts = m.thoughts if variant == "pause" else 0
-        length = sequence_length(d.digits_a[1], d.digits_b[1], variant in ("cot", "icot-si"), thoughts)
+        length = sequence_length(d.digits_a[1], d.digits_b[1], *chain_and_thoughts(cfg))
         require(length <= m.max_len, "model.max_len",
                 f"must be >= {length}, the longest sequence of data.digits_a/digits_b (got {m.max_len})")
         splits = ["test", "train", *d.files()]
@@ -347,8 +347,8 @@ class Multiply(Task):
         decoder = tokens.gather(1, index)
         targets = decoder[:, 1:].masked_fill(decoder[:, 1:] == PAD, IGNORE)
         p = self.cfg.task.teacher_forcing.value(step)
-        return {"question": question, "inputs": decoder[:, :-1], "targets": targets,
-                "teacher_forcing": torch.tensor(p, device=self.device)}
+        # A Python float: scheduled sampling reads it on the host every step without a device sync.
+        return {"question": question, "inputs": decoder[:, :-1], "targets": targets, "teacher_forcing": p}
 
     def _probe_targets(self, ex: Examples, prompt_len: torch.Tensor, width: int) -> torch.Tensor:
         """At the input position that predicts answer digit k: column k's running sum (scaled to
@@ -369,10 +369,10 @@ class Multiply(Task):
         metrics: dict[str, torch.Tensor] = {}
         probes: dict[int, torch.Tensor] = {}
         if self.variant == "latent":
-            p = float(batch["teacher_forcing"])
+            p = batch["teacher_forcing"]
             inputs = scheduled_inputs(model, batch["question"], batch["inputs"], p)
             logits = model(batch["question"], inputs)
-            metrics["teacher_forcing"] = batch["teacher_forcing"]
+            metrics["teacher_forcing"] = torch.tensor(p, device=self.device)
         elif self.variant == "aux-probe":
             logits, probes = model.forward_probed(batch["inputs"])
         else:
@@ -454,7 +454,7 @@ class Multiply(Task):
                 correct[chunk] = ((got == expected[chunk]) & scored[chunk]).sum(1).float()
                 batch = self.make_batch(sub, step, smooth=False)
                 if self.variant == "latent":
-                    batch["teacher_forcing"] = torch.tensor(1.0, device=self.device)
+                    batch["teacher_forcing"] = 1.0
                 loss, _ = self.loss(model, batch)
                 weight = self.loss_weight(batch)
                 loss_sum += loss.float() * weight
