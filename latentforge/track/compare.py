@@ -9,9 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +20,7 @@ from rich.table import Table
 
 from latentforge.errors import LatentforgeError, RunError
 from latentforge.track.files import write_atomic
+from latentforge.track.plots import save_figure
 
 if TYPE_CHECKING:
     from latentforge.api import Run
@@ -203,14 +202,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{rows[0]['split']} split")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure(fig, path)
 
 
 def save_comparison(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from latentforge.track.rundir import RunDir
 
@@ -41,11 +43,20 @@ def plot_run(run: RunDir) -> Path | None:
     fig.suptitle(run.id)
     fig.tight_layout()
     path = run.artifacts / "curves.png"
-    tmp = run.artifacts / ".curves.png.tmp"
     run.artifacts.mkdir(exist_ok=True)
+    save_figure(fig, path)
+    return path
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG atomically (a viewer never sees half a file), then close it."""
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
-    return path
+        Path(tmp).unlink(missing_ok=True)
