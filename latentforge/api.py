@@ -29,6 +29,7 @@ from latentforge.engine.loop import (
 )
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, RunError
+from latentforge.tasks import get_task
 from latentforge.track.files import write_atomic, write_json
 from latentforge.track.listing import effective_status
 from latentforge.track.rundir import RunDir, default_runs_dir, new_run_id
@@ -183,3 +184,30 @@ def predict(run_spec: str | Path, text: str, checkpoint: str | int = "latest", r
     dev, precision = run.inference_device(model)
     with torch.no_grad(), autocast(dev, precision):
         return task.predict(model, text)
+
+
+def probe(run_spec: str | Path, checkpoint: str | int = "latest", split: str = "test", method: str = "logistic",
+          examples: int = 500, runs_dir: str | Path | None = None, device: str = "auto"
+          ) -> tuple[list[dict[str, Any]], Path]:
+    """Linear probes on a checkpoint's hidden states; the table and plot go to the run's artifacts/."""
+    if method not in ("logistic", "ridge"):
+        raise ConfigError(f"--method must be logistic or ridge (got {method!r})")
+    if examples < 1:
+        raise ConfigError(f"--examples must be >= 1 (got {examples})")
+    run = Run(run_spec, runs_dir)
+    task, model, step = run.load(checkpoint, device)
+    rows = task.probe(model, run.dir.artifacts, split, method, examples)
+    return [{"step": step, **row} for row in rows], run.dir.artifacts
+
+
+def generate_data(config: str | Path, *overrides: str, out: str | Path, overwrite: bool = False,
+                  device: str = "auto") -> dict[str, str]:
+    """Write the dataset a config trains on (e.g. gssm with data.train_sequences=N) to a file."""
+    path = Path(out).expanduser()
+    if path.exists() and not overwrite:
+        raise RunError(f"{path} exists; pass --overwrite to replace it")
+    if path.is_dir():
+        raise RunError(f"{path} is a directory; give a file name, e.g. {path / 'data.npz'}")
+    cfg = load_config(config, list(overrides))
+    task = get_task(cfg.task.name)(cfg, resolve_device(device))
+    return {"file": str(path), **task.write_data(path)}

@@ -237,6 +237,55 @@ def runs_show(
 
 
 @app.command()
+@user_errors
+def probe(
+    run: str = typer.Argument(..., help="A run directory or run id."),
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    split: str = typer.Option("test", "--split", help="Split whose sequences are probed."),
+    method: str = typer.Option("logistic", "--method", help="logistic (L-BFGS) or ridge (closed form)."),
+    examples: int = typer.Option(500, "--examples", help="Sequences (examples) to probe."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Linear probes on every layer's hidden states for the task's latent variables (gssm: each
+    hidden node's state, beside the Bayes ceiling); writes probe.csv and probe.png to artifacts/."""
+    rows, where = api.probe(run, checkpoint, split, method, examples, runs_dir, device)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(show_edge=False, header_style="bold", title=f"probe accuracy at step {rows[0]['step']}")
+    columns = [key for key in rows[0] if key != "step"]
+    for key in columns:
+        table.add_column(key, justify="left" if key == "node" else "right")
+    for row in rows:
+        table.add_row(*(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in columns))
+    out.print(table)
+    out.print(f"saved {where / 'probe.csv'} and {where / 'probe.png'}", highlight=False, soft_wrap=True)
+
+
+data_app = typer.Typer(help="Write datasets to disk.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("generate")
+@user_errors
+def data_generate(
+    config: str = typer.Argument(..., help="A preset (e.g. gssm/sparse) or a YAML file."),
+    overrides: Optional[list[str]] = Overrides,
+    out_file: Path = typer.Option(..., "--out", help="The file to write (e.g. sparse.npz)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    device: str = typer.Option("auto", "--device", help="Where to generate: auto, cpu, cuda or mps."),
+) -> None:
+    """Generate the finite dataset a config trains on and write it to one file; train from it with
+    data.path=FILE (gssm: data.train_sequences=N sequences plus the test set, with optimal losses)."""
+    lines = api.generate_data(config, *(overrides or []), out=out_file, overwrite=overwrite, device=device)
+    width = max(map(len, lines))
+    for key, value in lines.items():
+        out.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def presets() -> None:
     """List the built-in presets."""
     for name in list_presets():

@@ -4,6 +4,7 @@ the loss and the evaluation. The engine knows nothing else about it."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -94,3 +95,12 @@ class Task(ABC):
     def predict(self, model: nn.Module, text: str) -> dict[str, str]:
         """The model's output for one input written as text, as labelled lines to print."""
         raise ConfigError(f"task {self.name!r} has no predict command")
+
+    def probe(self, model: nn.Module, out: Path, split: str, method: str, examples: int) -> list[dict[str, Any]]:
+        """Linear probes on the model's hidden states for the task's latent variables: one row per
+        variable (written with a table and a plot under `out`)."""
+        raise ConfigError(f"task {self.name!r} has nothing to probe")
+
+    def write_data(self, path: Path) -> dict[str, str]:
+        """Write the dataset this config trains on to `path`; returns labelled lines to print."""
+        raise ConfigError(f"task {self.name!r} generates its data on the fly; there is no dataset to write")

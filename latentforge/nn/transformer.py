@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.config import require
+
 
 @dataclass
 class TransformerShape:
@@ -20,6 +22,32 @@ class TransformerShape:
     max_len: int = 256
     rope_base: float = 10000.0
     tie_embeddings: bool = True
+
+
+@dataclass
+class TransformerConfig:
+    """The `model` section of tasks built on this transformer (tasks subclass it to add options)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def validate(self) -> None:
+        for key in ("n_layer", "n_head", "d_model"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        require(self.d_model % self.n_head == 0, "d_model",
+                f"must be divisible by model.n_head={self.n_head} (got {self.d_model})")
+        require((self.d_model // self.n_head) % 2 == 0, "n_head", "must leave an even head size for RoPE")
+        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0 (got {self.mlp_ratio})")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+
+    def shape(self, vocab_size: int, max_len: int) -> TransformerShape:
+        return TransformerShape(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                                d_model=self.d_model, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+                                max_len=max_len, tie_embeddings=self.tie_embeddings)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:

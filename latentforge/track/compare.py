@@ -6,8 +6,6 @@ result in artifacts/), so comparing never re-evaluates a model.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from datetime import datetime
@@ -19,7 +17,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from latentforge.errors import LatentforgeError, RunError
-from latentforge.track.files import write_atomic
+from latentforge.track.files import write_csv
 from latentforge.track.plots import save_figure
 
 if TYPE_CHECKING:
@@ -112,7 +110,7 @@ def format_seconds(seconds: float | None) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{int(seconds % 60):02d}s"
 
 
-def _si(value: float | None) -> str:
+def si(value: float | None) -> str:
     """1.2M, 3.4G: FLOPs are read by their order of magnitude."""
     if value is None:
         return "-"
@@ -142,7 +140,7 @@ def print_comparison(rows: list[dict[str, Any]], console: Console) -> None:
               "loss", "exact match", *(key.split("/", 1)[1] for key in buckets), "EM per M params"]
     lines = [[
         r["run"], r["variant"], f"[{STATUS_COLORS.get(r['status'], 'white')}]{r['status']}[/]",
-        f"{r['params']:,}" if r["params"] else "-", _si(r["flops_per_example"]), str(r["steps"]),
+        f"{r['params']:,}" if r["params"] else "-", si(r["flops_per_example"]), str(r["steps"]),
         format_seconds(r["train_seconds"]), str(r["eval_step"]), _num(r["loss"]), _num(r["exact_match"]),
         *(_num(r[key]) for key in buckets), _num(r["exact_match_per_mparam"], ".4g"),
     ] for r in rows]
@@ -151,14 +149,6 @@ def print_comparison(rows: list[dict[str, Any]], console: Console) -> None:
         table = _table(["", *(line[0] for line in lines)], [list(cells) for cells in zip(header, *lines)][1:], 1)
     table.title = f"{rows[0]['split']} split"
     console.print(table)
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, text.getvalue())
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:

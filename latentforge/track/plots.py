@@ -60,3 +60,25 @@ def save_figure(fig: Any, path: Path) -> None:
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
+
+
+def save_heatmap(values: list[list[float]], row_labels: list[str], column_labels: list[str],
+                 annotations: list[list[str]], title: str, path: Path) -> Path:
+    """A rows x columns grid of values in [0, 1] (colour) with a text label in each cell, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(column_labels) + 3, 0.55 * len(row_labels) + 1.6))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(column_labels)), column_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    for i, row in enumerate(annotations):
+        for j, text in enumerate(row):
+            ax.text(j, i, text, ha="center", va="center", color="white" if values[i][j] < 0.6 else "black")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path

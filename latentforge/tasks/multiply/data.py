@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from latentforge.data.epochs import EpochSampler
 from latentforge.errors import DataError
 
 # Small operand spaces are enumerated and held out exactly; larger ones are sampled per batch.
@@ -218,27 +219,14 @@ class MultiplyBatches:
         self.fixed_width = fixed_width
         self.device = device
         self.index = 0
-        self._epoch_cache: tuple[int, torch.Tensor] | None = None
         if data.train is not None:
             self.train_a, self.train_b = data.train[0].to(device), data.train[1].to(device)
+            self.sampler = EpochSampler(len(self.train_a), batch_size, data.seed, device)
         self.test_keys = data.test_keys.to(device)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + epoch + 1)
-            self._epoch_cache = (epoch, torch.randperm(len(self.train_a), generator=g).to(self.device))
-        return self._epoch_cache[1]
 
     def pairs(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.data.train is not None:
-            n = len(self.train_a)
-            start = index * self.batch_size
-            chunks = []
-            while sum(len(c) for c in chunks) < self.batch_size:
-                epoch, offset = divmod(start + sum(len(c) for c in chunks), n)
-                take = min(n - offset, self.batch_size - sum(len(c) for c in chunks))
-                chunks.append(self._permutation(epoch)[offset: offset + take])
-            rows = torch.cat(chunks)
+            rows = self.sampler.rows(index)
             return self.train_a[rows], self.train_b[rows]
         g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + 7_919 * (index + 1))
         a, b = self.data.space.sample(self.batch_size, g)

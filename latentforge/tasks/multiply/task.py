@@ -23,7 +23,7 @@ from latentforge.config import Config, TaskConfig, require
 from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
-from latentforge.nn.transformer import TransformerShape
+from latentforge.nn.transformer import TransformerConfig
 from latentforge.tasks.multiply.data import (
     MAX_OPERAND_DIGITS,
     Examples,
@@ -96,13 +96,7 @@ class MultiplyTaskConfig(TaskConfig):
 
 
 @dataclass
-class MultiplyModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    tie_embeddings: bool = True
+class MultiplyModelConfig(TransformerConfig):
     max_len: int = 64
     # pause: thought tokens between the question and the answer; continuous feeds back hidden states.
     thoughts: int = 0
@@ -118,13 +112,9 @@ class MultiplyModelConfig:
     probe_layers: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        for key in ("n_layer", "n_head", "d_model", "max_len", "latents", "encoder_layers"):
+        super().validate()
+        for key in ("max_len", "latents", "encoder_layers"):
             require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
-        require(self.d_model % self.n_head == 0, "d_model",
-                f"must be divisible by model.n_head={self.n_head} (got {self.d_model})")
-        require((self.d_model // self.n_head) % 2 == 0, "n_head", "must leave an even head size for RoPE")
-        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0 (got {self.mlp_ratio})")
-        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
         require(self.thoughts >= 0, "thoughts", f"must be >= 0 (got {self.thoughts})")
         require(self.latent_layers >= 0, "latent_layers", f"must be >= 0 (got {self.latent_layers})")
         require(0 <= self.bottleneck <= 1, "bottleneck", f"must be in [0, 1] (got {self.bottleneck})")
@@ -266,9 +256,7 @@ class Multiply(Task):
                 vocab_size=VOCAB_SIZE, pad_id=PAD, d_model=m.d_model, n_head=m.n_head, mlp_ratio=m.mlp_ratio,
                 dropout=m.dropout, max_len=m.max_len, encoder_layers=m.encoder_layers,
                 latent_layers=m.latent_layers, decoder_layers=m.n_layer, latents=m.latents, bottleneck=m.bottleneck)
-        shape = TransformerShape(vocab_size=VOCAB_SIZE, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
-                                 mlp_ratio=m.mlp_ratio, dropout=m.dropout, max_len=m.max_len,
-                                 tie_embeddings=m.tie_embeddings)
+        shape = m.shape(VOCAB_SIZE, m.max_len)
         probes = tuple(m.probe_layers) if self.variant == "aux-probe" else ()
         return DecoderLM(shape, continuous=self.variant == "pause" and m.continuous, probe_layers=probes)
 

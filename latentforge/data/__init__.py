@@ -1,0 +1,1 @@
+"""Task-agnostic data plumbing: samplers and loaders every task can reuse."""
