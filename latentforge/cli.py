@@ -16,7 +16,10 @@ from rich.table import Table
 
 from latentforge import api
 from latentforge.config import list_presets
-from latentforge.errors import LatentforgeError, TrainingStopped
+from latentforge.errors import ConfigError, LatentforgeError, TrainingStopped
+from latentforge.launch.local import failure_lines, plan_sweep, run_sweep, summary_rows
+from latentforge.launch.report import build_report, print_report, print_rows, save_report
+from latentforge.launch.sweep import expand_sweep
 from latentforge.track.compare import compare_rows, print_comparison, save_comparison
 from latentforge.track.listing import duration, list_runs, print_table, sort_runs
 from latentforge.track.rundir import default_runs_dir
@@ -166,6 +169,95 @@ def compare(
         print_comparison(rows, out)
     for path in paths:
         (err if as_json else out).print(f"saved {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def sweep(
+    target: str = typer.Argument(..., metavar="FILE|report", help="A sweep file to run, or the word report."),
+    directory: Optional[Path] = typer.Argument(None, metavar="DIR", show_default=False,
+                                               help="After report: a directory of runs (or its name in --runs-dir)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="Run N points at a time (default 1)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print each point and what would be done; start nothing."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="report: the metric (default: sweep.yaml's "
+                                         "report.metric, else the runs' checkpoint.metric)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="report: min or max, which end is better (default: "
+                                       "what goes with that metric in sweep.yaml or checkpoint.mode)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="report: where report.csv and the PNGs go "
+                                           "(default: DIR)."),
+    runs_dir: Optional[Path] = RunsDir,
+    quiet: bool = Quiet,
+) -> None:
+    """Run a grid of training runs from a sweep file, or report on a directory of runs.
+
+    \b
+    latentforge sweep FILE [--parallel N] [--dry-run]
+        trains every point of FILE as its own `latentforge train` process in <runs-dir>/<name>/
+        (logs in <name>/logs/); run it again to continue: finished runs are skipped, stopped ones
+        resumed. Ctrl-C stops every run with a checkpoint.
+    latentforge sweep report DIR [--metric M] [--mode min|max] [--out DIR]
+        each run's best metric: a table, report.csv and report-<x>.png (best metric vs x).
+
+    \b
+    A sweep file (YAML):
+      name: d-model            # the sweep directory (default: the file's name)
+      config: multiply/tiny    # a preset or YAML file, or a list of them (a grid axis named config)
+      overrides: \\[train.steps=2000]          # for every point
+      grid: {model.d_model: [32, 64], optim.lr: [1e-3, 3e-3]}   # every combination
+      report: {metric: test/loss, mode: min, x: \\[params], curves: optim.lr}
+    """
+    if target == "report":
+        if directory is None:
+            raise ConfigError("sweep report needs a directory of runs: latentforge sweep report DIR")
+        if parallel is not None or dry_run:
+            raise ConfigError("--parallel and --dry-run are for running a sweep file, not for sweep report")
+        _report_sweep(directory, runs_dir, metric, mode, out_dir)
+        return
+    if directory is not None:
+        raise ConfigError(f"unexpected argument {directory} after the sweep file "
+                          f"(to report on a directory: latentforge sweep report {directory})")
+    if metric is not None or mode is not None or out_dir is not None:
+        raise ConfigError("--metric, --mode and --out are for latentforge sweep report DIR")
+    _run_sweep(Path(target), parallel or 1, dry_run, runs_dir, quiet)
+
+
+def _run_sweep(file: Path, parallel: int, dry_run: bool, runs_dir: Optional[Path], quiet: bool) -> None:
+    plan = expand_sweep(file)
+    if dry_run:
+        sweep_dir, jobs = plan_sweep(plan, default_runs_dir(runs_dir))
+        for job in jobs:
+            out.print(f"{job.point.run_id}  ({job.action})  {job.point.config} {' '.join(job.point.overrides)}",
+                      highlight=False, markup=False, soft_wrap=True)
+        out.print(f"{len(jobs)} points in {sweep_dir}/; nothing started (dry run)", highlight=False)
+        return
+    result = run_sweep(plan, default_runs_dir(runs_dir), parallel, None if quiet else out)
+    rows, best_label = summary_rows(plan, result)
+    print_rows(rows, plan.keys, best_label, out, f"sweep {plan.name}: {result.sweep_dir}")
+    again = f"latentforge sweep {file}" + (f" --runs-dir {runs_dir}" if runs_dir else "")
+    problems = failure_lines(result)
+    for line in problems:
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+    if result.interrupted:
+        err.print(f"interrupted: the running runs saved a checkpoint; continue the sweep with: {again}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    if problems:
+        err.print(f"{len(problems)} of {len(rows)} runs did not finish; to retry them: {again}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if not quiet:
+        out.print(f"all {len(rows)} runs finished; report: latentforge sweep report {result.sweep_dir}",
+                  highlight=False, soft_wrap=True)
+
+
+def _report_sweep(directory: Path, runs_dir: Optional[Path], metric: Optional[str], mode: Optional[str],
+                  out_dir: Optional[Path]) -> None:
+    if not directory.is_dir() and (default_runs_dir(runs_dir) / directory).is_dir():
+        directory = default_runs_dir(runs_dir) / directory
+    report = build_report(directory, metric, mode)
+    print_report(report, out)
+    for path in save_report(report, out_dir or directory):
+        out.print(f"saved {path}", highlight=False, soft_wrap=True)
 
 
 @runs_app.callback()

@@ -24,7 +24,8 @@ from typing import Any
 from latentforge.errors import RunError
 from latentforge.track.files import write_atomic, write_json
 
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# `=` is allowed so that sweep runs can be named after their values (000-d_model=32).
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 
 
 def default_runs_dir(runs_dir: str | Path | None = None) -> Path:
@@ -85,7 +86,7 @@ class RunDir:
     @classmethod
     def create(cls, runs_dir: Path, run_id: str, overwrite: bool) -> RunDir:
         if not RUN_ID.match(run_id):
-            raise RunError(f"run name {run_id!r} may only hold letters, digits, '.', '_' and '-'")
+            raise RunError(f"run name {run_id!r} may only hold letters, digits, '.', '_', '=' and '-'")
         path = Path(runs_dir) / run_id
         if path.exists():
             if not overwrite:
