@@ -179,11 +179,28 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
 def predict(run_spec: str | Path, text: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
             device: str = "auto") -> dict[str, str]:
     """The model's output for one input written as text (e.g. "1234*5678" for multiply)."""
+    return _with_model(run_spec, checkpoint, runs_dir, device, lambda task, model: task.predict(model, text))
+
+
+def encode(run_spec: str | Path, path: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
+           device: str = "auto") -> dict[str, str]:
+    """The model's discrete code for an input file (e.g. an ARC grid for dvae)."""
+    return _with_model(run_spec, checkpoint, runs_dir, device, lambda task, model: task.encode(model, path))
+
+
+def decode(run_spec: str | Path, codes: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
+           device: str = "auto") -> dict[str, str]:
+    """What the model decodes from a code written as text (e.g. "3 17 250 ...")."""
+    return _with_model(run_spec, checkpoint, runs_dir, device, lambda task, model: task.decode(model, codes))
+
+
+def _with_model(run_spec: str | Path, checkpoint: str | int, runs_dir: str | Path | None, device: str,
+                action: Any) -> Any:
     run = Run(run_spec, runs_dir)
     task, model, _ = run.load(checkpoint, device)
     dev, precision = run.inference_device(model)
     with torch.no_grad(), autocast(dev, precision):
-        return task.predict(model, text)
+        return action(task, model)
 
 
 def probe(run_spec: str | Path, checkpoint: str | int = "latest", split: str = "test", method: str = "logistic",

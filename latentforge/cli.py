@@ -72,6 +72,15 @@ def _where(run: api.Run, quiet: bool) -> None:
               f"  tensorboard    tensorboard --logdir {run.dir.tb}")
 
 
+def _print_lines(lines: dict[str, str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(lines, indent=2))
+        return
+    width = max(map(len, lines))
+    for key, value in lines.items():
+        out.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @user_errors
 def train(
@@ -142,13 +151,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """The model's output for one input (for multiply: its answer, its chain, and the true product)."""
-    result = api.predict(run, text, checkpoint, runs_dir, device)
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return
-    width = max(map(len, result))
-    for key, value in result.items():
-        out.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+    _print_lines(api.predict(run, text, checkpoint, runs_dir, device), as_json)
 
 
 @app.command()
@@ -330,6 +333,34 @@ def runs_show(
 
 @app.command()
 @user_errors
+def encode(
+    run: str = typer.Argument(..., help="A run directory or run id."),
+    path: str = typer.Argument(..., help="An input file, e.g. an ARC grid as JSON for dvae."),
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """The model's discrete code for an input (dvae: a grid's codes, and whether they reconstruct it)."""
+    _print_lines(api.encode(run, path, checkpoint, runs_dir, device), as_json)
+
+
+@app.command()
+@user_errors
+def decode(
+    run: str = typer.Argument(..., help="A run directory or run id."),
+    codes: str = typer.Argument(..., help='The codes, e.g. "3 17 250 ..." (as `encode` prints them).'),
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Render what the model decodes from a code (dvae: the grid)."""
+    _print_lines(api.decode(run, codes, checkpoint, runs_dir, device), as_json)
+
+
+@app.command()
+@user_errors
 def probe(
     run: str = typer.Argument(..., help="A run directory or run id."),
     checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
@@ -371,10 +402,8 @@ def data_generate(
 ) -> None:
     """Generate the finite dataset a config trains on and write it to one file; train from it with
     data.path=FILE (gssm: data.train_sequences=N sequences plus the test set, with optimal losses)."""
-    lines = api.generate_data(config, *(overrides or []), out=out_file, overwrite=overwrite, device=device)
-    width = max(map(len, lines))
-    for key, value in lines.items():
-        out.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+    _print_lines(api.generate_data(config, *(overrides or []), out=out_file, overwrite=overwrite, device=device),
+                 as_json=False)
 
 
 @app.command()

@@ -154,9 +154,11 @@ class CheckpointConfig:
 @dataclass
 class TrackConfig:
     tensorboard: bool = True
+    # The task's figures (if it draws any) every N evaluations and at the end; 0: never.
+    figures_every: int = 1
 
     def validate(self) -> None:
-        pass
+        require(self.figures_every >= 0, "figures_every", f"must be >= 0 (got {self.figures_every})")
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_side_by_side_script_trains_evaluates_and_compares(tmp_path: Path):
                     "two multiply/tiny train.steps=2 data.test_size=50 train.device=cpu task.variant=cot\n")
     env = {**os.environ, "LATENTFORGE_RUNS": str(tmp_path / "runs"), "SPLIT": "test",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(REPO / "bench" / "multiply" / "side_by_side.sh"), str(spec), "120"],
+    result = subprocess.run(["bash", str(REPO / "bench" / "side_by_side.sh"), str(spec), "120"],
                             env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "one" in result.stdout and "cot" in result.stdout

@@ -30,7 +30,7 @@ from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
 from latentforge.tasks import get_task
 from latentforge.track.metrics import MetricsLogger
-from latentforge.track.plots import plot_run
+from latentforge.track.plots import plot_run, save_figure
 from latentforge.track.progress import TrainProgress
 from latentforge.track.rundir import RunDir, git_sha
 
@@ -344,6 +344,7 @@ class Trainer:
         headline = {k: v for k, v in metrics.items() if k.count("/") == 1 and not k.endswith("/examples")}
         progress.print(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in headline.items()))
         self.run.update_info(last_eval={"step": self.step, **metrics})
+        self._figures(logger, progress)
         c = self.cfg.checkpoint
         if not c.metric:
             return False
@@ -359,6 +360,27 @@ class Trainer:
             self.save("final" if self.step == self.cfg.train.steps else "best")
             return True
         return False
+
+    def _figures(self, logger: MetricsLogger, progress: TrainProgress) -> None:
+        """The task's figures every track.figures_every evaluations and at the end."""
+        every, t = self.cfg.track.figures_every, self.cfg.train
+        evaluation = self.step // t.eval_every if t.eval_every else 0
+        if not every or (self.step != t.steps and evaluation % every):
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, t.precision):
+                figures = self.task.figures(self.model)
+        finally:
+            self.model.train(was_training)
+        self.run.artifacts.mkdir(exist_ok=True)
+        for tag, figure in figures.items():
+            logger.add_figure(tag, figure, self.step)
+            try:
+                save_figure(figure, self.run.artifacts / f"{tag}-step{self.step:08d}.png")
+            except OSError as e:
+                progress.print(f"warning: could not save the {tag} figure: {e}")
 
     def _on_bad_step(self, reason: str, logger: MetricsLogger, progress: TrainProgress) -> None:
         g = self.guard

@@ -96,6 +96,11 @@ class Task(ABC):
         """The model's output for one input written as text, as labelled lines to print."""
         raise ConfigError(f"task {self.name!r} has no predict command")
 
+    def figures(self, model: nn.Module) -> dict[str, Any]:
+        """Matplotlib figures worth looking at after an evaluation (e.g. inputs beside their
+        reconstructions): logged to TensorBoard as images and saved as PNGs in artifacts/."""
+        return {}
+
     def probe(self, model: nn.Module, out: Path, split: str, method: str, examples: int) -> list[dict[str, Any]]:
         """Linear probes on the model's hidden states for the task's latent variables: one row per
         variable (written with a table and a plot under `out`)."""
@@ -104,3 +109,11 @@ class Task(ABC):
     def write_data(self, path: Path) -> dict[str, str]:
         """Write the dataset this config trains on to `path`; returns labelled lines to print."""
         raise ConfigError(f"task {self.name!r} generates its data on the fly; there is no dataset to write")
+
+    def encode(self, model: nn.Module, path: str) -> dict[str, str]:
+        """The model's code for one input read from a file, as labelled lines to print."""
+        raise ConfigError(f"task {self.name!r} has no encode command")
+
+    def decode(self, model: nn.Module, codes: str) -> dict[str, str]:
+        """What the model makes of a code written as text, as labelled lines to print."""
+        raise ConfigError(f"task {self.name!r} has no decode command")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentforge.config import require
+from latentforge.nn.rope import apply_rope, rope_tables
 
 
 @dataclass
@@ -48,21 +49,6 @@ class TransformerConfig:
         return TransformerShape(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
                                 d_model=self.d_model, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                                 max_len=max_len, tie_embeddings=self.tie_embeddings)
-
-
-def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (seq_len, head_dim // 2) for rotary position embeddings."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x (B, H, T, D) by position-dependent angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
 
 
 class SelfAttention(nn.Module):

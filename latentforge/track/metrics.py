@@ -28,8 +28,9 @@ class MetricsLogger:
         return record
 
     def add_figure(self, tag: str, figure: Any, step: int) -> None:
+        """The figure as a TensorBoard image (the figure stays open for the caller to save)."""
         if self.writer is not None:
-            self.writer.add_figure(tag, figure, step)
+            self.writer.add_figure(tag, figure, step, close=False)
 
     def flush(self) -> None:
         if self.writer is not None:

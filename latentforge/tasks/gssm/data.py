@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from latentforge.data.epochs import EpochSampler
+from latentforge.data.stream import IndexedStream
 from latentforge.errors import DataError
 from latentforge.tasks.gssm.graph import Graph
 from latentforge.tasks.gssm.optimum import forward_filter
@@ -71,7 +72,7 @@ def generate(graph: Graph, key: int, first: int, n: int, length: int, device: to
                        {k: torch.cat([p.context_tables[k] for p in parts]) for k in parts[0].context_tables})
 
 
-class GSSMBatches:
+class GSSMBatches(IndexedStream):
     """Training batches {inputs, targets, optimal}: epochs over a finite train set, or consecutive
     fresh sequences of the endless train stream (generated `chunk` sequences at a time)."""
 
@@ -83,7 +84,6 @@ class GSSMBatches:
         self.sampler = EpochSampler(len(train_set), batch_size, seed, device) if train_set is not None else None
         self.chunk = max(chunk, batch_size)
         self._cached: tuple[int, SequenceSet] | None = None
-        self.index = 0
 
     def sequences(self, index: int) -> SequenceSet:
         if self.train_set is not None:
@@ -96,17 +96,10 @@ class GSSMBatches:
         start = first - self._cached[0]
         return self._cached[1].select(slice(start, start + self.batch_size))
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        seqs = self.sequences(self.index)
-        self.index += 1
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        seqs = self.sequences(index)
         tokens = seqs.tokens.long()
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "optimal": seqs.optimal}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
 
 
 # ----------------------------------------------------------------------------- files

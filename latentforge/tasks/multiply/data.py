@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from latentforge.data.epochs import EpochSampler
+from latentforge.data.stream import IndexedStream
 from latentforge.errors import DataError
 
 # Small operand spaces are enumerated and held out exactly; larger ones are sampled per batch.
@@ -208,7 +209,7 @@ def _first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unique, first.sort().values
 
 
-class MultiplyBatches:
+class MultiplyBatches(IndexedStream):
     """Endless training batches: epochs over the enumerated training pairs (a fresh shuffle each
     epoch), or fresh samples that avoid the held-out pairs. Batch i depends only on (seed, i);
     `make_batch(examples, i)` turns the examples into what the model trains on."""
@@ -218,7 +219,6 @@ class MultiplyBatches:
         self.data, self.batch_size, self.make_batch = data, batch_size, make_batch
         self.fixed_width = fixed_width
         self.device = device
-        self.index = 0
         if data.train is not None:
             self.train_a, self.train_b = data.train[0].to(device), data.train[1].to(device)
             self.sampler = EpochSampler(len(self.train_a), batch_size, data.seed, device)
@@ -239,18 +239,10 @@ class MultiplyBatches:
             a = torch.where(clash, na.to(self.device), a)
             b = torch.where(clash, nb.to(self.device), b)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.pairs(self.index)
+    def batch(self, index: int) -> Any:
+        a, b = self.pairs(index)
         ex = self.data.examples(a, b, self.device)
-        batch = self.make_batch(ex.fixed_width() if self.fixed_width else ex, self.index)
-        self.index += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
+        return self.make_batch(ex.fixed_width() if self.fixed_width else ex, index)
 
 
 def read_icot_file(path: str | Path) -> Examples:

@@ -1,13 +1,15 @@
 #!/bin/bash
-# Train the runs of a spec file side by side on one GPU, then evaluate each on the public test set
-# and compare them. A spec line is `NAME PRESET [key=value ...]`; a run that already exists is
+# Train the runs of a spec file side by side on one GPU, then evaluate each on one split and
+# report them. A spec line is `NAME PRESET [key=value ...]`; a run that already exists is
 # resumed instead. Every run stops after LIMIT seconds at the latest (SIGTERM: it checkpoints).
 #
-#   bash bench/multiply/side_by_side.sh bench/multiply/icot.txt 505
+#   bash bench/side_by_side.sh bench/multiply/icot.txt 505
+#   SPLIT=test REPORT="python3 -m bench.dvae.summary" bash bench/side_by_side.sh bench/dvae/codebooks.txt 480
 #
-# $LATENTFORGE_RUNS is where the runs go (default ./runs); $SPLIT the split evaluated and
-# compared (default icot_test).
-# The numbers in docs/results/multiply.md come from this script and the spec files next to it.
+# $LATENTFORGE_RUNS is where the runs go (default ./runs); $SPLIT the split evaluated (default
+# icot_test); $REPORT the command given the runs directory and the run names at the end (default:
+# `latentforge compare` of the runs on $SPLIT).
+# The numbers in docs/results/multiply.md and dvae.md come from this script and the spec files.
 set -u
 SPEC=$1
 LIMIT=${2:-480}
@@ -31,4 +33,8 @@ for name in "${names[@]}"; do
   python3 -m latentforge eval "$name" --split "$SPLIT" -q --runs-dir "$RUNS" > "$RUNS/logs/$name.eval.log" 2>&1 &
 done
 wait
-python3 -m latentforge compare "${names[@]}" --split "$SPLIT" --runs-dir "$RUNS" --out "$RUNS/compare"
+if [ -n "${REPORT:-}" ]; then
+  $REPORT "$RUNS" "${names[@]}"
+else
+  python3 -m latentforge compare "${names[@]}" --split "$SPLIT" --runs-dir "$RUNS" --out "$RUNS/compare"
+fi

@@ -1,0 +1,229 @@
+"""Discrete bottlenecks behind one interface: categorical codebooks (Gumbel-softmax, ReinMax, plain softmax),
+vector quantization with EMA updates, and finite scalar quantization.
+
+A model calls `codebook(h, temperature, hardness)` on (B, N, dim) slot vectors and reads `out.z` (B, N, dim);
+the task's losses read `out.logits` (categorical kinds), `out.loss` (VQ commitment) and `out.codes`.
+Everything that decides a code runs in float32 with autocast off: bf16 logits or distances flip close calls
+and make the chosen codes depend on the precision.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vector_quantize_pytorch import FSQ, VectorQuantize
+
+
+@dataclass
+class CodebookOutput:
+    z: torch.Tensor  # (B, N, D) what the decoder reads
+    codes: torch.Tensor  # (B, N) int64: the chosen code of each slot (argmax / nearest)
+    logits: torch.Tensor | None  # (B, N, K) raw logits (before the temperature) of categorical kinds, else None
+    loss: torch.Tensor  # the codebook's own auxiliary loss (VQ commitment), scalar; 0 otherwise
+
+
+def _float32(h: torch.Tensor) -> AbstractContextManager:
+    """Autocast off on h's device, so the code choice is computed in float32 whatever the training precision."""
+    return torch.autocast(device_type=h.device.type, enabled=False)
+
+
+class Codebook(nn.Module):
+    """(B, N, dim) -> CodebookOutput. `size` is the number of codes K."""
+
+    size: int
+
+    def forward(self, h: torch.Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
+        raise NotImplementedError
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, N) codes -> (B, N, dim) z as at evaluation: what a `decode` command feeds the decoder."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- categorical
+
+
+def reinmax(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReinMax (Liu et al. 2023, Algorithm 2): a one-hot sample of softmax(logits) whose gradient is a
+    second-order (Heun) estimate instead of straight-through's first-order one. Returns (y, index): y equals
+    the one-hot sample in the forward pass. The sample is drawn like the authors' package draws it
+    (torch.multinomial over the flattened rows), so both give the same sample from the same random state."""
+    pi0 = logits.softmax(dim=-1)
+    index = torch.multinomial(pi0.reshape(-1, pi0.shape[-1]), 1, replacement=True).view(pi0.shape[:-1])
+    sample = F.one_hot(index, pi0.shape[-1]).to(pi0.dtype)
+    pi1 = (sample + (logits / temperature).softmax(dim=-1)) / 2
+    pi1 = ((pi1.log() - logits).detach() + logits).softmax(dim=-1)
+    pi2 = 2 * pi1 - pi0 / 2
+    return pi2 - pi2.detach() + sample, index
+
+
+class CategoricalCodebook(Codebook):
+    """Logits over K codes from a linear layer; z = y @ E for a learned (K, dim) embedding E, where y is a
+    relaxed one-hot in training (how it is relaxed is the subclass's `relax`) and the argmax one-hot at
+    evaluation."""
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        self.size = size
+        self.to_logits = nn.Linear(dim, size)
+        self.embedding = nn.Embedding(size, dim)
+
+    def relax(self, logits: torch.Tensor, temperature: float, hardness: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 logits (B, N, K) -> (y (B, N, K) that carries the gradient, codes (B, N))."""
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
+        with _float32(h):
+            logits = F.linear(h.float(), self.to_logits.weight.float(), self.to_logits.bias.float())
+            if not self.training:
+                codes = logits.argmax(dim=-1)
+                z = self.embed(codes)
+            else:
+                y, codes = self.relax(logits, temperature, hardness)
+                z = y @ self.embedding.weight.float()
+        return CodebookOutput(z=z, codes=codes, logits=logits, loss=logits.new_zeros(()))
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.embedding(codes, self.embedding.weight.float())
+
+
+class GumbelCodebook(CategoricalCodebook):
+    """Gumbel-softmax (Jang et al. 2017; Maddison et al. 2017). `hardness` blends the forward value from the
+    soft sample (0) to its one-hot argmax (1, straight-through); the gradient is always the soft sample's."""
+
+    def relax(self, logits: torch.Tensor, temperature: float, hardness: float) -> tuple[torch.Tensor, torch.Tensor]:
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        y_soft = ((logits + gumbels) / temperature).softmax(dim=-1)
+        codes = y_soft.argmax(dim=-1)
+        y_hard = F.one_hot(codes, self.size).to(y_soft.dtype)
+        return y_soft + hardness * (y_hard - y_soft).detach(), codes
+
+
+class ReinMaxCodebook(CategoricalCodebook):
+    """ReinMax: one-hot samples in the forward pass, so `hardness` does not apply."""
+
+    def relax(self, logits: torch.Tensor, temperature: float, hardness: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return reinmax(logits, temperature)
+
+
+class SoftmaxCodebook(CategoricalCodebook):
+    """softmax(logits / temperature) with no sampling: the deterministic ablation of the categorical kinds."""
+
+    def relax(self, logits: torch.Tensor, temperature: float, hardness: float) -> tuple[torch.Tensor, torch.Tensor]:
+        y = (logits / temperature).softmax(dim=-1)
+        return y, y.argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- VQ and FSQ
+
+
+class VQCodebook(Codebook):
+    """Nearest-neighbour vector quantization (van den Oord et al. 2017) by vector-quantize-pytorch: codes move
+    by EMA of the vectors assigned to them (no gradient), start from k-means on the first batch, and a code whose
+    EMA usage falls below `threshold_ema_dead_code` is replaced by a vector of the current batch. `loss` is the
+    commitment loss times `commitment_weight`. `rotation_trick` (the package's default) carries the gradient
+    to h by the rotation trick (Fifty et al. 2024) instead of straight-through; the forward value is the same.
+    `codebook_dim` < dim looks codes up in a projected space (the package's in/out projections)."""
+
+    def __init__(self, dim: int, size: int, decay: float = 0.99, commitment_weight: float = 0.25,
+                 threshold_ema_dead_code: float = 2.0, kmeans_iters: int = 10, codebook_dim: int | None = None,
+                 rotation_trick: bool = True):
+        super().__init__()
+        if not 0 < decay < 1:
+            raise ValueError(f"vq decay must be in (0, 1) (got {decay})")
+        self.size = size
+        self.vq = VectorQuantize(dim=dim, codebook_size=size, codebook_dim=codebook_dim, decay=decay,
+                                 commitment_weight=commitment_weight, kmeans_init=True, kmeans_iters=kmeans_iters,
+                                 threshold_ema_dead_code=threshold_ema_dead_code, rotation_trick=rotation_trick)
+
+    def forward(self, h: torch.Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
+        with _float32(h):
+            z, codes, loss = self.vq(h.float())
+        return CodebookOutput(z=z, codes=codes.long(), logits=None, loss=loss)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.vq.get_output_from_indices(codes)
+
+
+# Levels of FSQ are chosen near the paper's (5 to 8 per dimension): a level's cost is its distance from that
+# band in octaves; a level of 2 needs the package's symmetric variant and larger ones waste dimensions.
+_FSQ_BAND = (5, 8)
+_FSQ_LEVEL_RANGE = range(3, 17)
+
+
+def default_fsq_levels(size: int) -> list[int]:
+    """Levels whose product is `size`, each in 3..16 and as close to 5..8 as possible (fewest levels on ties)."""
+
+    def factorizations(rest: int, largest: int) -> Iterator[list[int]]:
+        if rest == 1:
+            yield []
+        for level in range(min(largest, rest), _FSQ_LEVEL_RANGE.start - 1, -1):
+            if rest % level == 0:
+                yield from ([level] + tail for tail in factorizations(rest // level, level))
+
+    def cost(levels: list[int]) -> tuple[float, int]:
+        low, high = _FSQ_BAND
+        return sum(max(0.0, math.log2(low / level), math.log2(level / high)) for level in levels), len(levels)
+
+    options = list(factorizations(size, _FSQ_LEVEL_RANGE.stop - 1))
+    if not options:
+        raise ValueError(f"fsq cannot factor a codebook of {size} codes into levels of "
+                         f"{_FSQ_LEVEL_RANGE.start}..{_FSQ_LEVEL_RANGE.stop - 1}: give levels explicitly")
+    return min(options, key=cost)
+
+
+class FSQCodebook(Codebook):
+    """Finite scalar quantization (Mentzer et al. 2023) by vector-quantize-pytorch: project dim -> len(levels),
+    bound and round each coordinate to its level, project back (the package's own projections). The codes are
+    the package's indices, K = prod(levels); no codebook to collapse and no auxiliary loss."""
+
+    def __init__(self, dim: int, size: int, levels: list[int] | None = None):
+        super().__init__()
+        levels = list(levels) if levels is not None else default_fsq_levels(size)
+        if any(level < 3 for level in levels):
+            raise ValueError(f"fsq levels must each be >= 3 (got {levels})")
+        if math.prod(levels) != size:
+            raise ValueError(f"fsq levels {levels} give {math.prod(levels)} codes, not the {size} asked for")
+        self.size = size
+        self.levels = levels
+        self.fsq = FSQ(levels=levels, dim=dim)
+
+    def forward(self, h: torch.Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
+        with _float32(h):
+            z, codes = self.fsq(h.float())
+        return CodebookOutput(z=z, codes=codes.long(), logits=None, loss=z.new_zeros(()))
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        with _float32(codes):
+            return self.fsq.indices_to_codes(codes)
+
+
+CODEBOOKS: dict[str, type[Codebook]] = {
+    "gumbel": GumbelCodebook,
+    "reinmax": ReinMaxCodebook,
+    "softmax": SoftmaxCodebook,
+    "vq": VQCodebook,
+    "fsq": FSQCodebook,
+}
+
+
+def build_codebook(kind: str, dim: int, size: int, **options) -> Codebook:
+    """The codebook `kind` for (B, N, dim) inputs with `size` codes; `options` are the kind's own keywords."""
+    if kind not in CODEBOOKS:
+        raise ValueError(f"unknown codebook kind {kind!r} (kinds: {', '.join(CODEBOOKS)})")
+    if dim < 1 or size < 2:
+        raise ValueError(f"a codebook needs dim >= 1 and size >= 2 (got dim={dim}, size={size})")
+    cls = CODEBOOKS[kind]
+    accepted = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "dim", "size")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for codebook {kind!r} "
+                         f"(its options: {', '.join(accepted) or 'none'})")
+    return cls(dim, size, **options)

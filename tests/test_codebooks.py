@@ -1,0 +1,194 @@
+"""The discrete bottlenecks: forward/backward of every kind, evaluation codes and `embed`, Gumbel's hardness,
+ReinMax against the authors' package, VQ's k-means init and dead-code reset, FSQ's code count."""
+
+import math
+
+import pytest
+import torch
+from reinmax import reinmax as reference_reinmax
+
+from latentforge.nn.codebooks import CODEBOOKS, build_codebook, default_fsq_levels, reinmax
+
+KINDS = list(CODEBOOKS)
+CATEGORICAL = ["gumbel", "reinmax", "softmax"]
+DIM, SIZE = 16, 64  # 64 codes: fsq's default levels are [8, 8]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                  reason="needs a CUDA GPU")])]
+
+
+def make(kind: str, device: str = "cpu", **options):
+    torch.manual_seed(0)
+    return build_codebook(kind, DIM, SIZE, **options).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_backward(kind, precision, device):
+    """Gradients reach the input (and the logits layer of categorical kinds), all finite, under bf16 autocast
+    too; codes and logits come out in float32 whatever the precision."""
+    codebook = make(kind, device).train()
+    encoder = torch.nn.Linear(DIM, DIM).to(device)
+    x = torch.randn(4, 6, DIM, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        h = encoder(x)
+        h.retain_grad()
+        out = codebook(h, temperature=0.7, hardness=1.0)
+        loss = (out.z * torch.randn_like(out.z)).sum() + out.loss
+    loss.backward()
+    assert out.z.shape == (4, 6, DIM) and out.z.dtype == torch.float32
+    assert out.codes.shape == (4, 6) and out.codes.dtype == torch.int64
+    assert 0 <= out.codes.min() and out.codes.max() < codebook.size == SIZE
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+    assert torch.isfinite(encoder.weight.grad).all() and encoder.weight.grad.abs().sum() > 0
+    if kind in CATEGORICAL:
+        assert out.logits.shape == (4, 6, SIZE) and out.logits.dtype == torch.float32
+        grad = codebook.to_logits.weight.grad
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    else:
+        assert out.logits is None
+    if kind == "vq":
+        assert out.loss > 0  # the commitment loss
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_codes_are_argmax_or_nearest_and_embed_reproduces_z(kind):
+    codebook = make(kind)
+    h = torch.randn(16, 8, DIM)
+    if kind == "vq":
+        codebook.train()(h)  # k-means init and one EMA update
+    codebook.eval()
+    with torch.no_grad():
+        out = codebook(h, temperature=0.5, hardness=0.0)
+        first = codebook(h)
+        if kind in CATEGORICAL:
+            assert torch.equal(out.codes, out.logits.argmax(dim=-1))
+            assert torch.equal(out.z, codebook.embedding.weight[out.codes])  # the one-hot row, no noise
+        elif kind == "vq":
+            distances = torch.cdist(h.view(-1, DIM), codebook.vq.codebook)
+            chosen = distances.gather(1, out.codes.view(-1, 1)).squeeze(1)
+            assert torch.allclose(chosen, distances.min(dim=-1).values, atol=1e-5)
+            assert out.loss == 0
+        assert torch.equal(out.codes, first.codes)  # deterministic: no sampling at evaluation
+        assert torch.allclose(codebook.embed(out.codes), out.z, atol=1e-6)
+
+
+def test_gumbel_hardness_goes_from_soft_to_one_hot():
+    """With the embedding E = I (K = dim), z = y @ E is the relaxed one-hot y itself."""
+    torch.manual_seed(0)
+    codebook = build_codebook("gumbel", DIM, DIM).train()
+    with torch.no_grad():
+        codebook.embedding.weight.copy_(torch.eye(DIM))
+    h = torch.randn(8, 5, DIM)
+    soft = codebook(h, temperature=1.0, hardness=0.0).z
+    assert torch.allclose(soft.sum(-1), torch.ones(8, 5), atol=1e-5)
+    assert (soft.max(-1).values < 0.99).all()  # soft rows, not one-hot
+    hard = codebook(h, temperature=1.0, hardness=1.0)
+    assert torch.allclose(hard.z, torch.nn.functional.one_hot(hard.codes, DIM).float(), atol=1e-6)
+
+
+def test_gumbel_straight_through_gradient_is_the_soft_samples():
+    """hardness only changes the forward value: with the same noise, hardness 0 and 1 give the same gradient."""
+    codebook = make("gumbel").train()
+    h = torch.randn(4, 3, DIM)
+    upstream = torch.randn(4, 3, DIM)
+    grads = []
+    for hardness in (0.0, 1.0):
+        torch.manual_seed(1)
+        codebook.zero_grad()
+        (codebook(h, hardness=hardness).z * upstream).sum().backward()
+        grads.append(codebook.to_logits.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_reinmax_matches_the_package(temperature):
+    """Same one-hot sample from the same random state, and the same gradient w.r.t. the logits (float64)."""
+    logits = (3 * torch.randn(5, 7, 11, dtype=torch.float64)).requires_grad_()
+    upstream = torch.randn(5, 7, 11, dtype=torch.float64)
+    torch.manual_seed(3)
+    ours, index = reinmax(logits, temperature)
+    torch.manual_seed(3)
+    theirs, _ = reference_reinmax(logits, temperature)
+    assert torch.equal(ours, theirs) and torch.equal(index, theirs.argmax(-1))
+    (ours_grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    (theirs_grad,) = torch.autograd.grad((theirs * upstream).sum(), logits)
+    assert torch.allclose(ours_grad, theirs_grad, rtol=1e-10, atol=1e-12)
+    assert ours_grad.abs().sum() > 0
+
+
+def test_reinmax_codebook_matches_the_package():
+    """Through the module (float32): same codes, and the gradient w.r.t. h of z = sample @ E agrees."""
+    codebook = make("reinmax").train()
+    h = torch.randn(4, 6, DIM, requires_grad=True)
+    upstream = torch.randn(4, 6, DIM)
+    torch.manual_seed(5)
+    out = codebook(h, temperature=0.5)
+    (ours,) = torch.autograd.grad((out.z * upstream).sum(), h)
+    h_ref = h.detach().clone().requires_grad_()
+    torch.manual_seed(5)
+    sample, _ = reference_reinmax(codebook.to_logits(h_ref), 0.5)
+    (theirs,) = torch.autograd.grad(((sample @ codebook.embedding.weight) * upstream).sum(), h_ref)
+    assert torch.equal(out.codes, sample.argmax(-1))
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_vq_kmeans_init_happens_on_the_first_batch():
+    codebook = make("vq").train()
+    assert not codebook.vq._codebook.initted and (codebook.vq.codebook == 0).all()
+    center = torch.full((DIM,), 50.0)
+    h = center + torch.randn(16, 32, DIM)
+    codebook(h)
+    assert codebook.vq._codebook.initted
+    # Every code now sits among the data (from zeros far away), and the first batch uses many of them.
+    assert ((codebook.vq.codebook - center).norm(dim=-1) < 2 * math.sqrt(DIM)).all()
+    assert codebook.eval()(h).codes.unique().numel() > SIZE // 2
+
+
+def test_vq_dead_codes_are_reset():
+    """k-means spreads the codes over a wide first batch; the data then moves to a small region that only a few
+    codes are near. The codes it never chooses decay below the threshold and are moved into that region."""
+    codebook = make("vq", decay=0.8).train()
+    codebook(10 * torch.randn(16, 32, DIM))
+    center = torch.full((DIM,), 3.0)
+    region = center + 0.5 * torch.randn(16, 32, DIM)
+    far = (codebook.vq.codebook - center).norm(dim=-1) > 4 * math.sqrt(DIM) * 0.5
+    used_before = codebook.eval()(region).codes.unique().numel()
+    assert far.sum() > SIZE // 2 and used_before < SIZE // 4
+    codebook.train()
+    for _ in range(30):
+        codebook(center + 0.5 * torch.randn(16, 32, DIM))
+    assert ((codebook.vq.codebook - center).norm(dim=-1) < 4 * math.sqrt(DIM) * 0.5).all()
+    assert codebook.eval()(region).codes.unique().numel() > SIZE // 2
+
+
+def test_fsq_code_count_is_the_product_of_levels():
+    codebook = build_codebook("fsq", DIM, 60, levels=[5, 4, 3])
+    assert codebook.size == codebook.fsq.codebook_size == 60
+    every_code = codebook.embed(torch.arange(60).view(1, 60))
+    assert every_code.shape == (1, 60, DIM) and every_code[0].unique(dim=0).shape[0] == 60
+    # The package's codes of its own quantized points are the indices back.
+    levels = codebook.fsq.indices_to_level_indices(torch.arange(60))
+    assert torch.equal(codebook.fsq.codes_to_indices(codebook.fsq._indices_to_codes(torch.arange(60))).long(),
+                       torch.arange(60)) and levels.shape == (60, 3)
+    codes = codebook.eval()(100 * torch.randn(64, 32, DIM)).codes
+    assert codes.min() >= 0 and codes.max() < 60 and codes.unique().numel() > 30
+
+
+def test_fsq_default_levels():
+    assert default_fsq_levels(512) == [8, 8, 8] and math.prod(default_fsq_levels(1000)) == 1000
+    assert build_codebook("fsq", DIM, 512).levels == [8, 8, 8]
+    with pytest.raises(ValueError, match="give levels explicitly"):
+        build_codebook("fsq", DIM, 17)
+    with pytest.raises(ValueError, match="not the 64"):
+        build_codebook("fsq", DIM, 64, levels=[8, 8, 8])
+
+
+def test_build_codebook_refuses_bad_input():
+    with pytest.raises(ValueError, match="unknown codebook kind 'vqq'"):
+        build_codebook("vqq", DIM, SIZE)
+    with pytest.raises(ValueError, match="unknown option.*levels.*for codebook 'gumbel'"):
+        build_codebook("gumbel", DIM, SIZE, levels=[8, 8])
+    with pytest.raises(ValueError, match="decay"):
+        build_codebook("vq", DIM, SIZE, decay=1.5)

@@ -1,0 +1,137 @@
+"""dvae: the loss terms, the model, and the task end to end through the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import latentforge
+from latentforge.config import load_config
+from latentforge.tasks.dvae.losses import kl_uniform, reconstruction, tc_decomposition, usage_penalty
+from latentforge.tasks.dvae.task import DVAE
+
+CPU = torch.device("cpu")
+TINY = ["train.steps=12", "train.log_every=4", "train.eval_every=6", "checkpoint.every=6"]
+
+
+def one_hot_logits(codes: torch.Tensor, K: int) -> torch.Tensor:
+    logits = torch.full((*codes.shape, K), -30.0)
+    return logits.scatter_(-1, codes.unsqueeze(-1), 30.0)
+
+
+def test_total_correlation_is_zero_for_independent_codes_and_positive_for_correlated_ones():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 4, (2000, 2), generator=g)
+    independent = tc_decomposition(one_hot_logits(codes, 4), codes, dataset_size=1)
+    assert abs(float(independent["tc"])) < 0.01
+    codes[:, 1] = codes[:, 0]  # the second slot copies the first
+    correlated = tc_decomposition(one_hot_logits(codes, 4), codes, dataset_size=1)
+    # Per slot: the joint has 4 values instead of 16, log 4 nats of total correlation over 2 slots.
+    assert float(correlated["tc"]) == pytest.approx(math.log(4) / 2, abs=0.01)
+
+
+def test_tc_terms_sum_to_the_sampled_kl():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 3, 5, generator=g)
+    codes = torch.distributions.Categorical(logits=logits).sample()
+    terms = tc_decomposition(logits, codes, dataset_size=1)
+    log_q = torch.log_softmax(logits, -1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    assert float(sum(terms.values())) == pytest.approx(float((log_q + math.log(5)).mean()), abs=1e-5)
+
+
+def test_kl_and_usage_vanish_for_uniform_codes():
+    uniform = torch.zeros(8, 3, 16)
+    assert float(kl_uniform(uniform)) == pytest.approx(0.0, abs=1e-6)
+    assert float(usage_penalty(uniform)) == pytest.approx(0.0, abs=1e-6)
+    collapsed = one_hot_logits(torch.zeros(8, 3, dtype=torch.long), 16)
+    assert float(usage_penalty(collapsed)) == pytest.approx(math.log(16), abs=1e-3)
+
+
+def test_the_padding_weight_reaches_the_loss():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 10, 11, generator=g)
+    targets = torch.randint(0, 10, (4, 10), generator=g)
+    targets[:, :4] = 10  # padding cells
+    losses = [float(reconstruction(logits, targets, pad_id=10, pad_weight=w)) for w in (0.0, 0.5, 1.0)]
+    assert len(set(losses)) == 3
+    no_pad = reconstruction(logits[:, 4:], targets[:, 4:], pad_id=10, pad_weight=1.0)
+    assert losses[0] == pytest.approx(float(no_pad))
+    focal = float(reconstruction(logits, targets, pad_id=10, pad_weight=1.0, focal_gamma=2.0))
+    assert focal < losses[2]
+
+
+@pytest.mark.parametrize("codebook", ["gumbel", "reinmax", "softmax", "vq", "fsq"])
+def test_every_codebook_trains_end_to_end(runs_dir, codebook):
+    options = ["model.codebook_options={levels: [3, 3]}", "model.codebook_size=9"] if codebook == "fsq" else []
+    weights = ["task.weights.usage.start=0", "task.weights.usage.end=0"] if codebook in ("vq", "fsq") else []
+    run = latentforge.train("dvae/tiny", *TINY, f"model.codebook={codebook}", *options, *weights,
+                            name=codebook, runs_dir=runs_dir)
+    assert run.status == "finished"
+    last = run.info["last_eval"]
+    assert 0 <= last["test/token_acc"] <= 1 and 0 < last["test/codes_used"] <= 1
+    assert last["test/code_bits"] == pytest.approx(4 * math.log2(9 if codebook == "fsq" else 8))
+    figures = {p.name.split("-step")[0] for p in (run.path / "artifacts").glob("*-step*.png")}
+    assert figures == {"reconstructions", "code_usage"}
+
+
+def test_train_metrics_and_resume_is_exact(runs_dir, monkeypatch):
+    from conftest import interrupt_at, losses
+
+    common = [*TINY, "task.weights.tc.start=0.5", "task.weights.tc.end=0.5", "task.mask_fraction.start=0.2",
+              "task.mask_fraction.end=0.2"]
+    straight = latentforge.train("dvae/tiny", *common, name="straight", runs_dir=runs_dir)
+    records = [json.loads(line) for line in (straight.path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r][-1]
+    for key in ("loss_recon", "loss_kl", "loss_mi", "loss_tc", "loss_dwkl", "batch_perplexity", "temperature",
+                "hardness", "mask_fraction", "token_acc"):
+        assert f"train/{key}" in train, key
+    interrupt_at(monkeypatch, 5)
+    part = latentforge.train("dvae/tiny", *common, name="part", runs_dir=runs_dir)
+    assert part.status == "interrupted"
+    monkeypatch.undo()
+    resumed = latentforge.resume("part", runs_dir=runs_dir)
+    assert losses(straight.path) == losses(resumed.path)
+
+
+def test_categorical_weights_are_refused_for_vq(cli, runs_dir):
+    result = cli("train", "dvae/tiny", "model.codebook=vq", "task.weights.kl.start=1", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "needs a categorical codebook" in result.output
+    assert not runs_dir.exists()
+
+
+def test_decode_checks_its_codes(cli, runs_dir):
+    assert latentforge.train("dvae/tiny", *TINY, name="d", runs_dir=runs_dir).status == "finished"
+    ok = cli("decode", "d", "0 1 2 3", "--runs-dir", runs_dir, "--json")
+    assert ok.exit_code == 0, ok.output
+    assert len(json.loads(ok.stdout)["grid"].strip().splitlines()) == 8
+    for bad in ("0 1 2", "0 1 2 99", "a b c d"):
+        result = cli("decode", "d", bad, "--runs-dir", runs_dir)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_model_shapes_on_arc_sized_grids():
+    cfg = load_config("dvae/tiny", ["data.dataset=digits"])
+    task = DVAE(cfg, CPU)
+    model = task.build_model()
+    grids = task.grids("test").tokens[:3]
+    logits, out = model(grids)
+    assert logits.shape == (3, 64, task.vocab_size) and out.codes.shape == (3, 4)
+
+
+def test_encode_and_decode_an_arc_grid(cli, runs_dir, tmp_path):
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "train.steps=2", "train.eval_every=2",
+                            "data.eval_grids=16", "train.batch_size=4", name="arc", runs_dir=runs_dir)
+    assert run.status == "finished" and run.info["last_eval"]["test/examples"] == 16
+    grid = tmp_path / "grid.json"
+    grid.write_text("[[1, 2, 0], [0, 3, 4]]")
+    result = cli("encode", "arc", grid, "--runs-dir", runs_dir, "--json")
+    assert result.exit_code == 0, result.output
+    encoded = json.loads(result.stdout)
+    assert encoded["grid"] == "2 x 3" and len(encoded["codes"].split()) == 4
+    decoded = cli("decode", "arc", encoded["codes"], "--runs-dir", runs_dir, "--json")
+    assert decoded.exit_code == 0, decoded.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("[[1, 2], [3]]")
+    result = cli("encode", "arc", bad, "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "bad.json" in result.output and "Traceback" not in result.output
