@@ -1,6 +1,7 @@
 """The grid dVAE: a grid -> N discrete codes -> the grid.
 
-Encoder: a bidirectional transformer over the grid's cells with 2-D RoPE (its own base per axis).
+Encoder: a bidirectional transformer over the grid's cells with 2-D RoPE (its own base per axis)
+and a learned embedding of each cell's position.
 Pooling: N learned latent queries read the encoded grid (attention pooling) into N slots.
 Codebook: each slot becomes one discrete code (nn.codebooks: gumbel, reinmax, softmax, vq, fsq).
 Decoder: learned per-cell queries attend to each other (2-D RoPE) and read the codes; a head
@@ -29,6 +30,9 @@ class GridDVAE(nn.Module):
         shape = TransformerShape(vocab_size=vocab_in, n_head=n_head, d_model=d_model, mlp_ratio=mlp_ratio,
                                  dropout=dropout, max_len=cells)
         self.embed = nn.Embedding(vocab_in, d_model)
+        # Absolute cell positions: RoPE makes the encoder's attention position-aware, but only relative
+        # positions, and attention pooling (no RoPE) would read a bag of cells with no idea where each was.
+        self.cell_positions = nn.Parameter(torch.empty(cells, d_model))
         self.encoder = nn.ModuleList(EncoderBlock(shape) for _ in range(encoder_layers))
         self.encoder_norm = nn.LayerNorm(d_model)
         self.latent_queries = nn.Parameter(torch.empty(latents, d_model))
@@ -50,6 +54,7 @@ class GridDVAE(nn.Module):
                 self._init_weights(module)
         nn.init.normal_(self.latent_queries, std=0.02)
         nn.init.normal_(self.cell_queries, std=0.02)
+        nn.init.normal_(self.cell_positions, std=0.02)
         for stack, branches in ((self.encoder, 2), (self.pool, 3), (self.decoder, 3)):
             for name, p in stack.named_parameters():
                 if name.endswith(("proj.weight", "down.weight")):
@@ -66,7 +71,7 @@ class GridDVAE(nn.Module):
 
     def encode(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
         """Token grids (B, S, S) -> the codebook's output for the N latent slots."""
-        x = self.embed(grids.flatten(1))
+        x = self.embed(grids.flatten(1)) + self.cell_positions
         for block in self.encoder:
             x = block(x, self.rope_cos, self.rope_sin)
         x = self.encoder_norm(x)
