@@ -32,11 +32,13 @@ def trained(cli, runs_dir):
 
 def test_help_lists_every_command(cli):
     out = ok(cli("--help")).output
-    for command in ("train", "resume", "runs", "eval", "predict", "compare", "presets"):
+    for command in ("train", "resume", "runs", "eval", "predict", "compare", "probe", "encode", "decode", "data",
+                    "sweep", "presets"):
         assert command in out
     for command in ("train", "resume", "eval", "runs"):
         assert "--help" in ok(cli(command, "--help")).output
     assert "show" in ok(cli("runs", "--help")).output
+    assert "generate" in ok(cli("data", "--help")).output
 
 
 def test_train_writes_the_run_directory(trained):
