@@ -54,7 +54,10 @@ class GridDVAE(nn.Module):
                 self._init_weights(module)
         nn.init.normal_(self.latent_queries, std=0.02)
         nn.init.normal_(self.cell_queries, std=0.02)
-        nn.init.normal_(self.cell_positions, std=0.02)
+        # Unit-scale input embeddings: at GPT's 0.02 the cells' content is so faint after pooling that every
+        # grid maps to the same codes within a few hundred steps (docs/results/dvae.md); at 1.0 it is not.
+        nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.cell_positions, std=1.0)
         for stack, branches in ((self.encoder, 2), (self.pool, 3), (self.decoder, 3)):
             for name, p in stack.named_parameters():
                 if name.endswith(("proj.weight", "down.weight")):
