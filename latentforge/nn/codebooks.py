@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -34,17 +35,18 @@ def _float32(h: torch.Tensor) -> AbstractContextManager:
     return torch.autocast(device_type=h.device.type, enabled=False)
 
 
-class Codebook(nn.Module):
+class Codebook(nn.Module, ABC):
     """(B, N, dim) -> CodebookOutput. `size` is the number of codes K."""
 
     size: int
 
+    @abstractmethod
     def forward(self, h: torch.Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
-        raise NotImplementedError
+        """Slot vectors -> their codes and what the decoder reads."""
 
+    @abstractmethod
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, N) codes -> (B, N, dim) z as at evaluation: what a `decode` command feeds the decoder."""
-        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- categorical
@@ -75,9 +77,9 @@ class CategoricalCodebook(Codebook):
         self.to_logits = nn.Linear(dim, size)
         self.embedding = nn.Embedding(size, dim)
 
+    @abstractmethod
     def relax(self, logits: torch.Tensor, temperature: float, hardness: float) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 logits (B, N, K) -> (y (B, N, K) that carries the gradient, codes (B, N))."""
-        raise NotImplementedError
 
     def forward(self, h: torch.Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
         with _float32(h):
