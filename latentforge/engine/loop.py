@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from latentforge.engine.checkpoint import (
 from latentforge.engine.guard import StabilityGuard
 from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
 from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
+from latentforge.engine.signals import CatchSignals
 from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
 from latentforge.tasks import get_task
@@ -86,27 +86,17 @@ def evaluate(task: Task, model: nn.Module, splits: list[str], device: torch.devi
     return metrics
 
 
-class StopRequest:
+class StopRequest(CatchSignals):
     """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C aborts."""
 
     def __init__(self):
+        super().__init__()
         self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int, frame: Any) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from latentforge.api import Run
 from latentforge.config import load_config
 from latentforge.engine.checkpoint import list_checkpoints
 from latentforge.engine.loop import resolve_device
+from latentforge.engine.signals import CatchSignals
 from latentforge.errors import ConfigError, LatentforgeError, RunError
 from latentforge.launch.report import best_value
 from latentforge.launch.sweep import Point, Sweep
@@ -135,25 +135,15 @@ def _on_cpu(sweep: Sweep, point: Point) -> bool:
         raise ConfigError(f"sweep {sweep.file}, point {point.run_id}: {e}") from None
 
 
-class _Signals:
+class _Signals(CatchSignals):
     """Counts Ctrl-C / SIGTERM instead of dying, so the loop can forward them to the children."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.count = 0
-        self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int, frame: Any) -> None:
         self.count += 1
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def plan_sweep(sweep: Sweep, runs_dir: Path) -> tuple[Path, list[Job]]:
