@@ -28,7 +28,7 @@ def _figure(rows: int, cols: int, size: float) -> tuple[Any, Any]:
 def draw_reconstructions(inputs: torch.Tensor, recon: torch.Tensor, shapes: torch.Tensor, kind: str,
                          vocab_size: int) -> Any:
     """Top row the grids, bottom row their reconstructions (cropped to each grid's shape), each
-    reconstruction titled with its number of wrong cells."""
+    reconstruction titled with its wrong cells inside the grid and in its padding."""
     from matplotlib.colors import ListedColormap
 
     fig, axes = _figure(2, len(inputs), 1.6)
@@ -39,9 +39,10 @@ def draw_reconstructions(inputs: torch.Tensor, recon: torch.Tensor, shapes: torc
     for i, (grid, out, (h, w)) in enumerate(zip(inputs, recon, shapes.tolist())):
         axes[0, i].imshow(grid[:h, :w].numpy(), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
         axes[1, i].imshow(out[:h, :w].numpy(), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-        wrong = int((grid != out).sum())
-        axes[1, i].set_title("exact" if wrong == 0 else f"{wrong} wrong", fontsize=8,
-                             color="green" if wrong == 0 else "red")
+        wrong = int((grid[:h, :w] != out[:h, :w]).sum())
+        in_padding = int((grid != out).sum()) - wrong
+        title = "exact" if wrong + in_padding == 0 else f"{wrong} wrong" + (f" +{in_padding} pad" if in_padding else "")
+        axes[1, i].set_title(title, fontsize=8, color="green" if wrong + in_padding == 0 else "red")
     axes[0, 0].set_ylabel("input")
     axes[1, 0].set_ylabel("reconstruction")
     fig.tight_layout()
