@@ -135,3 +135,15 @@ def test_encode_and_decode_an_arc_grid(cli, runs_dir, tmp_path):
     bad.write_text("[[1, 2], [3]]")
     result = cli("encode", "arc", bad, "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "bad.json" in result.output and "Traceback" not in result.output
+
+
+def test_patch_slots_tile_the_grid(cli, runs_dir):
+    from latentforge.tasks.dvae.model import patch_slot_map
+
+    slots = patch_slot_map(32, 128).view(32, 32)
+    assert slots.max() == 127 and set(slots.flatten().bincount().tolist()) == {8}
+    assert (slots[:4, :2] == 0).all() and slots[0, 2] == 1 and slots[4, 0] == 16
+    run = latentforge.train("dvae/tiny", *TINY, "model.patch_slots=true", name="patch", runs_dir=runs_dir)
+    assert run.status == "finished"
+    result = cli("train", "dvae/tiny", "model.patch_slots=true", "model.latents=7", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "cannot tile" in result.output

@@ -23,7 +23,7 @@ class GridDVAE(nn.Module):
     def __init__(self, vocab_in: int, vocab_out: int, grid_size: int, d_model: int, n_head: int, mlp_ratio: float,
                  dropout: float, encoder_layers: int, pool_layers: int, decoder_layers: int, latents: int,
                  codebook: str, codebook_size: int, codebook_options: dict, rope_base_row: float,
-                 rope_base_col: float):
+                 rope_base_col: float, patch_slots: bool = False):
         super().__init__()
         self.grid_size = grid_size
         cells = grid_size * grid_size
@@ -44,6 +44,10 @@ class GridDVAE(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_out, bias=False)
         rows, cols = grid_positions(grid_size, grid_size, torch.device("cpu"))
+        # patch_slots: slot k also feeds the cells of the k-th patch of the grid directly (added to their
+        # queries), a short path that makes each code carry its patch from the start.
+        self.register_buffer("slot_of_cell", patch_slot_map(grid_size, latents) if patch_slots else None,
+                             persistent=False)
         cos, sin = rope_2d_tables(rows, cols, d_model // n_head, rope_base_row, rope_base_col)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -86,6 +90,8 @@ class GridDVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Quantized slots (B, N, D) -> per-cell logits (B, S*S, vocab_out)."""
         x = self.cell_queries.expand(len(z), -1, -1)
+        if self.slot_of_cell is not None:
+            x = x + z[:, self.slot_of_cell].to(x.dtype)
         for block in self.decoder:
             x = block(x, self.rope_cos, self.rope_sin, z)
         return self.head(self.norm(x))
@@ -93,3 +99,16 @@ class GridDVAE(nn.Module):
     def forward(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0) -> tuple[Tensor, CodebookOutput]:
         out = self.encode(grids, temperature, hardness)
         return self.decode(out.z), out
+
+
+def patch_slot_map(grid_size: int, slots: int) -> Tensor:
+    """The slot of each cell (row-major) when `slots` slots tile the grid in equal rectangular
+    patches: rows x cols of patches with rows the largest divisor of `slots` up to its square root
+    that divides the grid, e.g. 32 x 32 cells and 128 slots -> 8 x 16 patches of 4 x 2 cells."""
+    for patch_rows in range(int(slots**0.5), 0, -1):
+        patch_cols = slots // patch_rows
+        if slots % patch_rows == 0 and grid_size % patch_rows == 0 and grid_size % patch_cols == 0:
+            rows, cols = grid_positions(grid_size, grid_size, torch.device("cpu"))
+            return (rows // (grid_size // patch_rows)) * patch_cols + cols // (grid_size // patch_cols)
+    raise ValueError(f"{slots} latent slots cannot tile a {grid_size} x {grid_size} grid in equal patches; "
+                     f"set model.patch_slots=false or model.latents to a number that can")

@@ -91,6 +91,8 @@ class DVAEModelConfig:
     codebook_options: dict[str, Any] = field(default_factory=dict)
     rope_base_row: float = 100.0
     rope_base_col: float = 100.0
+    # Tie slot k to the k-th patch of the grid: the decoder's cells of that patch also read slot k directly.
+    patch_slots: bool = False
 
     def validate(self) -> None:
         for key in ("d_model", "n_head", "encoder_layers", "pool_layers", "decoder_layers", "latents"):
@@ -177,7 +179,7 @@ class DVAE(Task):
                 n_head=m.n_head, mlp_ratio=m.mlp_ratio, dropout=m.dropout, encoder_layers=m.encoder_layers,
                 pool_layers=m.pool_layers, decoder_layers=m.decoder_layers, latents=m.latents, codebook=m.codebook,
                 codebook_size=m.codebook_size, codebook_options=dict(m.codebook_options),
-                rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col)
+                rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
