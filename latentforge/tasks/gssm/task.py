@@ -155,9 +155,10 @@ class GSSM(Task):
         splits = {"train": self.train_set, "test": self.eval_set("test")}
         meta = {key: self.cfg.to_dict()["data"][key] for key in ("nodes", "graph_seed", "seed", "seq_len")}
         write_dataset(path, splits, meta)
-        return {split: f"{len(s)} sequences x {d.seq_len} tokens" for split, s in splits.items()} | {
-            "optimal loss": "-" if not self.optimum else
-            ", ".join(f"{split} {float(s.optimal.mean()):.4f}" for split, s in splits.items())}
+        lines = {split: f"{len(s)} sequences x {d.seq_len} tokens" for split, s in splits.items()}
+        if self.optimum:
+            lines["optimal loss"] = ", ".join(f"{split} {float(s.optimal.mean()):.4f}" for split, s in splits.items())
+        return lines
 
     # ------------------------------------------------------------------ model and loss
     def build_model(self) -> nn.Module:
