@@ -38,6 +38,10 @@ err = Console(stderr=True)
 RunsDir = typer.Option(None, "--runs-dir", help="Where runs live (default ./runs or $LATENTFORGE_RUNS).")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or status lines.")
 Overrides = typer.Argument(None, help="Config overrides: section.key=value ...", show_default=False)
+RunArg = typer.Argument(..., help="A run directory or run id.")
+Checkpoint = typer.Option("latest", "--checkpoint", help="latest, best or a step number.")
+Device = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+AsJson = typer.Option(False, "--json", help="Print the output as JSON.")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -101,9 +105,9 @@ def train(
 @app.command()
 @user_errors
 def resume(
-    run: str = typer.Argument(..., help="A run directory or run id."),
+    run: str = RunArg,
     overrides: Optional[list[str]] = Overrides,
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    checkpoint: str = Checkpoint,
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
 ) -> None:
@@ -117,13 +121,13 @@ def resume(
 @app.command("eval")
 @user_errors
 def eval_command(
-    run: str = typer.Argument(..., help="A run directory or run id."),
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    run: str = RunArg,
+    checkpoint: str = Checkpoint,
     split: Optional[list[str]] = typer.Option(None, "--split", help="Split(s) to evaluate (default: the run's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = Device,
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    as_json: bool = AsJson,
 ) -> None:
     """Evaluate a checkpoint; prints the metrics and saves them in the run's artifacts/."""
     metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device)
@@ -143,12 +147,12 @@ def eval_command(
 @app.command()
 @user_errors
 def predict(
-    run: str = typer.Argument(..., help="A run directory or run id."),
+    run: str = RunArg,
     text: str = typer.Argument(..., help='The input, e.g. "1234*5678" for multiply.'),
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    checkpoint: str = Checkpoint,
+    device: str = Device,
     runs_dir: Optional[Path] = RunsDir,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = AsJson,
 ) -> None:
     """The model's output for one input (for multiply: its answer, its chain, and the true product)."""
     _print_lines(api.predict(run, text, checkpoint, runs_dir, device), as_json)
@@ -290,7 +294,7 @@ def runs(
 @runs_app.command("show")
 @user_errors
 def runs_show(
-    run: str = typer.Argument(..., help="A run directory or run id."),
+    run: str = RunArg,
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
 ) -> None:
@@ -334,12 +338,12 @@ def runs_show(
 @app.command()
 @user_errors
 def encode(
-    run: str = typer.Argument(..., help="A run directory or run id."),
+    run: str = RunArg,
     path: str = typer.Argument(..., help="An input file, e.g. an ARC grid as JSON for dvae."),
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    checkpoint: str = Checkpoint,
+    device: str = Device,
     runs_dir: Optional[Path] = RunsDir,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = AsJson,
 ) -> None:
     """The model's discrete code for an input (dvae: a grid's codes, and whether they reconstruct it)."""
     _print_lines(api.encode(run, path, checkpoint, runs_dir, device), as_json)
@@ -348,12 +352,12 @@ def encode(
 @app.command()
 @user_errors
 def decode(
-    run: str = typer.Argument(..., help="A run directory or run id."),
+    run: str = RunArg,
     codes: str = typer.Argument(..., help='The codes, e.g. "3 17 250 ..." (as `encode` prints them).'),
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    checkpoint: str = Checkpoint,
+    device: str = Device,
     runs_dir: Optional[Path] = RunsDir,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = AsJson,
 ) -> None:
     """Render what the model decodes from a code (dvae: the grid)."""
     _print_lines(api.decode(run, codes, checkpoint, runs_dir, device), as_json)
@@ -362,14 +366,14 @@ def decode(
 @app.command()
 @user_errors
 def probe(
-    run: str = typer.Argument(..., help="A run directory or run id."),
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="latest, best or a step number."),
+    run: str = RunArg,
+    checkpoint: str = Checkpoint,
     split: str = typer.Option("test", "--split", help="Split whose sequences are probed."),
     method: str = typer.Option("logistic", "--method", help="logistic (L-BFGS) or ridge (closed form)."),
     examples: int = typer.Option(500, "--examples", help="Sequences (examples) to probe."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = Device,
     runs_dir: Optional[Path] = RunsDir,
-    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+    as_json: bool = AsJson,
 ) -> None:
     """Linear probes on every layer's hidden states for the task's latent variables (gssm: each
     hidden node's state, beside the Bayes ceiling); writes probe.csv and probe.png to artifacts/."""

@@ -25,6 +25,21 @@ class TransformerShape:
     tie_embeddings: bool = True
 
 
+def check_width(d_model: int, n_head: int, mlp_ratio: float, dropout: float, rope_axes: int = 1) -> None:
+    """The checks every attention model's config needs (ConfigError naming the key): RoPE rotates
+    pairs of channels per axis, so the head size must divide by 2 * rope_axes."""
+    for key, value in (("n_head", n_head), ("d_model", d_model)):
+        require(value >= 1, key, f"must be >= 1 (got {value})")
+    require(d_model % n_head == 0, "d_model", f"must be divisible by model.n_head={n_head} (got {d_model})")
+    if rope_axes == 1:
+        require((d_model // n_head) % 2 == 0, "n_head", "must leave an even head size for RoPE")
+    else:
+        require((d_model // n_head) % (2 * rope_axes) == 0, "n_head",
+                f"must leave a head size divisible by {2 * rope_axes} ({rope_axes}-D RoPE rotates pairs per axis)")
+    require(mlp_ratio > 0, "mlp_ratio", f"must be > 0 (got {mlp_ratio})")
+    require(0 <= dropout < 1, "dropout", f"must be in [0, 1) (got {dropout})")
+
+
 @dataclass
 class TransformerConfig:
     """The `model` section of tasks built on this transformer (tasks subclass it to add options)."""
@@ -37,13 +52,8 @@ class TransformerConfig:
     tie_embeddings: bool = True
 
     def validate(self) -> None:
-        for key in ("n_layer", "n_head", "d_model"):
-            require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
-        require(self.d_model % self.n_head == 0, "d_model",
-                f"must be divisible by model.n_head={self.n_head} (got {self.d_model})")
-        require((self.d_model // self.n_head) % 2 == 0, "n_head", "must leave an even head size for RoPE")
-        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0 (got {self.mlp_ratio})")
-        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+        require(self.n_layer >= 1, "n_layer", f"must be >= 1 (got {self.n_layer})")
+        check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout)
 
     def shape(self, vocab_size: int, max_len: int) -> TransformerShape:
         return TransformerShape(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,

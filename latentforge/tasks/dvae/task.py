@@ -19,6 +19,7 @@ from latentforge.config import Config, TaskConfig, require
 from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
+from latentforge.nn.transformer import check_width
 from latentforge.tasks.dvae.data import GridBatches, Grids, load_arc, load_digits, pad_grid, read_grid_file
 from latentforge.tasks.dvae.losses import (
     kl_uniform,
@@ -95,14 +96,10 @@ class DVAEModelConfig:
     patch_slots: bool = False
 
     def validate(self) -> None:
-        for key in ("d_model", "n_head", "encoder_layers", "pool_layers", "decoder_layers", "latents"):
+        check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
+        for key in ("encoder_layers", "pool_layers", "decoder_layers", "latents"):
             require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
-        require(self.d_model % self.n_head == 0, "d_model",
-                f"must be divisible by model.n_head={self.n_head} (got {self.d_model})")
-        require((self.d_model // self.n_head) % 4 == 0, "n_head",
-                "must leave a head size divisible by 4 (2-D RoPE rotates pairs per axis)")
         require(self.codebook_size >= 2, "codebook_size", f"must be >= 2 (got {self.codebook_size})")
-        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
 
 
 @dataclass
