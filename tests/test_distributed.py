@@ -4,8 +4,10 @@ world sizes."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from tests.conftest import REPO, losses
 # Constant LR: a resumed run may extend train.steps without changing the schedule.
 BASE = ["multiply/tiny", "train.steps=8", "train.log_every=1", "train.eval_every=4", "checkpoint.every=4",
         "data.test_size=50", "data.train_eval_size=50", "train.batch_size=16", "optim.schedule=constant",
-        "optim.name=adamw", "train.device=cpu"]
+        "optim.name=adamw", "optim.warmup=0", "train.device=cpu"]
 
 
 def latentforge(runs_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
@@ -82,3 +84,27 @@ def test_global_batch_must_divide_over_the_ranks(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: train.batch_size=15 (the global batch) must divide evenly over 2 processes"]
     assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_every_rank_and_the_run_goes_on(single, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "latentforge", "train", *BASE, "train.steps=100000", "dist.nproc=2",
+           "--name", "sig", "--runs-dir", str(tmp_path), "-q"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    info = json.loads((tmp_path / "sig" / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    step = info["step"]
+    assert (tmp_path / "sig" / "checkpoints" / f"step_{step:08d}" / "dcp").is_dir()
+    assert step < 12
+    result = latentforge(tmp_path, "resume", "sig", "train.steps=12")
+    assert result.returncode == 0, result.stderr
+    assert_close(losses(tmp_path / "sig"), losses(single))

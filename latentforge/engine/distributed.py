@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import atexit
 import os
-import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,17 +200,42 @@ def on_main(env: DistEnv, action: Callable[[], Any]) -> Any:
     return result
 
 
+# Set for the workers that `run_torchrun` starts: their parent reports the run at the end.
+LAUNCHED = "LATENTFORGE_LAUNCHED_WORKER"
+
+
+def reports_run() -> bool:
+    """Whether this process prints the run's summary: one process alone, rank 0 of a torchrun the
+    user started, or the process that started torchrun for `dist.nproc`."""
+    rank = os.environ.get("RANK")
+    return rank is None or (rank == "0" and os.environ.get(LAUNCHED) != "1")
+
+
 def under_torchrun_needed(cfg: Any) -> bool:
     """`dist.nproc=N` asks for N processes, and this process is not one of them yet."""
     return cfg.dist.nproc > 1 and "WORLD_SIZE" not in os.environ
 
 
 def run_torchrun(nproc: int, args: list[str]) -> None:
-    """`latentforge ARGS` as `nproc` processes on this machine, through torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "latentforge", *args]
-    code = subprocess.run(cmd).returncode
-    if code == 130 or code == -2:
-        raise KeyboardInterrupt
-    if code != 0:
-        raise RunError(f"torchrun with {nproc} processes exited with code {code} (its output is above)")
+    """`latentforge ARGS` as `nproc` processes on this machine, started by torchrun's launcher (as
+    `torchrun --standalone` does). On Ctrl-C or SIGTERM the workers checkpoint and stop; the run's
+    status then says so."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ[LAUNCHED] = "1"
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
+                          monitor_interval=0.5)
+    try:
+        elastic_launch(config, sys.executable)("-m", "latentforge", *args)
+    except SignalException:
+        return
+    except ChildFailedError as e:
+        codes = sorted({failure.exitcode for failure in e.failures.values()})
+        if codes == [130]:
+            return
+        raise RunError(f"the distributed run failed: worker exit codes {codes} (their output is above)") from None
