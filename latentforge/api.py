@@ -19,12 +19,14 @@ from torch import nn
 
 from latentforge.config import Config, apply_overrides, build_config, load_config
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from latentforge.engine.distributed import on_main, run_torchrun, under_torchrun_needed
 from latentforge.engine.loop import (
     Trainer,
     autocast,
     build_task_and_model,
+    check_distributed,
     evaluate,
-    load_model_state,
+    load_weights,
     resolve_device,
 )
 from latentforge.engine.task import Task
@@ -98,7 +100,7 @@ class Run:
         path = self.checkpoint_path(checkpoint)
         task, model = build_task_and_model(cfg, resolve_device(device))
         state = load_checkpoint(path)
-        load_model_state(model, state["model"], path)
+        load_weights(model, path, state)
         return task, model.eval(), int(state["step"])
 
     def inference_device(self, model: nn.Module) -> tuple[torch.device, str]:
@@ -129,12 +131,26 @@ def train(config: str | Path | Config, *overrides: str, name: str | None = None,
     else:
         cfg = load_config(config, items)
         label = Path(str(config)).stem if str(config).endswith((".yaml", ".yml")) else str(config)
+    if under_torchrun_needed(cfg):
+        check_distributed(cfg, cfg.dist.nproc)
+        name = name or new_run_id(label)
+        if (default_runs_dir(runs_dir) / name).exists() and not overwrite:
+            raise RunError(f"run directory {default_runs_dir(runs_dir) / name} already exists; pass --overwrite "
+                           f"to replace it or --name to choose another name")
+        args = ["train", str(config), *items, "--name", name, "--runs-dir", str(default_runs_dir(runs_dir))]
+        run_torchrun(cfg.dist.nproc, args + (["--overwrite"] if overwrite else []) + (["--quiet"] if quiet else []))
+        return Run(name, runs_dir)
     trainer = Trainer(cfg, quiet=quiet)
-    run = RunDir.create(default_runs_dir(runs_dir), name or new_run_id(label), overwrite)
-    write_atomic(run.config_path, cfg.to_yaml())
-    run.write_info({"id": run.id, "task": cfg.task.name, "source": str(config), "overrides": items,
-                    "command": sys.argv, "status": "created", "created": time.time(), "step": 0,
-                    "total_steps": cfg.train.steps, "best": None})
+
+    def create() -> Path:
+        run = RunDir.create(default_runs_dir(runs_dir), name or new_run_id(label), overwrite)
+        write_atomic(run.config_path, cfg.to_yaml())
+        run.write_info({"id": run.id, "task": cfg.task.name, "source": str(config), "overrides": items,
+                        "command": sys.argv, "status": "created", "created": time.time(), "step": 0,
+                        "total_steps": cfg.train.steps, "best": None})
+        return run.path
+
+    run = RunDir(on_main(trainer.dist, create))
     trainer.fit(run)
     return Run(run.path)
 
@@ -149,8 +165,13 @@ def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "lates
     items = _override_list(overrides, kw_overrides)
     cfg = apply_overrides(read_config(run), items)
     path = resolve_checkpoint(run.checkpoints, checkpoint, (info.get("best") or {}).get("step"))
+    if under_torchrun_needed(cfg):
+        check_distributed(cfg, cfg.dist.nproc)
+        run_torchrun(cfg.dist.nproc, ["resume", str(run.path), *items, "--checkpoint", str(checkpoint)]
+                     + (["--quiet"] if quiet else []))
+        return Run(run.path)
     trainer = Trainer(cfg, quiet=quiet, resume_from=path)
-    if items:
+    if items and trainer.dist.is_main:
         write_atomic(run.config_path, cfg.to_yaml())
         run.update_info(overrides=info.get("overrides", []) + items, total_steps=cfg.train.steps)
     trainer.fit(run)

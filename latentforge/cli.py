@@ -16,6 +16,7 @@ from rich.table import Table
 
 from latentforge import api
 from latentforge.config import list_presets
+from latentforge.engine.distributed import reports_run
 from latentforge.errors import ConfigError, LatentforgeError, TrainingStopped
 from latentforge.launch.local import failure_lines, plan_sweep, run_sweep, summary_rows
 from latentforge.launch.report import build_report, print_report, print_rows, save_report
@@ -65,7 +66,7 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _where(run: api.Run, quiet: bool) -> None:
-    if quiet:
+    if quiet or not reports_run():
         return
     info = run.info
     best = info.get("best")

@@ -162,6 +162,20 @@ class TrackConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data parallelism (see engine/distributed.py); torchrun sets the ranks."""
+
+    # > 1: `latentforge train` starts torchrun with this many processes on this machine.
+    nproc: int = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # auto: nccl on CUDA GPUs, gloo on the CPU.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    def validate(self) -> None:
+        require(self.nproc >= 1, "nproc", f"must be >= 1 (got {self.nproc})")
+
+
+@dataclass
 class Config:
     task: Any = field(default_factory=TaskConfig)
     model: Any = None
@@ -170,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -382,6 +397,7 @@ def build_config(raw: dict[str, Any]) -> Config:
     sections = {
         "task": task_cls.TaskConfig, "model": task_cls.ModelConfig, "data": task_cls.DataConfig,
         "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "track": TrackConfig,
+        "dist": DistConfig,
     }
     built = {}
     for name, cls in sections.items():

@@ -1,5 +1,9 @@
 """Checkpoints: `checkpoints/step_XXXXXXXX/{state.pt, meta.json}`, written to a temporary
-directory and renamed, verified by checksum on load, pruned to the last K plus the best."""
+directory and renamed, verified by checksum on load, pruned to the last K plus the best.
+
+A run of several processes also writes `dcp/`: the model and optimizer through
+torch.distributed.checkpoint, each rank its own shards, loadable by any number of ranks (state.pt
+then holds the rest: step, RNG, data position)."""
 
 from __future__ import annotations
 
@@ -14,12 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from latentforge.engine.distributed import DistEnv, barrier, broadcast
 from latentforge.errors import CheckpointError
 from latentforge.track.files import write_json
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SHARDED_DIR = "dcp"
 
 
 def step_dir_name(step: int) -> str:
@@ -35,13 +43,24 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], kind: str,
-                    extra_meta: dict[str, Any] | None = None) -> Path:
-    """Write state for `step` atomically; an existing checkpoint of the same step is replaced."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    extra_meta: dict[str, Any] | None = None, sharded: dict[str, Any] | None = None,
+                    env: DistEnv = DistEnv()) -> Path:
+    """Write state for `step` atomically; an existing checkpoint of the same step is replaced.
+    With `sharded`, every rank calls this: all write their shards of it, rank 0 the rest."""
     final = ckpt_dir / step_dir_name(step)
-    tmp = ckpt_dir / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # Every rank must name the same temporary directory, so only one process's pid is used.
+    tmp = ckpt_dir / f".tmp-{step_dir_name(step)}-{broadcast(os.getpid(), env)}"
+    if env.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if sharded is not None:
+        barrier(env)
+        dcp.save(sharded, checkpoint_id=tmp / SHARDED_DIR)
+        barrier(env)
+    if not env.is_main:
+        barrier(env)
+        return final
     torch.save(state, tmp / STATE_FILE)
     with open(tmp / STATE_FILE, "rb") as f:
         os.fsync(f.fileno())
@@ -55,7 +74,20 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], kind: str,
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    barrier(env)
     return final
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / SHARDED_DIR).is_dir()
+
+
+def load_sharded(path: Path, template: dict[str, Any]) -> None:
+    """Fill `template` (state dicts shaped for this process's ranks) from a checkpoint's shards."""
+    try:
+        dcp.load(template, checkpoint_id=path / SHARDED_DIR)
+    except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path / SHARDED_DIR} cannot be read: {str(e).splitlines()[0]}") from None
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[int]:

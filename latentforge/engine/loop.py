@@ -14,10 +14,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from latentforge.config import Config
+from latentforge.engine import distributed
 from latentforge.engine.checkpoint import (
+    is_sharded,
     load_checkpoint,
+    load_sharded,
     prune_checkpoints,
     remove_stale_temporaries,
     save_checkpoint,
@@ -32,9 +45,27 @@ from latentforge.tasks import get_task
 from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
 from latentforge.track.progress import TrainProgress
-from latentforge.track.rundir import RunDir, git_sha
+from latentforge.track.rundir import FollowerRunDir, RunDir, git_sha
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_distributed(cfg: Config, world_size: int) -> None:
+    """What data parallelism needs of a config, checked before anything is built."""
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} (the global batch) must divide evenly over "
+                          f"{world_size} processes")
+    if cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
+        raise ConfigError("optim.name=muon needs whole weight matrices: use dist.strategy=ddp, or optim.name=adamw "
+                          "with fsdp")
+    if cfg.dist.strategy == "fsdp" and t.precision == "fp16":
+        raise ConfigError("dist.strategy=fsdp trains in bf16 or fp32 (train.precision=fp16 needs a sharded grad "
+                          "scaler)")
+
+
+def optimizers_of(optimizer: Any) -> list[torch.optim.Optimizer]:
+    return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +103,18 @@ def load_model_state(model: nn.Module, state: dict[str, Any], source: Path) -> N
         raise CheckpointError(f"checkpoint {source} does not fit this model's config: {first}") from None
 
 
+def load_weights(model: nn.Module, path: Path, state: dict[str, Any]) -> None:
+    """A checkpoint's weights into a single-process model, whether one process wrote them (in
+    `state`) or several (in shards)."""
+    if not is_sharded(path):
+        load_model_state(model, state["model"], path)
+        return
+    root = distributed.LossModule(model)
+    weights = {"model": get_model_state_dict(root)}
+    load_sharded(path, weights)
+    set_model_state_dict(root, weights["model"])
+
+
 def evaluate(task: Task, model: nn.Module, splits: list[str], device: torch.device,
              precision: str) -> dict[str, float]:
     was_training = model.training
@@ -104,9 +147,12 @@ class Trainer:
     directory exists, so bad input fails without leaving anything behind; `fit(run)` trains."""
 
     def __init__(self, cfg: Config, quiet: bool = False, resume_from: Path | None = None):
-        self.cfg, self.quiet = cfg, quiet
+        self.cfg = cfg
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.dist, self.device = distributed.setup(resolve_device(t.device), cfg.dist.backend)
+        self.quiet = quiet or not self.dist.is_main
+        if self.dist.enabled:
+            check_distributed(cfg, self.dist.world_size)
         seed_everything(t.seed)
         self.task, self.model = build_task_and_model(cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -116,6 +162,8 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.window = self._empty_window()
+        # DDP or FSDP around the task's loss, when there are several processes.
+        self.loss_module: nn.Module | None = None
         if resume_from is not None:
             self._restore(resume_from)
             if self.step > t.steps:
@@ -123,7 +171,32 @@ class Trainer:
         # Measured here, before any run directory exists, so a failure leaves nothing behind.
         self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
         self.train_model = torch.compile(self.model) if t.compile else self.model
+        if self.dist.enabled:
+            self._wrap(resume_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _wrap(self, resume_from: Path | None) -> None:
+        """DDP or FSDP around the task's loss; FSDP replaces the parameters, so the optimizer is
+        rebuilt over the shards and given the state it had (a checkpoint's, or none)."""
+        plain = distributed.LossModule(self.model)
+        fsdp = self.cfg.dist.strategy == "fsdp"
+        full_state = None
+        if fsdp and resume_from is not None and not is_sharded(resume_from):
+            full_state = get_optimizer_state_dict(plain, optimizers_of(self.optimizer),
+                                                  options=StateDictOptions(full_state_dict=True))
+        self.loss_module = distributed.wrap(distributed.LossModule(self.train_model, self.task),
+                                            self.cfg.dist.strategy, self.device)
+        if fsdp:
+            self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device)
+            if full_state is not None:
+                set_optimizer_state_dict(self._state_root(), optimizers_of(self.optimizer), full_state,
+                                         options=StateDictOptions(full_state_dict=True))
+        if resume_from is not None and is_sharded(resume_from):
+            self._restore_sharded(resume_from)
+
+    def _state_root(self) -> nn.Module:
+        """The module whose state-dict keys name the checkpoint's shards (`model.<param>`)."""
+        return self.loss_module if self.loss_module is not None else distributed.LossModule(self.model)
 
     # ------------------------------------------------------------------ state
     def _empty_window(self) -> dict[str, Any]:
@@ -131,9 +204,11 @@ class Trainer:
         return {"sums": {}, "steps": 0, "tokens": 0}
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything but the model and optimizer when those are saved in shards."""
+        weights = {} if self.dist.enabled else {"model": self.model.state_dict(),
+                                                "optimizer": self.optimizer.state_dict()}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step,
             "rng": rng_state(),
@@ -146,13 +221,31 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
+    def _sharded_state(self) -> dict[str, Any]:
+        model, optimizer = get_state_dict(self._state_root(), optimizers_of(self.optimizer))
+        return {"model": model, "optimizer": optimizer}
+
+    def _restore_sharded(self, path: Path) -> None:
+        state = self._sharded_state()
+        load_sharded(path, state)
+        try:
+            set_state_dict(self._state_root(), optimizers_of(self.optimizer), model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this model's config: "
+                                  f"{str(e).splitlines()[0]}") from None
+
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        load_model_state(self.model, state["model"], path)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path} optimizer state does not fit: {e}") from None
+        if is_sharded(path):
+            if not self.dist.enabled:
+                self._restore_sharded(path)
+        else:
+            load_model_state(self.model, state["model"], path)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"checkpoint {path} optimizer state does not fit: {e}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -166,9 +259,12 @@ class Trainer:
 
     def save(self, kind: str) -> Path:
         protected = {self.best["step"]} if self.best else set()
+        sharded = self._sharded_state() if self.dist.enabled else None
         path = save_checkpoint(self.run.checkpoints, self.step, self.state_dict(), kind,
-                               {"best": self.best})
-        prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+                               {"best": self.best, "world_size": self.dist.world_size}, sharded, self.dist)
+        if self.dist.is_main:
+            prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+        distributed.barrier(self.dist)
         return path
 
     # ------------------------------------------------------------------ one step
@@ -189,15 +285,20 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         extras: dict[str, torch.Tensor] = {}
-        micro_batches = [self.batches.next_batch() for _ in range(t.grad_accum)]
+        micro_batches = [distributed.shard(self.batches.next_batch(), t.batch_size, self.dist)
+                         for _ in range(t.grad_accum)]
         weights = [self.task.loss_weight(b) for b in micro_batches]
         total_weight = sum(weights)
+        if self.dist.enabled:
+            # Shares of the global batch; DDP and FSDP average the ranks' gradients, hence world_size.
+            total_weight = distributed.all_reduce_sum(torch.as_tensor(total_weight, dtype=torch.float32,
+                                                                      device=self.device), self.dist)
         tokens = 0
-        for batch, weight in zip(micro_batches, weights):
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             share = weight / total_weight
-            with autocast(self.device, t.precision):
-                loss, metrics = self.task.loss(self.train_model, batch)
-            scaled = loss * share
+            with autocast(self.device, t.precision), self._gradient_sync(i == len(micro_batches) - 1):
+                loss, metrics = self._loss(batch)
+            scaled = loss * share * self.dist.world_size
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float() * share
             for k, v in metrics.items():
@@ -207,6 +308,10 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         max_norm = t.clip_grad if t.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        if self.dist.enabled:
+            loss_sum = distributed.all_reduce_sum(loss_sum, self.dist)
 
         reason = None
         if t.guard.enabled:
@@ -235,19 +340,41 @@ class Trainer:
         self.last_lr = lr
         return reason
 
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.loss_module is not None:
+            return self.loss_module(batch)
+        return self.task.loss(self.train_model, batch)
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Ranks exchange gradients on the last micro-batch of an accumulated step only."""
+        if self.loss_module is None or last:
+            return contextlib.nullcontext()
+        return distributed.no_gradient_sync(self.loss_module)
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop: all ranks must checkpoint and leave together."""
+        if not self.dist.enabled:
+            return stop.signal_name is not None
+        flag = torch.tensor(float(stop.signal_name is not None), device=self.device)
+        if distributed.all_reduce_sum(flag, self.dist).item() > 0:
+            stop.signal_name = stop.signal_name or "SIGTERM"
+            return True
+        return False
+
     # ------------------------------------------------------------------ the loop
     def fit(self, run: RunDir) -> str:
         """Train to train.steps; returns the final status (finished or interrupted)."""
-        self.run = run
+        self.run = run if self.dist.is_main else FollowerRunDir(run.path)
         t, c = self.cfg.train, self.cfg.checkpoint
-        logger = MetricsLogger(self.run, self.cfg.track.tensorboard,
+        logger = MetricsLogger(self.run, self.cfg.track.tensorboard and self.dist.is_main,
                                resume_step=self.step if self.step > 0 else None)
         if self.step > 0:
             self.run.truncate_metrics(self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
         info = self.run.info()
         info.update(status="running", host=self.run.host(), pid=os.getpid(), device=str(self.device),
-                    params=n_params, total_steps=t.steps, step=self.step, best=self.best, git_sha=git_sha(),
+                    world_size=self.dist.world_size, params=n_params, total_steps=t.steps, step=self.step,
+                    best=self.best, git_sha=git_sha(),
                     torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None)
         info.setdefault("started", time.time())
         if self.step == 0:
@@ -262,7 +389,8 @@ class Trainer:
         progress = TrainProgress(t.steps, self.step, enabled=not self.quiet)
         self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
         status = "finished"
-        remove_stale_temporaries(self.run.checkpoints)
+        if self.dist.is_main:
+            remove_stale_temporaries(self.run.checkpoints)
         try:
             with StopRequest() as stop:
                 clock = time.perf_counter()
@@ -282,7 +410,7 @@ class Trainer:
                     if not saved and ((c.every and self.step % c.every == 0) or done):
                         self.save("final" if done else "periodic")
                         clock = time.perf_counter()
-                    if stop.signal_name is not None and not done:
+                    if self._stop_agreed(stop) and not done:
                         self.save("interrupt")
                         progress.print(f"{stop.signal_name}: checkpoint saved at step {self.step}; "
                                        f"continue with: latentforge resume {self.run.path}")
@@ -302,6 +430,8 @@ class Trainer:
             progress.close()
             logger.close()
         self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds())
+        if not self.dist.is_main:
+            return status
         try:
             plot_run(self.run)
         except (OSError, ValueError, RuntimeError) as e:
@@ -313,6 +443,8 @@ class Trainer:
         return self.seconds_before + time.perf_counter() - self.fit_start
 
     def _log_window(self, logger: MetricsLogger, progress: TrainProgress, elapsed: float) -> None:
+        if self.dist.enabled:
+            self._reduce_window()
         w = self.window
         metrics = {k: float(v) / max(w["steps"], 1) for k, v in w["sums"].items()}
         metrics["train/lr"] = self.last_lr
@@ -325,10 +457,25 @@ class Trainer:
         progress.update(self.step, f"loss {metrics.get('train/loss', float('nan')):.4f}  lr {self.last_lr:.2e}  "
                                    f"{metrics['train/tokens_per_s']:,.0f} tok/s")
 
+    def _reduce_window(self) -> None:
+        """Sum the ranks' shares of the per-step metrics, and their tokens (the loss and the
+        gradient norm are global already)."""
+        w = self.window
+        keys = sorted(k for k in w["sums"] if k not in ("train/loss", "train/grad_norm"))
+        packed = torch.stack([w["sums"][k].float() for k in keys]
+                             + [torch.tensor(float(w["tokens"]), device=self.device)])
+        distributed.all_reduce_sum(packed, self.dist)
+        for k, value in zip(keys, packed[:-1]):
+            w["sums"][k] = value
+        w["tokens"] = int(packed[-1].item())
+
     def _evaluate(self, logger: MetricsLogger, progress: TrainProgress) -> bool:
         """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved."""
         splits = self.task.training_eval_splits()
-        metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+        with distributed.gathered(self.loss_module):
+            metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+        # Every rank evaluates the same data; rank 0's numbers decide, so all save together.
+        metrics = distributed.broadcast(metrics, self.dist)
         logger.log(self.step, metrics)
         logger.flush()
         headline = {k: v for k, v in metrics.items() if k.count("/") == 1 and not k.endswith("/examples")}
@@ -360,10 +507,12 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), autocast(self.device, t.precision):
+            with torch.no_grad(), autocast(self.device, t.precision), distributed.gathered(self.loss_module):
                 figures = self.task.figures(self.model)
         finally:
             self.model.train(was_training)
+        if not self.dist.is_main:
+            return
         self.run.artifacts.mkdir(exist_ok=True)
         for tag, figure in figures.items():
             logger.add_figure(tag, figure, self.step)

@@ -159,3 +159,20 @@ class RunDir:
         """Drop records logged after `after_step`, so a resumed run's history has no duplicates."""
         records = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+class FollowerRunDir(RunDir):
+    """The run directory as seen by the ranks other than 0 of a distributed run: readable, but
+    every write is rank 0's, so here writing does nothing."""
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        pass
+
+    def update_info(self, **fields: Any) -> dict[str, Any]:
+        return self.info()
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_metrics(self, after_step: int) -> None:
+        pass
