@@ -33,6 +33,8 @@ from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
 from latentforge.track.progress import TrainProgress
 from latentforge.track.rundir import RunDir, git_sha
+from latentforge.track.system import SystemMetrics, host_info
+from latentforge.track.wandb_sink import require_wandb
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,6 +109,7 @@ class Trainer:
         self.cfg, self.quiet = cfg, quiet
         t = cfg.train
         self.device = resolve_device(t.device)
+        require_wandb(cfg)
         seed_everything(t.seed)
         self.task, self.model = build_task_and_model(cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -169,6 +172,7 @@ class Trainer:
         path = save_checkpoint(self.run.checkpoints, self.step, self.state_dict(), kind,
                                {"best": self.best})
         prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+        self.logger.log_checkpoint(path, self.step, best=self.step in protected)
         return path
 
     # ------------------------------------------------------------------ one step
@@ -240,15 +244,15 @@ class Trainer:
         """Train to train.steps; returns the final status (finished or interrupted)."""
         self.run = run
         t, c = self.cfg.train, self.cfg.checkpoint
-        logger = MetricsLogger(self.run, self.cfg.track.tensorboard,
-                               resume_step=self.step if self.step > 0 else None)
+        logger = self.logger = MetricsLogger(self.run, self.cfg, resume_step=self.step if self.step > 0 else None)
         if self.step > 0:
             self.run.truncate_metrics(self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
         info = self.run.info()
         info.update(status="running", host=self.run.host(), pid=os.getpid(), device=str(self.device),
                     params=n_params, total_steps=t.steps, step=self.step, best=self.best, git_sha=git_sha(),
-                    torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None)
+                    torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None,
+                    **host_info(self.device))
         info.setdefault("started", time.time())
         if self.step == 0:
             info["flops_per_example"] = self.flops_per_example
@@ -258,6 +262,8 @@ class Trainer:
         if self.step > 0:
             info.setdefault("resumed", []).append({"step": self.step, "time": time.time()})
         self.run.write_info(info)
+        self.system = SystemMetrics(self.device, t.precision, t.batch_size * t.grad_accum, self.step,
+                                    info.get("flops_per_example"))
 
         progress = TrainProgress(t.steps, self.step, enabled=not self.quiet)
         self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
@@ -300,7 +306,7 @@ class Trainer:
             raise
         finally:
             progress.close()
-            logger.close()
+            logger.close(failed=sys.exc_info()[0] is not None)
         self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds())
         try:
             plot_run(self.run)
@@ -318,6 +324,7 @@ class Trainer:
         metrics["train/lr"] = self.last_lr
         metrics["train/tokens_per_s"] = w["tokens"] / max(elapsed, 1e-9)
         metrics["train/bad_steps"] = float(self.guard.bad_total)
+        metrics.update(self.system.window(self.step, elapsed))
         logger.log(self.step, metrics)
         self.window = self._empty_window()
         if "train/loss" in metrics:
