@@ -9,7 +9,6 @@ later steps are sent; metrics.jsonl holds the resumed run's own records.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -22,8 +21,12 @@ from latentforge.track.rundir import RunDir
 
 def require_wandb(cfg: Config) -> None:
     """Fail before any run directory exists when W&B is asked for but not installed."""
-    if cfg.track.wandb and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("track.wandb=true needs the wandb package: pip install 'latentforge[wandb]'")
+    if not cfg.track.wandb:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("track.wandb=true needs the wandb package: pip install 'latentforge[wandb]'") from None
 
 
 class WandbSink:
@@ -40,8 +43,9 @@ class WandbSink:
         self.sent_through = max((r["step"] for r in run.read_metrics()), default=-1) if resume_step is not None else -1
         settings = {"project": t.wandb_project, "entity": t.wandb_entity or None, "name": run.id, "id": self.id,
                     "resume": "allow", "config": cfg.to_dict(), "allow_val_change": True,
-                    # Local W&B files live in the run directory unless WANDB_DIR says otherwise.
-                    "dir": None if os.environ.get("WANDB_DIR") else str(run.path.resolve())}
+                    # Local W&B files live in the run directory unless WANDB_DIR says otherwise (read
+                    # here: wandb reads its environment once per process).
+                    "dir": os.environ.get("WANDB_DIR") or str(run.path.resolve())}
         error = None
         try:
             self.run = wandb.init(**settings)
