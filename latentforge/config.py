@@ -156,9 +156,18 @@ class TrackConfig:
     tensorboard: bool = True
     # The task's figures (if it draws any) every N evaluations and at the end; 0: never.
     figures_every: int = 1
+    # Weights & Biases: the same records, the config and the figures, in a W&B run named after
+    # the run id (WANDB_MODE, WANDB_API_KEY, WANDB_DIR ... are honoured). Entity "": your default.
+    wandb: bool = False
+    wandb_project: str = "latentforge"
+    wandb_entity: str = ""
+    # Upload every saved checkpoint directory as a version of the W&B model artifact.
+    wandb_checkpoints: bool = False
 
     def validate(self) -> None:
         require(self.figures_every >= 0, "figures_every", f"must be >= 0 (got {self.figures_every})")
+        require(bool(self.wandb_project), "wandb_project", "must not be empty")
+        require(self.wandb or not self.wandb_checkpoints, "wandb_checkpoints", "needs track.wandb=true")
 
 
 @dataclass

@@ -46,6 +46,8 @@ from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
 from latentforge.track.progress import TrainProgress
 from latentforge.track.rundir import FollowerRunDir, RunDir, git_sha
+from latentforge.track.system import SystemMetrics, host_info
+from latentforge.track.wandb_sink import require_wandb
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,6 +155,7 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         if self.dist.enabled:
             check_distributed(cfg, self.dist.world_size)
+        require_wandb(cfg)
         seed_everything(t.seed)
         self.task, self.model = build_task_and_model(cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -264,6 +267,7 @@ class Trainer:
                                {"best": self.best, "world_size": self.dist.world_size}, sharded, self.dist)
         if self.dist.is_main:
             prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+            self.logger.log_checkpoint(path, self.step, best=self.step in protected)
         distributed.barrier(self.dist)
         return path
 
@@ -366,8 +370,8 @@ class Trainer:
         """Train to train.steps; returns the final status (finished or interrupted)."""
         self.run = run if self.dist.is_main else FollowerRunDir(run.path)
         t, c = self.cfg.train, self.cfg.checkpoint
-        logger = MetricsLogger(self.run, self.cfg.track.tensorboard and self.dist.is_main,
-                               resume_step=self.step if self.step > 0 else None)
+        logger = self.logger = MetricsLogger(self.run, self.cfg, resume_step=self.step if self.step > 0 else None,
+                                             writes=self.dist.is_main)
         if self.step > 0:
             self.run.truncate_metrics(self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -375,7 +379,8 @@ class Trainer:
         info.update(status="running", host=self.run.host(), pid=os.getpid(), device=str(self.device),
                     world_size=self.dist.world_size, params=n_params, total_steps=t.steps, step=self.step,
                     best=self.best, git_sha=git_sha(),
-                    torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None)
+                    torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None,
+                    **host_info(self.device))
         info.setdefault("started", time.time())
         if self.step == 0:
             info["flops_per_example"] = self.flops_per_example
@@ -385,6 +390,9 @@ class Trainer:
         if self.step > 0:
             info.setdefault("resumed", []).append({"step": self.step, "time": time.time()})
         self.run.write_info(info)
+        # Per device: train.batch_size is the global batch, split over the ranks.
+        self.system = SystemMetrics(self.device, t.precision, t.batch_size * t.grad_accum // self.dist.world_size,
+                                    self.step, info.get("flops_per_example"))
 
         progress = TrainProgress(t.steps, self.step, enabled=not self.quiet)
         self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
@@ -428,7 +436,7 @@ class Trainer:
             raise
         finally:
             progress.close()
-            logger.close()
+            logger.close(failed=sys.exc_info()[0] is not None)
         self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds())
         if not self.dist.is_main:
             return status
@@ -450,6 +458,7 @@ class Trainer:
         metrics["train/lr"] = self.last_lr
         metrics["train/tokens_per_s"] = w["tokens"] / max(elapsed, 1e-9)
         metrics["train/bad_steps"] = float(self.guard.bad_total)
+        metrics.update(self.system.window(self.step, elapsed))
         logger.log(self.step, metrics)
         self.window = self._empty_window()
         if "train/loss" in metrics:
@@ -467,7 +476,8 @@ class Trainer:
         distributed.all_reduce_sum(packed, self.dist)
         for k, value in zip(keys, packed[:-1]):
             w["sums"][k] = value
-        w["tokens"] = int(packed[-1].item())
+        # Per device, like the other throughputs.
+        w["tokens"] = int(packed[-1].item()) // self.dist.world_size
 
     def _evaluate(self, logger: MetricsLogger, progress: TrainProgress) -> bool:
         """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved."""
