@@ -32,6 +32,7 @@ from latentforge.errors import ConfigError, RunError
 from latentforge.tasks import get_task
 from latentforge.track.files import write_atomic, write_json
 from latentforge.track.listing import effective_status
+from latentforge.track.remote import fetch_run
 from latentforge.track.rundir import RunDir, default_runs_dir, new_run_id
 
 
@@ -130,7 +131,10 @@ def train(config: str | Path | Config, *overrides: str, name: str | None = None,
         cfg = load_config(config, items)
         label = Path(str(config)).stem if str(config).endswith((".yaml", ".yml")) else str(config)
     trainer = Trainer(cfg, quiet=quiet)
-    run = RunDir.create(default_runs_dir(runs_dir), name or new_run_id(label), overwrite)
+    run_id = name or new_run_id(label)
+    if trainer.remote is not None:
+        trainer.remote.claim(run_id, overwrite)
+    run = RunDir.create(default_runs_dir(runs_dir), run_id, overwrite)
     write_atomic(run.config_path, cfg.to_yaml())
     run.write_info({"id": run.id, "task": cfg.task.name, "source": str(config), "overrides": items,
                     "command": sys.argv, "status": "created", "created": time.time(), "step": 0,
@@ -141,7 +145,10 @@ def train(config: str | Path | Config, *overrides: str, name: str | None = None,
 
 def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "latest",
            runs_dir: str | Path | None = None, quiet: bool = True, **kw_overrides: Any) -> Run:
-    """Continue a run from a checkpoint to its configured end (overrides may extend it)."""
+    """Continue a run from a checkpoint to its configured end (overrides may extend it). A URL
+    (s3://bucket/prefix/RUN) is first fetched into the runs directory; the run keeps mirroring there."""
+    if "://" in str(run_spec):
+        run_spec = fetch_run(str(run_spec), default_runs_dir(runs_dir), checkpoint)
     run = RunDir.find(run_spec, runs_dir)
     info = run.info()
     if effective_status(info) == "running" and info.get("host") == RunDir.host():

@@ -32,6 +32,7 @@ from latentforge.tasks import get_task
 from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
 from latentforge.track.progress import TrainProgress
+from latentforge.track.remote import Remote, RemoteMirror
 from latentforge.track.rundir import RunDir, git_sha
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,6 +108,9 @@ class Trainer:
         self.cfg, self.quiet = cfg, quiet
         t = cfg.train
         self.device = resolve_device(t.device)
+        # Checked before any work, so an unusable checkpoint.remote fails before a run directory exists.
+        self.remote = Remote(cfg.checkpoint.remote) if cfg.checkpoint.remote else None
+        self.mirror: RemoteMirror | None = None
         seed_everything(t.seed)
         self.task, self.model = build_task_and_model(cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -169,6 +173,8 @@ class Trainer:
         path = save_checkpoint(self.run.checkpoints, self.step, self.state_dict(), kind,
                                {"best": self.best})
         prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+        if self.mirror is not None:
+            self.mirror.sync(protected)
         return path
 
     # ------------------------------------------------------------------ one step
@@ -237,7 +243,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, run: RunDir) -> str:
-        """Train to train.steps; returns the final status (finished or interrupted)."""
+        """Train to train.steps; returns the final status (finished or interrupted). With checkpoint.remote
+        the run directory is uploaded in the background, and all of it is remote when this returns."""
+        if self.remote is not None:
+            self.mirror = RemoteMirror(self.remote, run, self.cfg.checkpoint.keep, fresh=self.step == 0,
+                                       quiet=self.quiet)
+        try:
+            return self._fit(run)
+        finally:
+            if self.mirror is not None:
+                self.mirror.close()
+
+    def _fit(self, run: RunDir) -> str:
         self.run = run
         t, c = self.cfg.train, self.cfg.checkpoint
         logger = MetricsLogger(self.run, self.cfg.track.tensorboard,
