@@ -54,9 +54,8 @@ def connect(url: str) -> tuple[AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def _step_of(path: str) -> int | None:
-    """`.../checkpoints/step_00000012/meta.json` -> 12."""
-    name = path.rstrip("/").split("/")[-2]
+def _step_of(name: str) -> int | None:
+    """`step_00000012` -> 12."""
     digits = name[len("step_"):]
     return int(digits) if name.startswith("step_") and digits.isdigit() else None
 
@@ -65,7 +64,8 @@ def remote_steps(fs: AbstractFileSystem, run_path: str) -> list[int]:
     """Steps of the complete checkpoints (those with a meta.json) of a remote run, oldest first."""
     fs.invalidate_cache(run_path)
     found = fs.glob(f"{run_path}/checkpoints/step_*/{META_FILE}")
-    return sorted(step for step in map(_step_of, found) if step is not None)
+    steps = (_step_of(path.split("/")[-2]) for path in found)
+    return sorted(step for step in steps if step is not None)
 
 
 class Remote:
@@ -229,13 +229,25 @@ class RemoteMirror:
 
     def _prune(self) -> None:
         fs = self.remote.fs
-        there = set(remote_steps(fs, self.dest))
+        root = f"{self.dest}/checkpoints"
+        fs.invalidate_cache(self.dest)
+        folders: dict[int, set[str]] = {}  # step -> its files, relative to its folder
+        for path in fs.find(root):
+            name, _, rest = path[len(root) + 1:].partition("/")
+            step = _step_of(name)
+            if step is not None and rest:
+                folders.setdefault(step, set()).add(rest)
+        there = {step for step, names in folders.items() if META_FILE in names}
         here = set(list_checkpoints(self.run.checkpoints))
         candidates = sorted((there | here) - self.protected)
         kept = set(candidates[-self.keep:])
-        for step in sorted(there - here - self.protected - kept):
-            folder = f"{self.dest}/checkpoints/{step_dir_name(step)}"
-            fs.rm_file(f"{folder}/{META_FILE}")  # incomplete first, then gone
+        for step, names in sorted(folders.items()):
+            if step in here or step in self.protected or (step in kept and META_FILE in names):
+                continue
+            # Pruned, or the state.pt of a checkpoint pruned locally while it was being uploaded.
+            folder = f"{root}/{step_dir_name(step)}"
+            if META_FILE in names:
+                fs.rm_file(f"{folder}/{META_FILE}")  # incomplete first, then gone
             fs.rm(folder, recursive=True)
 
 
@@ -307,7 +319,7 @@ def fetch_run(url: str, runs_dir: Path, checkpoint: str | int = "latest") -> Pat
     rels = [r for r in rels if not r.startswith("checkpoints/") or r.startswith(chosen)]
     tmp = Path(runs_dir) / f".fetch-{run_id}-{os.getpid()}"
     try:
-        for rel in sorted(rels, key=lambda r: r.endswith(META_FILE)):  # meta.json last, as uploaded
+        for rel in sorted(rels, key=lambda r: (r == "run.json", r.endswith(META_FILE))):  # as uploaded
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{path}/{rel}", str(target))
