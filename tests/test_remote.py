@@ -5,9 +5,11 @@ import json
 import logging
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
-from conftest import TINY, interrupt_at, losses, snapshot
+from conftest import REPO, TINY, interrupt_at, losses, snapshot
 from test_cli import ok, refused
 
 from latentforge.engine.checkpoint import list_checkpoints
@@ -120,6 +122,17 @@ def test_bad_remotes_fail_before_anything_is_created(cli, runs_dir, s3):
     before = snapshot(runs_dir)
     refused(cli(*train, remote, "--name", "t", "--runs-dir", runs_dir / "elsewhere"), "s3://lab/taken/t already holds")
     assert snapshot(runs_dir) == before
+
+
+def test_without_s3fs_the_error_says_what_to_install(tmp_path):
+    # A fresh interpreter in which `import s3fs` fails, as where the extra is not installed.
+    code = ("import sys; sys.modules['s3fs'] = None; from latentforge.cli import main; "
+            f"sys.argv = ['latentforge', 'train', 'multiply/tiny', 'checkpoint.remote=s3://b/p', "
+            f"'--runs-dir', {str(tmp_path / 'runs')!r}]; main()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: s3://b/p needs s3fs: pip install 'latentforge[s3]'"
+    assert not (tmp_path / "runs").exists()
 
 
 def test_upload_failures_warn_and_training_goes_on(cli, runs_dir, s3, monkeypatch):
