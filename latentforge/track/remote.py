@@ -211,10 +211,10 @@ class RemoteMirror:
         fs, remote_meta = self.remote.fs, f"{self.dest}/{meta}"
         try:
             local_meta = (self.run.path / meta).read_bytes()
-            there = fs.cat_file(remote_meta)
         except FileNotFoundError:
-            there = None
-        if there is not None and there == local_meta:
+            return  # pruned meanwhile
+        there = _read(fs, remote_meta)
+        if there == local_meta:
             # Already remote (this run was resumed from there): meta.json holds the state's checksum.
             self.sent.update({rel: files[rel] for rel in rels})
             return
