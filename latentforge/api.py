@@ -19,7 +19,7 @@ from torch import nn
 
 from latentforge.config import Config, apply_overrides, build_config, load_config
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
-from latentforge.engine.distributed import on_main, run_torchrun, under_torchrun_needed
+from latentforge.engine.distributed import env_from_environ, on_main, run_torchrun, under_torchrun_needed
 from latentforge.engine.loop import (
     Trainer,
     autocast,
@@ -34,6 +34,7 @@ from latentforge.errors import ConfigError, RunError
 from latentforge.tasks import get_task
 from latentforge.track.files import write_atomic, write_json
 from latentforge.track.listing import effective_status
+from latentforge.track.remote import fetch_run
 from latentforge.track.rundir import RunDir, default_runs_dir, new_run_id
 
 
@@ -141,9 +142,12 @@ def train(config: str | Path | Config, *overrides: str, name: str | None = None,
         run_torchrun(cfg.dist.nproc, args + (["--overwrite"] if overwrite else []) + (["--quiet"] if quiet else []))
         return Run(name, runs_dir)
     trainer = Trainer(cfg, quiet=quiet)
+    run_id = name or new_run_id(label)
 
     def create() -> Path:
-        run = RunDir.create(default_runs_dir(runs_dir), name or new_run_id(label), overwrite)
+        if trainer.remote is not None:
+            trainer.remote.claim(run_id, overwrite)
+        run = RunDir.create(default_runs_dir(runs_dir), run_id, overwrite)
         write_atomic(run.config_path, cfg.to_yaml())
         run.write_info({"id": run.id, "task": cfg.task.name, "source": str(config), "overrides": items,
                         "command": sys.argv, "status": "created", "created": time.time(), "step": 0,
@@ -157,7 +161,13 @@ def train(config: str | Path | Config, *overrides: str, name: str | None = None,
 
 def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "latest",
            runs_dir: str | Path | None = None, quiet: bool = True, **kw_overrides: Any) -> Run:
-    """Continue a run from a checkpoint to its configured end (overrides may extend it)."""
+    """Continue a run from a checkpoint to its configured end (overrides may extend it). A URL
+    (s3://bucket/prefix/RUN) is first fetched into the runs directory; the run keeps mirroring there."""
+    if "://" in str(run_spec):
+        if env_from_environ().enabled:
+            raise ConfigError(f"fetch {run_spec} in one process: `latentforge resume URL dist.nproc=N` fetches it, "
+                              f"then starts N processes")
+        run_spec = fetch_run(str(run_spec), default_runs_dir(runs_dir), checkpoint)
     run = RunDir.find(run_spec, runs_dir)
     info = run.info()
     if effective_status(info) == "running" and info.get("host") == RunDir.host():

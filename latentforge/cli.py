@@ -107,13 +107,17 @@ def train(
 @app.command()
 @user_errors
 def resume(
-    run: str = RunArg,
+    run: str = typer.Argument(..., help="A run directory, run id, or remote run URL (s3://bucket/prefix/RUN)."),
     overrides: Optional[list[str]] = Overrides,
     checkpoint: str = Checkpoint,
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
 ) -> None:
-    """Continue a run from its latest checkpoint to the configured end (train.steps=N extends it)."""
+    """Continue a run from its latest checkpoint to the configured end (train.steps=N extends it).
+
+    \b
+    A remote run (checkpoint.remote) resumes on any machine: latentforge resume s3://bucket/prefix/RUN
+    (S3-compatible servers: set AWS_ENDPOINT_URL)."""
     result = api.resume(run, *(overrides or []), checkpoint=checkpoint, runs_dir=runs_dir, quiet=quiet)
     _where(result, quiet)
     if result.status == "interrupted":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,10 +146,15 @@ class CheckpointConfig:
     # Eval metric that picks the best checkpoint ("" disables best tracking).
     metric: str = "test/exact_match"
     mode: Literal["max", "min"] = "max"
+    # An fsspec URL (s3://bucket/prefix, gs://..., file:///...): the run directory is mirrored to
+    # <remote>/<run id>/ after each save, and `latentforge resume <remote>/<run id>` works anywhere.
+    remote: str = ""
 
     def validate(self) -> None:
         require(self.every >= 0, "every", f"must be >= 0 (got {self.every})")
         require(self.keep >= 1, "keep", f"must be >= 1 (got {self.keep})")
+        require(not self.remote or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.+", self.remote) is not None, "remote",
+                f"must be a URL such as s3://bucket/prefix or file:///path (got {self.remote!r})")
 
 
 @dataclass

@@ -45,6 +45,7 @@ from latentforge.tasks import get_task
 from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
 from latentforge.track.progress import TrainProgress
+from latentforge.track.remote import Remote, RemoteMirror
 from latentforge.track.rundir import FollowerRunDir, RunDir, git_sha
 from latentforge.track.system import SystemMetrics, host_info
 from latentforge.track.wandb_sink import require_wandb
@@ -156,6 +157,10 @@ class Trainer:
         if self.dist.enabled:
             check_distributed(cfg, self.dist.world_size)
         require_wandb(cfg)
+        # Checked before any work, so an unusable checkpoint.remote fails before a run directory exists;
+        # rank 0 alone uploads.
+        self.remote = Remote(cfg.checkpoint.remote) if cfg.checkpoint.remote and self.dist.is_main else None
+        self.mirror: RemoteMirror | None = None
         seed_everything(t.seed)
         self.task, self.model = build_task_and_model(cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -268,6 +273,8 @@ class Trainer:
         if self.dist.is_main:
             prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
             self.logger.log_checkpoint(path, self.step, best=self.step in protected)
+        if self.mirror is not None:
+            self.mirror.sync(protected)
         distributed.barrier(self.dist)
         return path
 
@@ -367,7 +374,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, run: RunDir) -> str:
-        """Train to train.steps; returns the final status (finished or interrupted)."""
+        """Train to train.steps; returns the final status (finished or interrupted). With checkpoint.remote
+        the run directory is uploaded in the background, and all of it is remote when this returns."""
+        if self.remote is not None:
+            self.mirror = RemoteMirror(self.remote, run, self.cfg.checkpoint.keep, fresh=self.step == 0,
+                                       quiet=self.quiet)
+        try:
+            return self._fit(run)
+        finally:
+            if self.mirror is not None:
+                self.mirror.close()
+
+    def _fit(self, run: RunDir) -> str:
         self.run = run if self.dist.is_main else FollowerRunDir(run.path)
         t, c = self.cfg.train, self.cfg.checkpoint
         logger = self.logger = MetricsLogger(self.run, self.cfg, resume_step=self.step if self.step > 0 else None,
