@@ -22,6 +22,8 @@ from latentforge.engine.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
+from latentforge.engine.ema import PREFIX as EMA_PREFIX
+from latentforge.engine.ema import build_ema
 from latentforge.engine.guard import StabilityGuard
 from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
 from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
@@ -31,6 +33,7 @@ from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
 from latentforge.tasks import get_task
 from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
+from latentforge.track.profile import StepProfiler
 from latentforge.track.progress import TrainProgress
 from latentforge.track.rundir import RunDir, git_sha
 
@@ -113,6 +116,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.batches = self.task.train_batches()
         self.guard = StabilityGuard(t.guard)
+        self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.timer: StepProfiler | None = None
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.window = self._empty_window()
@@ -143,6 +148,7 @@ class Trainer:
             "window": {"sums": {k: v.detach().cpu() for k, v in self.window["sums"].items()},
                        "steps": self.window["steps"], "tokens": self.window["tokens"]},
             "lr": self.optimizer.param_groups[0]["lr"],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": self.cfg.to_dict(),
         }
 
@@ -162,6 +168,9 @@ class Trainer:
         w = state["window"]
         self.window = {"sums": {k: v.to(self.device) for k, v in w["sums"].items()},
                        "steps": w["steps"], "tokens": w["tokens"]}
+        if self.ema is not None and state.get("ema") is not None:
+            # A checkpoint without one (EMA turned on at resume) starts the average afresh.
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
 
     def save(self, kind: str) -> Path:
@@ -190,6 +199,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         extras: dict[str, torch.Tensor] = {}
         micro_batches = [self.batches.next_batch() for _ in range(t.grad_accum)]
+        if self.timer is not None:
+            self.timer.lap("data")
         weights = [self.task.loss_weight(b) for b in micro_batches]
         total_weight = sum(weights)
         tokens = 0
@@ -203,6 +214,8 @@ class Trainer:
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0) + v.detach().float() * share
             tokens += self.task.tokens_in(batch)
+        if self.timer is not None:
+            self.timer.lap("forward_backward")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = t.clip_grad if t.clip_grad > 0 else math.inf
@@ -221,9 +234,13 @@ class Trainer:
                 self.scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.timer is not None:
+            self.timer.lap("optimizer")
         self.step += 1
         if reason is None:
             self._accumulate("train/loss", loss_sum)
@@ -263,10 +280,13 @@ class Trainer:
         self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
         status = "finished"
         remove_stale_temporaries(self.run.checkpoints)
+        self.timer = StepProfiler(self.run, t.profile, self.device, self.step) if t.profile else None
         try:
             with StopRequest() as stop:
                 clock = time.perf_counter()
                 while self.step < t.steps:
+                    if self.timer is not None:
+                        self.timer.begin_step()
                     reason = self.train_step()
                     if reason is not None:
                         self._on_bad_step(reason, logger, progress)
@@ -282,6 +302,9 @@ class Trainer:
                     if not saved and ((c.every and self.step % c.every == 0) or done):
                         self.save("final" if done else "periodic")
                         clock = time.perf_counter()
+                    if self.timer is not None and (where := self.timer.end_step(self.step)):
+                        progress.print(where)
+                        self.timer = None
                     if stop.signal_name is not None and not done:
                         self.save("interrupt")
                         progress.print(f"{stop.signal_name}: checkpoint saved at step {self.step}; "
@@ -299,6 +322,9 @@ class Trainer:
                                  error=f"{type(e).__name__}: {e}")
             raise
         finally:
+            if self.timer is not None:  # training ended inside the profiled window
+                progress.print(self.timer.finish())
+                self.timer = None
             progress.close()
             logger.close()
         self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds())
@@ -329,6 +355,9 @@ class Trainer:
         """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved."""
         splits = self.task.training_eval_splits()
         metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+        if self.ema is not None:
+            ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision)
+            metrics.update({EMA_PREFIX + k: v for k, v in ema.items()})
         logger.log(self.step, metrics)
         logger.flush()
         headline = {k: v for k, v in metrics.items() if k.count("/") == 1 and not k.endswith("/examples")}
