@@ -20,15 +20,19 @@ from torch import nn
 from latentforge.config import Config, apply_overrides, build_config, load_config
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from latentforge.engine.distributed import env_from_environ, on_main, run_torchrun, under_torchrun_needed
+from latentforge.engine.ema import PREFIX as EMA_PREFIX
+from latentforge.engine.ema import ema_weights
 from latentforge.engine.loop import (
     Trainer,
     autocast,
     build_task_and_model,
     check_distributed,
     evaluate,
+    load_model_state,
     load_weights,
     resolve_device,
 )
+from latentforge.engine.lr_find import lr_find as engine_lr_find
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, RunError
 from latentforge.tasks import get_task
@@ -95,13 +99,18 @@ class Run:
         best = (self.dir.info().get("best") or {}).get("step")
         return resolve_checkpoint(self.dir.checkpoints, checkpoint, best)
 
-    def load(self, checkpoint: str | int = "latest", device: str = "cpu") -> tuple[Task, nn.Module, int]:
-        """The task and the model with a checkpoint's weights, in eval mode, and that step."""
+    def load(self, checkpoint: str | int = "latest", device: str = "cpu",
+             ema: bool = False) -> tuple[Task, nn.Module, int]:
+        """The task and the model with a checkpoint's weights (its EMA weights if `ema`), in
+        eval mode, and that step."""
         cfg = self.config
         path = self.checkpoint_path(checkpoint)
         task, model = build_task_and_model(cfg, resolve_device(device))
         state = load_checkpoint(path)
-        load_weights(model, path, state)
+        if ema:
+            load_model_state(model, ema_weights(state, path), path)
+        else:
+            load_weights(model, path, state)
         return task, model.eval(), int(state["step"])
 
     def inference_device(self, model: nn.Module) -> tuple[torch.device, str]:
@@ -110,8 +119,8 @@ class Run:
         dev = next(model.parameters()).device
         return dev, self.config.train.precision if dev.type == "cuda" else "fp32"
 
-    def model(self, checkpoint: str | int = "latest", device: str = "cpu") -> nn.Module:
-        return self.load(checkpoint, device)[1]
+    def model(self, checkpoint: str | int = "latest", device: str = "cpu", ema: bool = False) -> nn.Module:
+        return self.load(checkpoint, device, ema)[1]
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r})"
@@ -188,11 +197,28 @@ def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "lates
     return Run(run.path)
 
 
+def lr_find(config: str | Path | Config, *overrides: str, steps: int = 100, min_lr: float = 1e-7,
+            max_lr: float = 1.0, out: str | Path | None = None, runs_dir: str | Path | None = None,
+            quiet: bool = True, **kw_overrides: Any) -> dict[str, Any]:
+    """The LR range test on a config (see engine/lr_find.py); its CSV and plot go to `out`
+    (default <runs>/lr-find/<label>-<time>/), never into a run directory."""
+    items = _override_list(overrides, kw_overrides)
+    if isinstance(config, Config):
+        cfg, label = apply_overrides(config, items), config.task.name
+    else:
+        cfg = load_config(config, items)
+        label = Path(str(config)).stem if str(config).endswith((".yaml", ".yml")) else str(config)
+    directory = Path(out) if out is not None else default_runs_dir(runs_dir) / "lr-find" / new_run_id(label)
+    return engine_lr_find(cfg, steps, min_lr, max_lr, directory, quiet)
+
+
 def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits: list[str] | None = None,
-                 runs_dir: str | Path | None = None, device: str = "auto") -> tuple[dict[str, float], Path]:
-    """Evaluate a checkpoint on splits; the metrics are also saved under the run's artifacts/."""
+                 runs_dir: str | Path | None = None, device: str = "auto",
+                 ema: bool = False) -> tuple[dict[str, float], Path]:
+    """Evaluate a checkpoint on splits; the metrics are also saved under the run's artifacts/.
+    With `ema`, its EMA weights, and the metrics are named as in training (`ema_test/...`)."""
     run = Run(run_spec, runs_dir)
-    task, model, step = run.load(checkpoint, device)
+    task, model, step = run.load(checkpoint, device, ema)
     available = task.eval_splits()
     splits = splits or task.training_eval_splits()
     for split in splits:
@@ -200,42 +226,44 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
             raise ConfigError(f"unknown split {split!r} (splits of this run: {', '.join(available)})")
     dev, precision = run.inference_device(model)
     metrics = evaluate(task, model, splits, dev, precision)
-    out = run.dir.artifacts / f"eval_{'+'.join(splits)}_step{step:08d}.json"
+    if ema:
+        metrics = {EMA_PREFIX + k: v for k, v in metrics.items()}
+    out = run.dir.artifacts / f"eval_{'+'.join(splits)}_step{step:08d}{'_ema' if ema else ''}.json"
     run.dir.artifacts.mkdir(exist_ok=True)
-    write_json(out, {"step": step, "checkpoint": str(checkpoint), "splits": splits, "device": str(dev),
-                     "torch": torch.__version__, "metrics": metrics})
+    write_json(out, {"step": step, "checkpoint": str(checkpoint), "ema": ema, "splits": splits,
+                     "device": str(dev), "torch": torch.__version__, "metrics": metrics})
     return {"step": step, **metrics}, out
 
 
 def predict(run_spec: str | Path, text: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
-            device: str = "auto") -> dict[str, str]:
+            device: str = "auto", ema: bool = False) -> dict[str, str]:
     """The model's output for one input written as text (e.g. "1234*5678" for multiply)."""
-    return _with_model(run_spec, checkpoint, runs_dir, device, lambda task, model: task.predict(model, text))
+    return _with_model(run_spec, checkpoint, runs_dir, device, ema, lambda task, model: task.predict(model, text))
 
 
 def encode(run_spec: str | Path, path: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
-           device: str = "auto") -> dict[str, str]:
+           device: str = "auto", ema: bool = False) -> dict[str, str]:
     """The model's discrete code for an input file (e.g. an ARC grid for dvae)."""
-    return _with_model(run_spec, checkpoint, runs_dir, device, lambda task, model: task.encode(model, path))
+    return _with_model(run_spec, checkpoint, runs_dir, device, ema, lambda task, model: task.encode(model, path))
 
 
 def decode(run_spec: str | Path, codes: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
-           device: str = "auto") -> dict[str, str]:
+           device: str = "auto", ema: bool = False) -> dict[str, str]:
     """What the model decodes from a code written as text (e.g. "3 17 250 ...")."""
-    return _with_model(run_spec, checkpoint, runs_dir, device, lambda task, model: task.decode(model, codes))
+    return _with_model(run_spec, checkpoint, runs_dir, device, ema, lambda task, model: task.decode(model, codes))
 
 
 def _with_model(run_spec: str | Path, checkpoint: str | int, runs_dir: str | Path | None, device: str,
-                action: Any) -> Any:
+                ema: bool, action: Any) -> Any:
     run = Run(run_spec, runs_dir)
-    task, model, _ = run.load(checkpoint, device)
+    task, model, _ = run.load(checkpoint, device, ema)
     dev, precision = run.inference_device(model)
     with torch.no_grad(), autocast(dev, precision):
         return action(task, model)
 
 
 def probe(run_spec: str | Path, checkpoint: str | int = "latest", split: str = "test", method: str = "logistic",
-          examples: int = 500, runs_dir: str | Path | None = None, device: str = "auto"
+          examples: int = 500, runs_dir: str | Path | None = None, device: str = "auto", ema: bool = False
           ) -> tuple[list[dict[str, Any]], Path]:
     """Linear probes on a checkpoint's hidden states; the table and plot go to the run's artifacts/."""
     if method not in ("logistic", "ridge"):
@@ -243,9 +271,11 @@ def probe(run_spec: str | Path, checkpoint: str | int = "latest", split: str = "
     if examples < 1:
         raise ConfigError(f"--examples must be >= 1 (got {examples})")
     run = Run(run_spec, runs_dir)
-    task, model, step = run.load(checkpoint, device)
-    rows = task.probe(model, run.dir.artifacts, split, method, examples)
-    return [{"step": step, **row} for row in rows], run.dir.artifacts
+    task, model, step = run.load(checkpoint, device, ema)
+    # The EMA weights' probe goes beside, not over, the raw weights' one.
+    where = run.dir.artifacts / "ema" if ema else run.dir.artifacts
+    rows = task.probe(model, where, split, method, examples)
+    return [{"step": step, **row} for row in rows], where
 
 
 def generate_data(config: str | Path, *overrides: str, out: str | Path, overwrite: bool = False,

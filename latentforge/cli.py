@@ -44,6 +44,7 @@ RunArg = typer.Argument(..., help="A run directory or run id.")
 Checkpoint = typer.Option("latest", "--checkpoint", help="latest, best or a step number.")
 Device = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 AsJson = typer.Option(False, "--json", help="Print the output as JSON.")
+Ema = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (kept when trained with train.ema_decay).")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -124,6 +125,35 @@ def resume(
         raise typer.Exit(130)
 
 
+@app.command("lr-find")
+@user_errors
+def lr_find(
+    config: str = typer.Argument(..., help="A preset (e.g. multiply, multiply/tiny) or a YAML file."),
+    overrides: Optional[list[str]] = Overrides,
+    steps: int = typer.Option(100, "--steps", help="Steps of the sweep (it stops early once the loss diverges)."),
+    min_lr: float = typer.Option(1e-7, "--min-lr", help="The LR of the first step."),
+    max_lr: float = typer.Option(1.0, "--max-lr", help="The LR of the last step."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where lr_find.csv and lr_find.png go "
+                                           "(default <runs-dir>/lr-find/<label>-<time>/)."),
+    runs_dir: Optional[Path] = RunsDir,
+    quiet: bool = Quiet,
+    as_json: bool = AsJson,
+) -> None:
+    """Find a learning rate: train with the LR growing exponentially from --min-lr to --max-lr and
+    suggest the LR where the smoothed loss falls fastest. No run is created; the model is discarded."""
+    result = api.lr_find(config, *(overrides or []), steps=steps, min_lr=min_lr, max_lr=max_lr, out=out_dir,
+                         runs_dir=runs_dir, quiet=quiet or as_json)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(f"suggested lr {result['suggestion']:.3g} (steepest descent of the smoothed loss); lowest loss "
+              f"{result['min_loss']:.4g} at lr {result['min_loss_lr']:.3g}", highlight=False, soft_wrap=True)
+    if not quiet:
+        if result["stopped"]:
+            out.print(f"stopped after {result['steps']} steps: {result['stopped']}", highlight=False, soft_wrap=True)
+        out.print(f"saved {result['csv']} and {result['png']}", highlight=False, soft_wrap=True)
+
+
 @app.command("eval")
 @user_errors
 def eval_command(
@@ -131,12 +161,13 @@ def eval_command(
     checkpoint: str = Checkpoint,
     split: Optional[list[str]] = typer.Option(None, "--split", help="Split(s) to evaluate (default: the run's)."),
     device: str = Device,
+    ema: bool = Ema,
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
     as_json: bool = AsJson,
 ) -> None:
     """Evaluate a checkpoint; prints the metrics and saves them in the run's artifacts/."""
-    metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device)
+    metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device, ema)
     if as_json:
         print(json.dumps(metrics, indent=2))
         return
@@ -157,11 +188,12 @@ def predict(
     text: str = typer.Argument(..., help='The input, e.g. "1234*5678" for multiply.'),
     checkpoint: str = Checkpoint,
     device: str = Device,
+    ema: bool = Ema,
     runs_dir: Optional[Path] = RunsDir,
     as_json: bool = AsJson,
 ) -> None:
     """The model's output for one input (for multiply: its answer, its chain, and the true product)."""
-    _print_lines(api.predict(run, text, checkpoint, runs_dir, device), as_json)
+    _print_lines(api.predict(run, text, checkpoint, runs_dir, device, ema), as_json)
 
 
 @app.command()
@@ -348,11 +380,12 @@ def encode(
     path: str = typer.Argument(..., help="An input file, e.g. an ARC grid as JSON for dvae."),
     checkpoint: str = Checkpoint,
     device: str = Device,
+    ema: bool = Ema,
     runs_dir: Optional[Path] = RunsDir,
     as_json: bool = AsJson,
 ) -> None:
     """The model's discrete code for an input (dvae: a grid's codes, and whether they reconstruct it)."""
-    _print_lines(api.encode(run, path, checkpoint, runs_dir, device), as_json)
+    _print_lines(api.encode(run, path, checkpoint, runs_dir, device, ema), as_json)
 
 
 @app.command()
@@ -362,11 +395,12 @@ def decode(
     codes: str = typer.Argument(..., help='The codes, e.g. "3 17 250 ..." (as `encode` prints them).'),
     checkpoint: str = Checkpoint,
     device: str = Device,
+    ema: bool = Ema,
     runs_dir: Optional[Path] = RunsDir,
     as_json: bool = AsJson,
 ) -> None:
     """Render what the model decodes from a code (dvae: the grid)."""
-    _print_lines(api.decode(run, codes, checkpoint, runs_dir, device), as_json)
+    _print_lines(api.decode(run, codes, checkpoint, runs_dir, device, ema), as_json)
 
 
 @app.command()
@@ -378,12 +412,14 @@ def probe(
     method: str = typer.Option("logistic", "--method", help="logistic (L-BFGS) or ridge (closed form)."),
     examples: int = typer.Option(500, "--examples", help="Sequences (examples) to probe."),
     device: str = Device,
+    ema: bool = Ema,
     runs_dir: Optional[Path] = RunsDir,
     as_json: bool = AsJson,
 ) -> None:
     """Linear probes on every layer's hidden states for the task's latent variables (gssm: each
-    hidden node's state, beside the Bayes ceiling); writes probe.csv and probe.png to artifacts/."""
-    rows, where = api.probe(run, checkpoint, split, method, examples, runs_dir, device)
+    hidden node's state, beside the Bayes ceiling); writes probe.csv and probe.png to artifacts/
+    (artifacts/ema/ with --ema)."""
+    rows, where = api.probe(run, checkpoint, split, method, examples, runs_dir, device, ema)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -31,6 +31,12 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key} {message}")
 
 
+def metric_split(metric: str) -> str:
+    """The split a metric is computed on: `test` for test/exact_match, and for ema_test/exact_match
+    (the same split run with the EMA weights of train.ema_decay)."""
+    return metric.removeprefix("ema_").split("/")[0]
+
+
 # ----------------------------------------------------------------------------- engine sections
 
 
@@ -127,6 +133,11 @@ class TrainConfig:
     # Evaluate every N steps (0: only at the end).
     eval_every: int = 500
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # Keep an exponential moving average of the weights with this decay (0: off); it is
+    # evaluated beside the raw weights (metrics prefixed ema_) and saved in every checkpoint.
+    ema_decay: float = 0.0
+    # Profile this many steps (0: off): a trace in <run>/profile/ and step timings in profile.jsonl.
+    profile: int = 0
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -135,6 +146,8 @@ class TrainConfig:
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0 (got {self.clip_grad})")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0 (got {self.eval_every})")
+        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1) (got {self.ema_decay})")
+        require(self.profile >= 0, "profile", f"must be >= 0 (got {self.profile})")
 
 
 @dataclass
@@ -421,6 +434,8 @@ def build_config(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"{name} must be a mapping of keys (got {value!r})")
         built[name] = build_dataclass(cls, value, name)
     cfg = Config(**built)
+    if cfg.checkpoint.metric.startswith("ema_") and not cfg.train.ema_decay:
+        raise ConfigError(f"checkpoint.metric={cfg.checkpoint.metric} needs the EMA weights: set train.ema_decay > 0")
     task_cls.validate_config(cfg)
     return cfg
 

@@ -35,6 +35,8 @@ from latentforge.engine.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
+from latentforge.engine.ema import PREFIX as EMA_PREFIX
+from latentforge.engine.ema import build_ema
 from latentforge.engine.guard import StabilityGuard
 from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
 from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
@@ -44,6 +46,7 @@ from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
 from latentforge.tasks import get_task
 from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
+from latentforge.track.profile import StepProfiler
 from latentforge.track.progress import TrainProgress
 from latentforge.track.remote import Remote, RemoteMirror
 from latentforge.track.rundir import FollowerRunDir, RunDir, git_sha
@@ -62,6 +65,8 @@ def check_distributed(cfg: Config, world_size: int) -> None:
     if cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
         raise ConfigError("optim.name=muon needs whole weight matrices: use dist.strategy=ddp, or optim.name=adamw "
                           "with fsdp")
+    if cfg.dist.strategy == "fsdp" and t.ema_decay > 0:
+        raise ConfigError("train.ema_decay keeps a whole copy of the weights: use dist.strategy=ddp with it")
     if cfg.dist.strategy == "fsdp" and t.precision == "fp16":
         raise ConfigError("dist.strategy=fsdp trains in bf16 or fp32 (train.precision=fp16 needs a sharded grad "
                           "scaler)")
@@ -167,6 +172,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.batches = self.task.train_batches()
         self.guard = StabilityGuard(t.guard)
+        self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.timer: StepProfiler | None = None
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.window = self._empty_window()
@@ -226,6 +233,7 @@ class Trainer:
             "window": {"sums": {k: v.detach().cpu() for k, v in self.window["sums"].items()},
                        "steps": self.window["steps"], "tokens": self.window["tokens"]},
             "lr": self.optimizer.param_groups[0]["lr"],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": self.cfg.to_dict(),
         }
 
@@ -263,6 +271,9 @@ class Trainer:
         w = state["window"]
         self.window = {"sums": {k: v.to(self.device) for k, v in w["sums"].items()},
                        "steps": w["steps"], "tokens": w["tokens"]}
+        if self.ema is not None and state.get("ema") is not None:
+            # A checkpoint without one (EMA turned on at resume) starts the average afresh.
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
 
     def save(self, kind: str) -> Path:
@@ -298,6 +309,8 @@ class Trainer:
         extras: dict[str, torch.Tensor] = {}
         micro_batches = [distributed.shard(self.batches.next_batch(), t.batch_size, self.dist)
                          for _ in range(t.grad_accum)]
+        if self.timer is not None:
+            self.timer.lap("data")
         weights = [self.task.loss_weight(b) for b in micro_batches]
         total_weight = sum(weights)
         if self.dist.enabled:
@@ -315,6 +328,8 @@ class Trainer:
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0) + v.detach().float() * share
             tokens += self.task.tokens_in(batch)
+        if self.timer is not None:
+            self.timer.lap("forward_backward")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = t.clip_grad if t.clip_grad > 0 else math.inf
@@ -337,9 +352,13 @@ class Trainer:
                 self.scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.timer is not None:
+            self.timer.lap("optimizer")
         self.step += 1
         if reason is None:
             self._accumulate("train/loss", loss_sum)
@@ -417,10 +436,14 @@ class Trainer:
         status = "finished"
         if self.dist.is_main:
             remove_stale_temporaries(self.run.checkpoints)
+        profiles = t.profile and self.dist.is_main
+        self.timer = StepProfiler(self.run, t.profile, self.device, self.step) if profiles else None
         try:
             with StopRequest() as stop:
                 clock = time.perf_counter()
                 while self.step < t.steps:
+                    if self.timer is not None:
+                        self.timer.begin_step()
                     reason = self.train_step()
                     if reason is not None:
                         self._on_bad_step(reason, logger, progress)
@@ -436,6 +459,9 @@ class Trainer:
                     if not saved and ((c.every and self.step % c.every == 0) or done):
                         self.save("final" if done else "periodic")
                         clock = time.perf_counter()
+                    if self.timer is not None and (where := self.timer.end_step(self.step)):
+                        progress.print(where)
+                        self.timer = None
                     if self._stop_agreed(stop) and not done:
                         self.save("interrupt")
                         progress.print(f"{stop.signal_name}: checkpoint saved at step {self.step}; "
@@ -453,6 +479,9 @@ class Trainer:
                                  error=f"{type(e).__name__}: {e}")
             raise
         finally:
+            if self.timer is not None:  # training ended inside the profiled window
+                progress.print(self.timer.finish())
+                self.timer = None
             progress.close()
             logger.close(failed=sys.exc_info()[0] is not None)
         self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds())
@@ -502,6 +531,9 @@ class Trainer:
         splits = self.task.training_eval_splits()
         with distributed.gathered(self.loss_module):
             metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+        if self.ema is not None:
+            ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision)
+            metrics.update({EMA_PREFIX + k: v for k, v in ema.items()})
         # Every rank evaluates the same data; rank 0's numbers decide, so all save together.
         metrics = distributed.broadcast(metrics, self.dist)
         logger.log(self.step, metrics)

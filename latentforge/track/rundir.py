@@ -6,6 +6,7 @@
                 tb/              TensorBoard event files
                 checkpoints/     step_XXXXXXXX/{state.pt, meta.json}
                 artifacts/       plots, evaluation results
+                profile/         torch.profiler traces (train.profile), with profile.jsonl beside
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.config import Config, TaskConfig, require
+from latentforge.config import Config, TaskConfig, metric_split, require
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError, TrainingStopped
 from latentforge.nn.probe import ProbeMethod, probe_accuracy
@@ -103,7 +103,7 @@ class GSSM(Task):
             raise ConfigError(f"data.optimum: the joint hidden state has {joint} states (> {MAX_JOINT_STATES}); "
                               f"the exact optimum is out of reach: set data.optimum=false")
         if cfg.checkpoint.metric:
-            split = cfg.checkpoint.metric.split("/")[0]
+            split = metric_split(cfg.checkpoint.metric)
             require(split in d.eval_splits, "checkpoint.metric",
                     f"must be a metric of an evaluated split {d.eval_splits}, e.g. test/gap "
                     f"(got {cfg.checkpoint.metric!r})")

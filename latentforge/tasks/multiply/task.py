@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentforge.config import Config, TaskConfig, require
+from latentforge.config import Config, TaskConfig, metric_split, require
 from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
@@ -243,7 +243,7 @@ class Multiply(Task):
             if split not in splits:
                 raise ConfigError(f"data.eval_splits: unknown split {split!r} (splits: {', '.join(splits)})")
         if cfg.checkpoint.metric:
-            split = cfg.checkpoint.metric.split("/")[0]
+            split = metric_split(cfg.checkpoint.metric)
             require(split in d.eval_splits, "checkpoint.metric",
                     f"must be a metric of an evaluated split {d.eval_splits}, e.g. test/exact_match "
                     f"(got {cfg.checkpoint.metric!r})")
