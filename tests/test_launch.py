@@ -207,6 +207,8 @@ def test_sweep_slurm_submits_one_array_and_continues(tmp_path, runs_dir, fake_sl
     (fake_slurm / "queue").write_text("4242_0\n4242_1\n")
     assert "nothing to submit" in ok(invoke("sweep", f, *slurm)).output
     assert len(sbatch_calls(fake_slurm)) == 1
+    # Nor does a local sweep train them meanwhile.
+    assert "000-seed=0  (busy)" in ok(invoke("sweep", f, "--dry-run", "--runs-dir", runs_dir)).output
 
     # Point 0 trains to its end (what its job runs); point 1's job vanished: only point 1 is submitted again.
     api.fit_run(sweep_dir / ids[0])

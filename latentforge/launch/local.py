@@ -184,13 +184,13 @@ def run_sweep(sweep: Sweep, runs_dir: Path, parallel: int = 1, console: Console 
     """Run every point that is not finished, `parallel` at a time; returns each point's outcome."""
     sweep_dir, jobs = prepare(sweep, runs_dir)
     already = {SKIP: "finished", BUSY: "running"}
-    outcomes = {job.point.run_id: Outcome(job.point, job.action, already.get(job.action, "not started"))
-                for job in jobs}
+    outcomes = {job.point.run_id: Outcome(job.point, job.action, "not started" if job.action not in already
+                                          else _run_status(sweep_dir, job.point)) for job in jobs}
     pending = deque(job for job in jobs if job.action not in already)
     total, done = len(pending), 0
     say = console.print if console is not None else (lambda *a, **k: None)
     if total < len(jobs):
-        say(f"{len(jobs) - total} of {len(jobs)} runs need no work (finished, or running elsewhere)")
+        say(f"{len(jobs) - total} of {len(jobs)} runs need no work (finished, running elsewhere or queued in Slurm)")
     running: dict[subprocess.Popen, tuple[Point, float]] = {}
     forwarded = 0
     with _Signals() as signals:
