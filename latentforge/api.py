@@ -130,17 +130,34 @@ def load_run(path: str | Path, runs_dir: str | Path | None = None) -> Run:
     return Run(path, runs_dir)
 
 
+def resolve_config(config: str | Path | Config, overrides: tuple[str, ...] | list[str] = (),
+                   **kw_overrides: Any) -> tuple[Config, str, list[str]]:
+    """The validated config, a label for run ids, and the overrides as `key=value` strings."""
+    items = _override_list(overrides, kw_overrides)
+    if isinstance(config, Config):
+        cfg = apply_overrides(config, items)
+        return cfg, cfg.task.name, items
+    label = Path(str(config)).stem if str(config).endswith((".yaml", ".yml")) else str(config)
+    return load_config(config, items), label, items
+
+
+def create_run(cfg: Config, source: str, items: list[str], name: str, runs_dir: str | Path | None = None,
+               overwrite: bool = False, status: str = "created") -> RunDir:
+    """A new run directory with the resolved config and its run.json: what `train` trains into, and
+    what `launch` creates (status queued) before a job trains into it."""
+    run = RunDir.create(default_runs_dir(runs_dir), name, overwrite)
+    write_atomic(run.config_path, cfg.to_yaml())
+    run.write_info({"id": run.id, "task": cfg.task.name, "source": source, "overrides": items,
+                    "command": sys.argv, "status": status, "created": time.time(), "step": 0,
+                    "total_steps": cfg.train.steps, "best": None})
+    return run
+
+
 def train(config: str | Path | Config, *overrides: str, name: str | None = None,
           runs_dir: str | Path | None = None, overwrite: bool = False, quiet: bool = True,
           **kw_overrides: Any) -> Run:
     """Train a preset name, YAML file or Config into a new run directory; returns the Run."""
-    items = _override_list(overrides, kw_overrides)
-    if isinstance(config, Config):
-        cfg = apply_overrides(config, items)
-        label = cfg.task.name
-    else:
-        cfg = load_config(config, items)
-        label = Path(str(config)).stem if str(config).endswith((".yaml", ".yml")) else str(config)
+    cfg, label, items = resolve_config(config, overrides, **kw_overrides)
     if under_torchrun_needed(cfg):
         check_distributed(cfg, cfg.dist.nproc)
         name = name or new_run_id(label)
@@ -156,16 +173,21 @@ def train(config: str | Path | Config, *overrides: str, name: str | None = None,
     def create() -> Path:
         if trainer.remote is not None:
             trainer.remote.claim(run_id, overwrite)
-        run = RunDir.create(default_runs_dir(runs_dir), run_id, overwrite)
-        write_atomic(run.config_path, cfg.to_yaml())
-        run.write_info({"id": run.id, "task": cfg.task.name, "source": str(config), "overrides": items,
-                        "command": sys.argv, "status": "created", "created": time.time(), "step": 0,
-                        "total_steps": cfg.train.steps, "best": None})
-        return run.path
+        return create_run(cfg, str(config), items, run_id, runs_dir, overwrite).path
 
     run = RunDir(on_main(trainer.dist, create))
     trainer.fit(run)
     return Run(run.path)
+
+
+def fit_run(run_spec: str | Path, runs_dir: str | Path | None = None, quiet: bool = True) -> Trainer:
+    """Train a created run directory to its end: from its latest checkpoint if it has one, else from
+    step 0. What a launched job runs, so that a requeued job resumes by itself."""
+    run = RunDir.find(run_spec, runs_dir)
+    checkpoint = resolve_checkpoint(run.checkpoints, "latest", None) if list_checkpoints(run.checkpoints) else None
+    trainer = Trainer(read_config(run), quiet=quiet, resume_from=checkpoint)
+    trainer.fit(run)
+    return trainer
 
 
 def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "latest",

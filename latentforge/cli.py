@@ -21,6 +21,7 @@ from latentforge.engine.distributed import reports_run
 from latentforge.errors import ConfigError, LatentforgeError, TrainingStopped
 from latentforge.launch.local import failure_lines, plan_sweep, run_sweep, summary_rows
 from latentforge.launch.report import build_report, print_report, print_rows, save_report
+from latentforge.launch.slurm import check_overrides, launch_slurm, plan_slurm_sweep, slurm_parameters, submit_sweep
 from latentforge.launch.sweep import expand_sweep
 from latentforge.track.compare import compare_rows, print_comparison, save_comparison
 from latentforge.track.listing import duration, list_runs, print_table, sort_runs
@@ -154,6 +155,36 @@ def lr_find(
         out.print(f"saved {result['csv']} and {result['png']}", highlight=False, soft_wrap=True)
 
 
+Slurm = typer.Option(None, "--slurm", help="Submit to Slurm instead: key=value (partition, gpus, nodes, time, "
+                     "cpus_per_task, mem, account, qos, constraint, ...); repeat it, or quote several.")
+
+
+@app.command()
+@user_errors
+def launch(
+    config: str = typer.Argument(..., help="A preset (e.g. multiply, multiply/tiny) or a YAML file."),
+    overrides: Optional[list[str]] = Overrides,
+    name: Optional[str] = typer.Option(None, "--name", help="Run id (default: <preset>-<date>-<hex>)."),
+    runs_dir: Optional[Path] = RunsDir,
+    slurm: Optional[list[str]] = Slurm,
+    local: bool = typer.Option(False, "--local", help="Train here, in the foreground (the default)."),
+    quiet: bool = Quiet,
+) -> None:
+    """Train a run here (--local, the default), or submit it as a Slurm job that checkpoints and requeues
+    itself before its time limit: --slurm "partition=gpu gpus=8 time=4:00:00"."""
+    check_overrides(overrides or [])
+    if local and slurm:
+        raise ConfigError("--local trains here and --slurm submits to Slurm: give one of them")
+    if not slurm:
+        train(config, overrides, name, runs_dir, overwrite=False, quiet=quiet)
+        return
+    job = launch_slurm(config, overrides or [], slurm, name, runs_dir)
+    out.print(f"submitted run {job.run.name} as Slurm job {job.job_id}\n  run directory  {job.run}\n"
+              f"  sbatch script  {job.script}\n  log            {job.log} (and .err)\n"
+              f"  follow         squeue -j {job.job_id}; latentforge runs show {job.run}",
+              highlight=False, soft_wrap=True)
+
+
 @app.command("eval")
 @user_errors
 def eval_command(
@@ -230,6 +261,9 @@ def sweep(
                                        "what goes with that metric in sweep.yaml or checkpoint.mode)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="report: where report.csv and the PNGs go "
                                            "(default: DIR)."),
+    slurm: Optional[list[str]] = Slurm,
+    slurm_parallel: Optional[int] = typer.Option(None, "--slurm-parallel", min=1,
+                                                 help="With --slurm: run at most N points at a time."),
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
 ) -> None:
@@ -240,6 +274,9 @@ def sweep(
         trains every point of FILE as its own `latentforge train` process in <runs-dir>/<name>/
         (logs in <name>/logs/); run it again to continue: finished runs are skipped, stopped ones
         resumed. Ctrl-C stops every run with a checkpoint.
+    latentforge sweep FILE --slurm "partition=gpu gpus=1 time=2:00:00" [--slurm-parallel N] [--dry-run]
+        submits every point that is not finished (nor still queued) as one Slurm job array, each into
+        the same run directory as above; run it again to resubmit what did not finish.
     latentforge sweep report DIR [--metric M] [--mode min|max] [--out DIR]
         each run's best metric: a table, report.csv and report-<x>.png (best metric vs x).
 
@@ -254,8 +291,8 @@ def sweep(
     if target == "report":
         if directory is None:
             raise ConfigError("sweep report needs a directory of runs: latentforge sweep report DIR")
-        if parallel is not None or dry_run:
-            raise ConfigError("--parallel and --dry-run are for running a sweep file, not for sweep report")
+        if parallel is not None or dry_run or slurm or slurm_parallel is not None:
+            raise ConfigError("--parallel, --slurm and --dry-run are for running a sweep file, not for sweep report")
         _report_sweep(directory, runs_dir, metric, mode, out_dir)
         return
     if directory is not None:
@@ -263,7 +300,41 @@ def sweep(
                           f"(to report on a directory: latentforge sweep report {directory})")
     if metric is not None or mode is not None or out_dir is not None:
         raise ConfigError("--metric, --mode and --out are for latentforge sweep report DIR")
+    if slurm:
+        if parallel is not None:
+            raise ConfigError("--parallel runs points here; with --slurm, --slurm-parallel N limits the array")
+        _submit_sweep(Path(target), slurm, slurm_parallel, dry_run, runs_dir)
+        return
+    if slurm_parallel is not None:
+        raise ConfigError("--slurm-parallel goes with --slurm")
     _run_sweep(Path(target), parallel or 1, dry_run, runs_dir, quiet)
+
+
+def _submit_sweep(file: Path, slurm: list[str], parallel: Optional[int], dry_run: bool,
+                  runs_dir: Optional[Path]) -> None:
+    plan = expand_sweep(file)
+    if dry_run:
+        slurm_parameters(slurm, plan.name)
+        sweep_dir, jobs = plan_slurm_sweep(plan, default_runs_dir(runs_dir))
+        for job in jobs:
+            out.print(f"{job.point.run_id}  ({job.action})  {job.point.config} {' '.join(job.point.overrides)}",
+                      highlight=False, markup=False, soft_wrap=True)
+        out.print(f"{len(jobs)} points in {sweep_dir}/; nothing submitted (dry run)", highlight=False)
+        return
+    sweep_dir, jobs, submitted = submit_sweep(plan, default_runs_dir(runs_dir), slurm, parallel)
+    idle = len(jobs) - len(submitted)
+    if not submitted:
+        out.print(f"nothing to submit: all {len(jobs)} runs of {sweep_dir} are finished, or queued or running "
+                  f"in Slurm", highlight=False, soft_wrap=True)
+    else:
+        first = submitted[0]
+        out.print(f"submitted {len(submitted)} runs of sweep {plan.name} as one Slurm job "
+                  f"({first.job_id.split('_')[0]})" + (f"; {idle} need no work" if idle else ""), highlight=False)
+        for job in submitted:
+            out.print(f"  {job.run.name}  job {job.job_id}", highlight=False, markup=False)
+        out.print(f"  sbatch script  {first.script}\n  logs           {first.log.parent}/", highlight=False,
+                  soft_wrap=True)
+    out.print(f"report: latentforge sweep report {sweep_dir}", highlight=False, soft_wrap=True)
 
 
 def _run_sweep(file: Path, parallel: int, dry_run: bool, runs_dir: Optional[Path], quiet: bool) -> None:

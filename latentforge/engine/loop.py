@@ -40,7 +40,7 @@ from latentforge.engine.ema import build_ema
 from latentforge.engine.guard import StabilityGuard
 from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
 from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
-from latentforge.engine.signals import CatchSignals
+from latentforge.engine.signals import PREEMPT_SIGNALS, CatchSignals
 from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
 from latentforge.tasks import get_task
@@ -138,7 +138,10 @@ def evaluate(task: Task, model: nn.Module, splits: list[str], device: torch.devi
 
 
 class StopRequest(CatchSignals):
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C aborts."""
+    """Ctrl-C, SIGTERM or a scheduler's SIGUSR1/SIGUSR2 (time nearly up) asks the loop to stop after the
+    current step; a second Ctrl-C aborts."""
+
+    signals = (signal.SIGINT, signal.SIGTERM, *PREEMPT_SIGNALS)
 
     def __init__(self):
         super().__init__()
@@ -176,6 +179,7 @@ class Trainer:
         self.timer: StepProfiler | None = None
         self.step = 0
         self.best: dict[str, Any] | None = None
+        self.stop_signal: str | None = None  # the signal that stopped fit() early (a launcher may requeue on it)
         self.window = self._empty_window()
         # DDP or FSDP around the task's loss, when there are several processes.
         self.loss_module: nn.Module | None = None
@@ -467,6 +471,7 @@ class Trainer:
                         progress.print(f"{stop.signal_name}: checkpoint saved at step {self.step}; "
                                        f"continue with: latentforge resume {self.run.path}")
                         status = "interrupted"
+                        self.stop_signal = stop.signal_name
                         break
         except KeyboardInterrupt:
             self.run.update_info(status="interrupted", ended=time.time(), step=self.step)

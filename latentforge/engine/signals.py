@@ -8,9 +8,14 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
+# What schedulers send shortly before a time limit or a preemption (Slurm's --signal=USR2@90, submitit's default).
+PREEMPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
 
 class CatchSignals(ABC):
-    """Routes SIGINT and SIGTERM to `handle` inside the block (main thread only), then restores."""
+    """Routes `signals` (SIGINT and SIGTERM) to `handle` inside the block (main thread only), then restores."""
+
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
@@ -21,7 +26,7 @@ class CatchSignals(ABC):
 
     def __enter__(self) -> CatchSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self.handle)
         return self
 

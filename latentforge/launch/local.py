@@ -95,14 +95,14 @@ def check_sweep_dir(sweep: Sweep, sweep_dir: Path) -> None:
 
 def plan(point: Point, sweep_dir: Path) -> str:
     """train, retrain (--overwrite: no checkpoint to continue), resume, skip (finished) or busy
-    (another live process is training it)."""
+    (another live process is training it, or it waits in a Slurm queue)."""
     run = RunDir(sweep_dir / point.run_id)
     if not run.info_path.is_file():
         return RETRAIN if run.path.exists() else TRAIN
     status = effective_status(run.info())
     if status == "finished":
         return SKIP
-    if status == "running":
+    if status in ("running", "queued"):
         return BUSY
     return RESUME if list_checkpoints(run.checkpoints) else RETRAIN
 
@@ -146,21 +146,21 @@ class _Signals(CatchSignals):
         self.count += 1
 
 
-def plan_sweep(sweep: Sweep, runs_dir: Path) -> tuple[Path, list[Job]]:
+def plan_sweep(sweep: Sweep, runs_dir: Path, check_devices: bool = True) -> tuple[Path, list[Job]]:
     """What running the sweep would do, read only: a directory of another grid, or a device this machine
-    lacks, is refused here."""
+    lacks, is refused here (unless the runs go elsewhere: a Slurm job's node has the GPUs, not this one)."""
     sweep_dir = sweep_dir_of(sweep, runs_dir)
     check_sweep_dir(sweep, sweep_dir)
     jobs = [Job(point, plan(point, sweep_dir)) for point in sweep.points]
     for job in jobs:
-        if job.action not in (SKIP, BUSY):
+        if check_devices and job.action not in (SKIP, BUSY):
             job.on_cpu = _on_cpu(sweep, job.point)
     return sweep_dir, jobs
 
 
-def prepare(sweep: Sweep, runs_dir: Path) -> tuple[Path, list[Job]]:
+def prepare(sweep: Sweep, runs_dir: Path, check_devices: bool = True) -> tuple[Path, list[Job]]:
     """Check everything, then create the sweep directory: nothing is written if any point cannot run."""
-    sweep_dir, jobs = plan_sweep(sweep, runs_dir)
+    sweep_dir, jobs = plan_sweep(sweep, runs_dir, check_devices)
     try:
         (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
         write_json(sweep_dir / "points.json", _points_record(sweep))
@@ -184,13 +184,13 @@ def run_sweep(sweep: Sweep, runs_dir: Path, parallel: int = 1, console: Console 
     """Run every point that is not finished, `parallel` at a time; returns each point's outcome."""
     sweep_dir, jobs = prepare(sweep, runs_dir)
     already = {SKIP: "finished", BUSY: "running"}
-    outcomes = {job.point.run_id: Outcome(job.point, job.action, already.get(job.action, "not started"))
-                for job in jobs}
+    outcomes = {job.point.run_id: Outcome(job.point, job.action, "not started" if job.action not in already
+                                          else _run_status(sweep_dir, job.point)) for job in jobs}
     pending = deque(job for job in jobs if job.action not in already)
     total, done = len(pending), 0
     say = console.print if console is not None else (lambda *a, **k: None)
     if total < len(jobs):
-        say(f"{len(jobs) - total} of {len(jobs)} runs need no work (finished, or running elsewhere)")
+        say(f"{len(jobs) - total} of {len(jobs)} runs need no work (finished, running elsewhere or queued in Slurm)")
     running: dict[subprocess.Popen, tuple[Point, float]] = {}
     forwarded = 0
     with _Signals() as signals:
