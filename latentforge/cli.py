@@ -21,7 +21,13 @@ from latentforge.engine.distributed import reports_run
 from latentforge.errors import ConfigError, LatentforgeError, TrainingStopped
 from latentforge.launch.local import failure_lines, plan_sweep, run_sweep, summary_rows
 from latentforge.launch.report import build_report, print_report, print_rows, save_report
-from latentforge.launch.slurm import check_overrides, launch_slurm, plan_slurm_sweep, slurm_parameters, submit_sweep
+from latentforge.launch.slurm import (
+    launch_slurm,
+    plan_slurm_sweep,
+    slurm_parameters,
+    split_slurm_settings,
+    submit_sweep,
+)
 from latentforge.launch.sweep import expand_sweep
 from latentforge.track.compare import compare_rows, print_comparison, save_comparison
 from latentforge.track.listing import duration, list_runs, print_table, sort_runs
@@ -171,8 +177,8 @@ def launch(
     quiet: bool = Quiet,
 ) -> None:
     """Train a run here (--local, the default), or submit it as a Slurm job that checkpoints and requeues
-    itself before its time limit: --slurm "partition=gpu gpus=8 time=4:00:00"."""
-    check_overrides(overrides or [])
+    itself before its time limit: --slurm partition=gpu gpus=8 time=4:00:00."""
+    overrides, slurm = split_slurm_settings(overrides or [], slurm or [])
     if local and slurm:
         raise ConfigError("--local trains here and --slurm submits to Slurm: give one of them")
     if not slurm:
@@ -264,13 +270,14 @@ def sweep(
     slurm: Optional[list[str]] = Slurm,
     slurm_parallel: Optional[int] = typer.Option(None, "--slurm-parallel", min=1,
                                                  help="With --slurm: run at most N points at a time."),
+    local: bool = typer.Option(False, "--local", help="Run the points on this machine (the default)."),
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
 ) -> None:
     """Run a grid of training runs from a sweep file, or report on a directory of runs.
 
     \b
-    latentforge sweep FILE [--parallel N] [--dry-run]
+    latentforge sweep FILE [--local] [--parallel N] [--dry-run]
         trains every point of FILE as its own `latentforge train` process in <runs-dir>/<name>/
         (logs in <name>/logs/); run it again to continue: finished runs are skipped, stopped ones
         resumed. Ctrl-C stops every run with a checkpoint.
@@ -288,6 +295,8 @@ def sweep(
       grid: {model.d_model: [32, 64], optim.lr: [1e-3, 3e-3]}   # every combination
       report: {metric: test/loss, mode: min, x: \\[params], curves: optim.lr}
     """
+    if local and slurm:
+        raise ConfigError("--local runs the sweep here and --slurm submits it to Slurm: give one of them")
     if target == "report":
         if directory is None:
             raise ConfigError("sweep report needs a directory of runs: latentforge sweep report DIR")

@@ -130,7 +130,8 @@ def test_fit_run_trains_a_created_run_then_resumes_it(runs_dir, monkeypatch):
 
 def test_launch_slurm_writes_the_sbatch_script_into_the_run(cli, runs_dir, fake_slurm):
     result = ok(cli("launch", "multiply/tiny", *FAST, "--name", "big", "--runs-dir", runs_dir,
-                    "--slurm", "partition=gpu gpus=4 nodes=2", "--slurm", "time=1-02:00:30",
+                    # Quoted, repeated, or typed bare after --slurm: all the same.
+                    "--slurm", "partition=gpu gpus=4", "nodes=2", "--slurm", "time=1-02:00:30",
                     "--slurm", "account=lab", "--slurm", "constraint=h100|a100"))
     run = runs_dir / "big"
     assert "submitted run big as Slurm job 4242" in result.output
@@ -160,7 +161,7 @@ def test_launch_refuses_bad_input_before_writing_anything(cli, runs_dir, fake_sl
     refused(cli(*base, "--slurm", "gpus=two time=10"), "gpus must be a whole number")
     refused(cli(*base, "--slurm", "time=1 signal_delay_s=90"), "must be shorter than the time limit")
     refused(cli(*base, "model.nope=1", "--slurm", "time=10"), "nope")
-    refused(cli(*base, "gpus=8", "--slurm", "time=10"), "gpus=8 is a Slurm setting: write --slurm gpus=8")
+    refused(cli(*base, "gpus=8"), "gpus=8 is a Slurm setting: write --slurm gpus=8")
     refused(cli(*base, "--local", "--slurm", "time=10"), "give one of them")
     monkeypatch.setenv("PATH", "/nonexistent")
     refused(cli(*base, "--slurm", "time=10"), "sbatch is not on PATH")
@@ -231,6 +232,7 @@ def test_sweep_slurm_bad_input(tmp_path, runs_dir, fake_slurm):
     refused(invoke("sweep", f, "--slurm", "gpu=1 time=5", "--runs-dir", runs_dir), "unknown --slurm key 'gpu'")
     refused(invoke("sweep", f, "--slurm", "time=5", "--parallel", "2", "--runs-dir", runs_dir), "--slurm-parallel")
     refused(invoke("sweep", f, "--slurm-parallel", "2", "--runs-dir", runs_dir), "goes with --slurm")
+    refused(invoke("sweep", f, "--local", "--slurm", "time=5", "--runs-dir", runs_dir), "give one of them")
     assert not runs_dir.exists() and sbatch_calls(fake_slurm) == []
     dry = ok(invoke("sweep", f, "--slurm", "time=5", "--dry-run", "--runs-dir", runs_dir))
     assert "000-seed=0  (train)" in dry.output and "nothing submitted" in dry.output and not runs_dir.exists()

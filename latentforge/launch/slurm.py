@@ -82,13 +82,20 @@ def parse_time(text: str) -> int:
     return minutes
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """`gpus=8` among the config overrides is a --slurm setting typed without its flag."""
+def split_slurm_settings(overrides: list[str], slurm: list[str]) -> tuple[list[str], list[str]]:
+    """Slurm settings typed after --slurm without quotes (`--slurm partition=gpu gpus=8 time=4:00:00`)
+    arrive among the config overrides: a config key always has a section (`train.steps`), so a
+    bare Slurm key is moved back to the settings. Without --slurm, one is a mistake."""
+    config, settings = [], list(slurm)
     for item in overrides:
         key = item.partition("=")[0]
-        if key in SLURM_KEYS:
-            raise ConfigError(f"{item} is a Slurm setting: write --slurm {item} (or several in quotes: "
-                              f"--slurm \"{item} time=4:00:00\")")
+        if key not in SLURM_KEYS:
+            config.append(item)
+        elif slurm:
+            settings.append(item)
+        else:
+            raise ConfigError(f"{item} is a Slurm setting: write --slurm {item} ...")
+    return config, settings
 
 
 def slurm_parameters(items: list[str], name: str) -> dict[str, Any]:
@@ -186,7 +193,7 @@ def submit(runs: list[Path], folder: Path, params: dict[str, Any], cluster: str)
 def launch_slurm(config: str, overrides: list[str], slurm: list[str], name: str | None = None,
            runs_dir: str | Path | None = None, cluster: str = "slurm") -> Submitted:
     """Create the run directory (status queued) and submit one job that trains into it."""
-    check_overrides(overrides)
+    overrides, slurm = split_slurm_settings(overrides, slurm)
     cfg, label, items = api.resolve_config(config, overrides)
     run_id = name or new_run_id(label)
     params = slurm_parameters(slurm, run_id)
