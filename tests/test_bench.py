@@ -2,6 +2,7 @@
 evaluates and compares a spec file end to end (tiny runs on the CPU)."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("module", ["bench.multiply_speed", "bench.multiply_sweep"])
+@pytest.mark.parametrize("module", ["bench.multiply_speed", "bench.multiply_sweep", "bench.train_speed"])
 def test_bench_modules_import(module):
     sys.path.insert(0, str(REPO))
     try:
@@ -33,3 +34,29 @@ def test_side_by_side_script_trains_evaluates_and_compares(tmp_path: Path):
     assert "one" in result.stdout and "cot" in result.stdout
     assert list((tmp_path / "runs" / "compare").glob("compare-*.csv"))
     assert list((tmp_path / "runs" / "one" / "artifacts").glob("eval_test_step*.json"))
+
+
+def test_train_speed_runs_every_path_on_the_cpu(tmp_path: Path):
+    """Every trainer path of the speed benchmark trains (tiny dims, compile off) and reports positive
+    numbers, and the data path and checkpoint times are measured; a broken path fails here."""
+    out = tmp_path / "speed.json"
+    result = subprocess.run([sys.executable, "-m", "bench.train_speed", "--device", "cpu", "--no-compile",
+                             "--steps", "2", "--warmup", "1", "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(out.read_text())
+    assert results["ceiling_flops"] > 0
+    assert set(results["shapes"]) == {"small", "gpt2"}
+    for name, shape in results["shapes"].items():
+        rows = {r["name"]: r for r in shape["rows"]}
+        assert set(rows) == {"latentforge", "hf eager", "lightning"}, name
+        for row in rows.values():
+            assert row["error"] == "", (name, row)
+            for key in ("steps_per_s", "tokens_per_s", "mfu", "first_step_s", "loss", "ratio"):
+                assert row[key] > 0, (name, row["name"], key)
+            assert f"| {row['name']} | " in result.stdout
+        assert rows["latentforge"]["ratio"] == 1.0
+        assert 0 < rows["latentforge"]["extra"]["data_share_of_step"]
+    extra = results["shapes"]["gpt2"]["rows"][0]["extra"]
+    assert extra["ckpt_save_blocked_s"] > 0 and extra["ckpt_restore_s"] > 0 and extra["ckpt_gib"] > 0
