@@ -218,7 +218,8 @@ class RandomTokens(Task):
 def lf_trainer(shape: Shape, device: torch.device, compile: bool, overrides: list[str]) -> Trainer:
     """A Trainer for the `multiply` preset at the small shape's dims; for gpt2, the same Trainer with
     the random-token task, model, optimizer and stream swapped in as Trainer.__init__ builds them."""
-    base = ["optim.name=adamw", f"optim.lr={LR}", "train.precision=bf16", f"train.device={device.type}",
+    base = ["optim.name=adamw", f"optim.lr={LR}", "optim.betas=[0.9,0.95]", "optim.weight_decay=0.1",
+            "optim.schedule=constant", "optim.warmup=0", "train.precision=bf16", f"train.device={device.type}",
             f"train.compile={str(compile).lower()}", f"train.steps={shape.steps + shape.warmup}"]
     if shape.name == "small":
         dims = [f"model.n_layer={shape.n_layer}", f"model.d_model={shape.d_model}", f"model.n_head={shape.n_head}",
