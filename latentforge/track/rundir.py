@@ -167,13 +167,13 @@ class FollowerRunDir(RunDir):
     every write is rank 0's, so here writing does nothing."""
 
     def write_info(self, info: dict[str, Any]) -> None:
-        pass
+        """run.json is rank 0's."""
 
     def update_info(self, **fields: Any) -> dict[str, Any]:
         return self.info()
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        pass
+        """metrics.jsonl is rank 0's (with the metrics reduced over the ranks)."""
 
     def truncate_metrics(self, after_step: int) -> None:
-        pass
+        """metrics.jsonl is rank 0's."""
