@@ -37,6 +37,14 @@ def metric_split(metric: str) -> str:
     return metric.removeprefix("ema_").split("/")[0]
 
 
+def require_evaluated_metric(metric: str, eval_splits: list[str], example: str = "") -> None:
+    """checkpoint.metric must come from a split the task evaluates during training (or its EMA twin)."""
+    if metric:
+        hint = f", e.g. {example}" if example else ""
+        require(metric_split(metric) in eval_splits, "checkpoint.metric",
+                f"must be a metric of an evaluated split {eval_splits}{hint} (got {metric!r})")
+
+
 # ----------------------------------------------------------------------------- engine sections
 
 

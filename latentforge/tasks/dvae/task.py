@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from latentforge.config import Config, TaskConfig, metric_split, require
+from latentforge.config import Config, TaskConfig, require, require_evaluated_metric
 from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
@@ -163,10 +163,7 @@ class DVAE(Task):
             if not categorical and (s.start or s.end):
                 raise ConfigError(f"task.weights.{key} needs a categorical codebook (gumbel, reinmax, softmax); "
                                   f"model.codebook={m.codebook} has no code distribution")
-        if cfg.checkpoint.metric:
-            split = metric_split(cfg.checkpoint.metric)
-            require(split in cfg.data.eval_splits, "checkpoint.metric",
-                    f"must be a metric of an evaluated split {cfg.data.eval_splits} (got {cfg.checkpoint.metric!r})")
+        require_evaluated_metric(cfg.checkpoint.metric, cfg.data.eval_splits)
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model

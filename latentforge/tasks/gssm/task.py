@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.config import Config, TaskConfig, metric_split, require
+from latentforge.config import Config, TaskConfig, require, require_evaluated_metric
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError, TrainingStopped
 from latentforge.nn.probe import ProbeMethod, probe_accuracy
@@ -102,11 +102,7 @@ class GSSM(Task):
         if d.optimum and joint > MAX_JOINT_STATES:
             raise ConfigError(f"data.optimum: the joint hidden state has {joint} states (> {MAX_JOINT_STATES}); "
                               f"the exact optimum is out of reach: set data.optimum=false")
-        if cfg.checkpoint.metric:
-            split = metric_split(cfg.checkpoint.metric)
-            require(split in d.eval_splits, "checkpoint.metric",
-                    f"must be a metric of an evaluated split {d.eval_splits}, e.g. test/gap "
-                    f"(got {cfg.checkpoint.metric!r})")
+        require_evaluated_metric(cfg.checkpoint.metric, d.eval_splits, "test/gap")
 
     # ------------------------------------------------------------------ data
     def _generate(self, split: str, n: int) -> SequenceSet:

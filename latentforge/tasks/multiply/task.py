@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentforge.config import Config, TaskConfig, metric_split, require
+from latentforge.config import Config, TaskConfig, require, require_evaluated_metric
 from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
@@ -242,11 +242,7 @@ class Multiply(Task):
         for split in d.eval_splits:
             if split not in splits:
                 raise ConfigError(f"data.eval_splits: unknown split {split!r} (splits: {', '.join(splits)})")
-        if cfg.checkpoint.metric:
-            split = metric_split(cfg.checkpoint.metric)
-            require(split in d.eval_splits, "checkpoint.metric",
-                    f"must be a metric of an evaluated split {d.eval_splits}, e.g. test/exact_match "
-                    f"(got {cfg.checkpoint.metric!r})")
+        require_evaluated_metric(cfg.checkpoint.metric, d.eval_splits, "test/exact_match")
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
