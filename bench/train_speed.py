@@ -6,10 +6,8 @@
 Rows, per shape:
 - latentforge: its Transformer trained by the engine's `Trainer.train_step` (bf16 autocast, fused
   AdamW, gradient clipping, device-side metric sums). The small shape is the `multiply` preset
-  itself (its data stream included); the gpt2 shape has no task of its own, so a Trainer is built
-  from the `multiply` preset and its task, model, optimizer and batch stream are swapped for a
-  random-token language model (latentforge's Transformer, `build_optimizer`, a stream of
-  `torch.randint` batches made on the device): `train_step` runs unchanged.
+  itself (its data stream included); the gpt2 shape is bench/configs/gpt2-small.yaml, the
+  random-token task of bench/random_lm.py (batches made on the device).
 - hf eager / hf compiled: transformers' GPT2LMHeadModel with the same dims in a plain loop (bf16
   autocast, fused AdamW, clipping at 1.0, the same loss function), on batches made beforehand.
 - lightning: a LightningModule around the same HF model, Trainer(precision="bf16-mixed").
@@ -41,19 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench.random_lm import RandomTokenBatches, lm_loss
 from latentforge.config import load_config
 from latentforge.engine.checkpoint import load_checkpoint, save_checkpoint
 from latentforge.engine.loop import Trainer
-from latentforge.engine.optim import build_optimizer
-from latentforge.engine.task import Task
-from latentforge.nn.transformer import Transformer, TransformerShape
 from latentforge.tasks.multiply.layout import sequence_length
 from latentforge.track.rundir import git_sha
 
-IGNORE = -100
+GPT2_CONFIG = Path(__file__).parent / "configs" / "gpt2-small.yaml"
 LR = 3e-4
 
 
@@ -159,81 +154,19 @@ def timed(step: Callable[[], Any], warmup: int, steps: int, device: torch.device
     return first, (time.perf_counter() - start) / steps
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The one loss every row trains on (latentforge's multiply loss): fp32 cross-entropy."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-
-
 # ---------------------------------------------------------------------------- latentforge
-class RandomTokenBatches:
-    """Random token rows made on the device: an endless, resumable stream (its state is the index)."""
-
-    def __init__(self, shape: Shape, device: torch.device, seed: int = 0):
-        self.shape, self.device, self.index = shape, device, 0
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        s = self.shape
-        rows = torch.randint(0, s.vocab, (s.batch, s.seq_len + 1), device=self.device, generator=self.generator)
-        self.index += 1
-        return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.index = state["index"]
-
-
-class RandomTokens(Task):
-    """Next-token prediction on random tokens with latentforge's Transformer: the gpt2 shape's
-    workload. Not a registered task: the benchmark swaps it into a Trainer (see `lf_trainer`)."""
-
-    name = "random-tokens"
-
-    def __init__(self, shape: Shape, device: torch.device):
-        self.shape, self.device = shape, device
-
-    def build_model(self) -> nn.Module:
-        s = self.shape
-        return Transformer(TransformerShape(vocab_size=s.vocab, n_layer=s.n_layer, n_head=s.n_head,
-                                            d_model=s.d_model, max_len=s.seq_len))
-
-    def train_batches(self) -> RandomTokenBatches:
-        return RandomTokenBatches(self.shape, self.device)
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        return lm_loss(model(batch["inputs"]), batch["targets"]), {}
-
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["inputs"].numel()
-
-    def eval_splits(self) -> list[str]:
-        return []
-
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        return {}
-
-
 def lf_trainer(shape: Shape, device: torch.device, compile: bool, overrides: list[str]) -> Trainer:
-    """A Trainer for the `multiply` preset at the small shape's dims; for gpt2, the same Trainer with
-    the random-token task, model, optimizer and stream swapped in as Trainer.__init__ builds them."""
+    """A Trainer for the shape's config: the `multiply` preset (small) or bench/configs/gpt2-small.yaml,
+    the random-token task of bench/random_lm.py (gpt2), at the shape's dims."""
     base = ["optim.name=adamw", f"optim.lr={LR}", "optim.betas=[0.9,0.95]", "optim.weight_decay=0.1",
             "optim.schedule=constant", "optim.warmup=0", "train.precision=bf16", f"train.device={device.type}",
-            f"train.compile={str(compile).lower()}", f"train.steps={shape.steps + shape.warmup}"]
+            f"train.compile={str(compile).lower()}", f"train.steps={shape.steps + shape.warmup}",
+            f"model.n_layer={shape.n_layer}", f"model.d_model={shape.d_model}", f"model.n_head={shape.n_head}",
+            f"train.batch_size={shape.batch}"]
     if shape.name == "small":
-        dims = [f"model.n_layer={shape.n_layer}", f"model.d_model={shape.d_model}", f"model.n_head={shape.n_head}",
-                f"train.batch_size={shape.batch}"]
-        return Trainer(load_config("multiply", base + dims + overrides), quiet=True)
-    trainer = Trainer(load_config("multiply", base + ["model.n_layer=1"] + overrides), quiet=True)
-    task = RandomTokens(shape, device)
-    trainer.task = task
-    trainer.model = task.build_model().to(device)
-    trainer.optimizer = build_optimizer(trainer.model, trainer.cfg.optim, device)
-    trainer.batches = task.train_batches()
-    trainer.train_model = torch.compile(trainer.model) if compile else trainer.model
-    trainer.params = [p for p in trainer.model.parameters() if p.requires_grad]
-    return trainer
+        return Trainer(load_config("multiply", base + overrides), quiet=True)
+    gpt2 = [f"model.vocab_size={shape.vocab}", f"data.seq_len={shape.seq_len}"]
+    return Trainer(load_config(GPT2_CONFIG, base + gpt2 + overrides), quiet=True)
 
 
 def run_latentforge(shape: Shape, device: torch.device, compile: bool, overrides: list[str],
@@ -286,7 +219,7 @@ def peer_batches(shape: Shape, device: torch.device, count: int = 8) -> list[dic
 
         stream = get_task("multiply")(cfg, device).train_batches()
     else:
-        stream = RandomTokenBatches(shape, device)
+        stream = RandomTokenBatches(shape.batch, shape.seq_len, shape.vocab, 0, device)
     return [stream.next_batch() for _ in range(count)]
 
 
@@ -453,8 +386,8 @@ def table(shape: Shape, rows: list[Row]) -> str:
 def describe(shape: Shape) -> str:
     params = 12 * shape.n_layer * shape.d_model**2 + shape.vocab * shape.d_model
     data = ("the `multiply` preset's stream (peers: 8 of its batches made beforehand)" if shape.name == "small"
-            else "random tokens made on the device (latentforge: its Transformer and optimizer swapped into a "
-                 "Trainer built from the multiply preset; peers: 8 batches made beforehand)")
+            else "random tokens made on the device (latentforge: bench/configs/gpt2-small.yaml, the task in "
+                 "bench/random_lm.py; peers: 8 of its batches made beforehand)")
     return (f"### {shape.name}: {shape.n_layer} layers, d={shape.d_model}, {shape.n_head} heads, vocab {shape.vocab}, "
             f"batch {shape.batch} × {shape.seq_len} tokens, ~{params / 1e6:.1f}M parameters; data: {data}; "
             f"{shape.warmup} warm-up + {shape.steps} timed steps; model FLOPs {shape.flops_per_step() / 1e9:,.1f} "

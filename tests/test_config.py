@@ -94,6 +94,30 @@ def test_unknown_task():
         load_config("multiply/tiny", ["task.name=nope"])
 
 
+def test_task_outside_the_package_is_imported_from_the_current_directory(tmp_path: Path, monkeypatch, cli):
+    """task.name=module:Class trains a researcher's own task: here a copy of the benchmark's random-token task
+    in a file of the current directory, run through the CLI."""
+    source = Path(__file__).parents[1] / "bench" / "random_lm.py"
+    (tmp_path / "my_lm.py").write_text(source.read_text())
+    (tmp_path / "my.yaml").write_text("task:\n  name: my_lm:RandomLM\nmodel: {n_layer: 1, n_head: 2, d_model: 16, "
+                                      "vocab_size: 32}\ndata: {seq_len: 8, eval_rows: 2}\n"
+                                      "checkpoint: {metric: valid/loss, mode: min}\n")
+    monkeypatch.chdir(tmp_path)
+    result = cli("train", "my.yaml", "train.steps=3", "train.batch_size=2", "train.device=cpu", "--name", "mine")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "mine" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no_such_module:Task", "cannot import no_such_module"),
+    ("latentforge.config:Config", "has no Task subclass named 'Config'"),
+    ("latentforge.config:Missing", "has no Task subclass named 'Missing'"),
+])
+def test_bad_external_task(name: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config("multiply/tiny", [f"task.name={name}"])
+
+
 def test_apply_overrides_revalidates():
     cfg = load_config("multiply/tiny")
     assert apply_overrides(cfg, ["train.steps=99"]).train.steps == 99
