@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
             print("\n" + text, flush=True)
             sections.append(text)
             results["workloads"][workload] = runs
-    (args.out / "multi_gpu.md").write_text("\n\n".join(sections) + "\n")
-    (args.out / "multi_gpu.json").write_text(json.dumps(results, indent=2))
+            (args.out / "multi_gpu.md").write_text("\n\n".join(sections) + "\n")
+            (args.out / "multi_gpu.json").write_text(json.dumps(results, indent=2))
     return results
 
 
