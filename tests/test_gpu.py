@@ -32,6 +32,18 @@ def test_bf16_matches_fp32_on_cuda(runs_dir):
         assert b[step] == pytest.approx(a[step], rel=2e-2)
 
 
+def test_compiled_path_matches_eager_on_cuda(runs_dir):
+    """The fast path (torch.compile, bf16) follows the eager path's loss curve within bf16 tolerance."""
+    common = (*TINY, "train.steps=30", "train.device=cuda", "train.precision=bf16", "optim.name=adamw",
+              "optim.lr=1e-3")
+    eager = latentforge.train("multiply/tiny", *common, name="eager", runs_dir=runs_dir)
+    fast = latentforge.train("multiply/tiny", *common, "train.compile=true", name="fast", runs_dir=runs_dir)
+    a, b = losses(eager.path), losses(fast.path)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-2, abs=2e-2)
+
+
 def test_resume_on_cuda_continues(runs_dir):
     latentforge.train("multiply/tiny", *TINY, "train.device=cuda", name="r", runs_dir=runs_dir)
     run = latentforge.resume("r", "train.steps=20", runs_dir=runs_dir)
