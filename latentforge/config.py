@@ -135,6 +135,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    # torch.compile's mode: reduce-overhead records CUDA graphs of the forward and backward (for small models,
+    # which spend their time launching kernels; shapes must repeat), max-autotune also searches kernels.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     # Clip the global gradient norm to this value; 0 turns clipping off.
     clip_grad: float = 1.0
     log_every: int = 50

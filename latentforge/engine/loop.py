@@ -189,7 +189,7 @@ class Trainer:
                 raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {self.step}")
         # Measured here, before any run directory exists, so a failure leaves nothing behind.
         self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
-        self.train_model = torch.compile(self.model) if t.compile else self.model
+        self.train_model = torch.compile(self.model, mode=t.compile_mode) if t.compile else self.model
         if self.dist.enabled:
             self._wrap(resume_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
