@@ -212,37 +212,61 @@ def _first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class MultiplyBatches(IndexedStream):
     """Endless training batches: epochs over the enumerated training pairs (a fresh shuffle each
     epoch), or fresh samples that avoid the held-out pairs. Batch i depends only on (seed, i);
-    `make_batch(examples, i)` turns the examples into what the model trains on."""
+    `make_batch(examples, i)` turns the examples into what the model trains on.
+
+    The data path is launch-bound (dozens of small kernels per batch), so the examples of `chunk`
+    batches are made in one pass; with `stepless` (make_batch reads neither the step nor an RNG)
+    the batches themselves are too. Otherwise make_batch runs when the batch is used, so its random
+    draws come in the order they would unchunked, and resume stays exact."""
 
     def __init__(self, data: MultiplyData, batch_size: int, fixed_width: bool,
-                 make_batch: Callable[[Examples, int], Any], device: torch.device):
+                 make_batch: Callable[[Examples, int], Any], device: torch.device, chunk: int = 1,
+                 stepless: bool = False):
         self.data, self.batch_size, self.make_batch = data, batch_size, make_batch
-        self.fixed_width = fixed_width
+        self.fixed_width, self.chunk, self.stepless = fixed_width, chunk, stepless
         self.device = device
+        self._pending: dict[int, Any] = {}
         if data.train is not None:
             self.train_a, self.train_b = data.train[0].to(device), data.train[1].to(device)
             self.sampler = EpochSampler(len(self.train_a), batch_size, data.seed, device)
-        self.test_keys = data.test_keys.to(device)
+        # On the host: the clash check of sampled pairs then costs no device sync.
+        self.test_keys = data.test_keys
 
-    def pairs(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairs(self, index: int, count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The operand pairs of batches index .. index+count-1, row after row."""
         if self.data.train is not None:
-            rows = self.sampler.rows(index)
+            rows = torch.cat([self.sampler.rows(i) for i in range(index, index + count)])
             return self.train_a[rows], self.train_b[rows]
+        pairs = [self._sampled_pairs(i) for i in range(index, index + count)]
+        return (torch.cat([a for a, _ in pairs]).to(self.device), torch.cat([b for _, b in pairs]).to(self.device))
+
+    def _sampled_pairs(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.data.seed * 1_000_003 + 7_919 * (index + 1))
         a, b = self.data.space.sample(self.batch_size, g)
-        a, b = a.to(self.device), b.to(self.device)
         while True:
             clash = torch.isin(pair_keys(a, b), self.test_keys)
             if not bool(clash.any()):
                 return a, b
             na, nb = self.data.space.sample(self.batch_size, g)
-            a = torch.where(clash, na.to(self.device), a)
-            b = torch.where(clash, nb.to(self.device), b)
+            a, b = torch.where(clash, na, a), torch.where(clash, nb, b)
+
+    def examples(self, index: int, count: int = 1) -> Examples:
+        ex = self.data.examples(*self.pairs(index, count), self.device)
+        return ex.fixed_width() if self.fixed_width else ex
 
     def batch(self, index: int) -> Any:
-        a, b = self.pairs(index)
-        ex = self.data.examples(a, b, self.device)
-        return self.make_batch(ex.fixed_width() if self.fixed_width else ex, index)
+        if index not in self._pending:
+            self._pending = self._made_together(index)
+        ready = self._pending.pop(index)
+        return ready if self.stepless else self.make_batch(ready, index)
+
+    def _made_together(self, first: int) -> dict[int, Any]:
+        """Batches first .. first+chunk-1 (stepless), or their examples."""
+        ex, B = self.examples(first, self.chunk), self.batch_size
+        if self.stepless:
+            whole = self.make_batch(ex, first)
+            return {first + k: {key: v[k * B:(k + 1) * B] for key, v in whole.items()} for k in range(self.chunk)}
+        return {first + k: ex.select(slice(k * B, (k + 1) * B)) for k in range(self.chunk)}
 
 
 def read_icot_file(path: str | Path) -> Examples:

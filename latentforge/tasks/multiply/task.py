@@ -147,6 +147,8 @@ class MultiplyDataConfig:
     # Pairs per epoch where the pairs are sampled, not enumerated (the papers' 808k training files).
     epoch_size: int = 808_000
     seed: int = 1234
+    # Training batches made together in one pass of the data kernels (the same batches as one at a time).
+    chunk_batches: int = 16
 
     def __post_init__(self) -> None:
         # Absolute paths, so the saved config evaluates and reruns from any directory.
@@ -160,7 +162,7 @@ class MultiplyDataConfig:
             require(1 <= low <= high <= MAX_OPERAND_DIGITS, key,
                     f"must be [min, max] with 1 <= min <= max <= {MAX_OPERAND_DIGITS} (got {[low, high]})")
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
-        for key in ("test_size", "train_eval_size", "eval_batch_size", "epoch_size"):
+        for key in ("test_size", "train_eval_size", "eval_batch_size", "epoch_size", "chunk_batches"):
             require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
         size = OperandSpace(self.digits_a, self.digits_b).size
         require(self.test_size <= size // 2, "test_size",
@@ -292,9 +294,11 @@ class Multiply(Task):
     # ------------------------------------------------------------------ batches
     def train_batches(self) -> MultiplyBatches:
         d = self.cfg.data
+        # icot-si draws its removal smoothing and latent its teacher forcing per step; the rest do not.
+        stepless = self.variant in ("nocot", "cot", "pause", "aux-probe")
         self.stream = MultiplyBatches(self.data, self.cfg.train.batch_size, d.fixed_width,
                                       lambda ex, index: self.make_batch(ex, index // self.cfg.train.grad_accum),
-                                      self.device)
+                                      self.device, d.chunk_batches, stepless)
         return self.stream
 
     def make_batch(self, ex: Examples, step: int, smooth: bool = True) -> dict[str, Any]:
