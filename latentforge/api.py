@@ -22,6 +22,7 @@ from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint, res
 from latentforge.engine.distributed import env_from_environ, on_main, run_torchrun, under_torchrun_needed
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import ema_weights
+from latentforge.engine.eval_all import evaluate_all
 from latentforge.engine.loop import (
     Trainer,
     autocast,
@@ -255,6 +256,15 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
     write_json(out, {"step": step, "checkpoint": str(checkpoint), "ema": ema, "splits": splits,
                      "device": str(dev), "torch": torch.__version__, "metrics": metrics})
     return {"step": step, **metrics}, out
+
+
+def evaluate_all_checkpoints(run_spec: str | Path, splits: list[str] | None = None,
+                             runs_dir: str | Path | None = None, device: str = "auto", ema: bool = False,
+                             quiet: bool = True) -> list[dict[str, Any]]:
+    """Evaluate every kept checkpoint in step order and write the metrics into the run's
+    metrics.jsonl and TensorBoard at their steps (see engine/eval_all.py); one row per checkpoint."""
+    run = Run(run_spec, runs_dir)
+    return evaluate_all(run.dir, run.config, splits, device, ema, quiet)
 
 
 def predict(run_spec: str | Path, text: str, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,

@@ -32,6 +32,7 @@ from latentforge.launch.sweep import expand_sweep
 from latentforge.track.compare import compare_rows, print_comparison, save_comparison
 from latentforge.track.listing import duration, list_runs, print_table, sort_runs
 from latentforge.track.rundir import default_runs_dir
+from latentforge.track.wandb_sync import sync_run
 
 app = typer.Typer(
     help="latentforge: train, resume, list and evaluate research models whose interesting part is a latent.",
@@ -202,8 +203,14 @@ def eval_command(
     runs_dir: Optional[Path] = RunsDir,
     quiet: bool = Quiet,
     as_json: bool = AsJson,
+    all_checkpoints: bool = typer.Option(False, "--all-checkpoints", help="Evaluate every kept checkpoint and "
+                                         "write the metrics into the run's metrics.jsonl at their steps."),
 ) -> None:
-    """Evaluate a checkpoint; prints the metrics and saves them in the run's artifacts/."""
+    """Evaluate a checkpoint; prints the metrics and saves them in the run's artifacts/. With
+    --all-checkpoints: every kept checkpoint, its metrics written into the run's curves."""
+    if all_checkpoints:
+        _eval_all(run, checkpoint, split, device, ema, runs_dir, quiet, as_json)
+        return
     metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device, ema)
     if as_json:
         print(json.dumps(metrics, indent=2))
@@ -216,6 +223,29 @@ def eval_command(
     out.print(table)
     if not quiet:
         out.print(f"saved {path}")
+
+
+def _eval_all(run: str, checkpoint: str, split: Optional[list[str]], device: str, ema: bool,
+              runs_dir: Optional[Path], quiet: bool, as_json: bool) -> None:
+    if checkpoint != "latest":
+        raise ConfigError("--all-checkpoints evaluates every kept checkpoint: leave out --checkpoint")
+    rows = api.evaluate_all_checkpoints(run, split, runs_dir, device, ema, quiet=quiet or as_json)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    keys = [k for k in dict.fromkeys(k for row in rows for k in row) if k.count("/") == 1]
+    table = Table(show_edge=False, header_style="bold")
+    for key in ["step", *keys, "written"]:
+        table.add_column(key, justify="right")
+    for row in rows:
+        written = row.get("note") or f"{row['new']} new"
+        table.add_row(str(row["step"]), *(f"{row[k]:.4f}" if k in row else "-" for k in keys), written)
+    out.print(table)
+    if not quiet:
+        written = sum(row["new"] > 0 for row in rows)
+        where = api.Run(run, runs_dir).dir.metrics_path
+        out.print(f"wrote the metrics of {written} of {len(rows)} checkpoints into {where}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -451,6 +481,38 @@ def runs_show(
             if key != "step":
                 metrics.add_row(key, f"{value:.4f}")
         out.print(metrics)
+
+
+@runs_app.command("sync")
+@user_errors
+def runs_sync(
+    run: str = RunArg,
+    to: str = typer.Option(..., "--to", help="Where to: wandb."),
+    project: Optional[str] = typer.Option(None, "--project", help="W&B project (default: the run's "
+                                          "track.wandb_project)."),
+    entity: Optional[str] = typer.Option(None, "--entity", help="W&B entity (default: the run's track.wandb_entity, "
+                                         "else your default)."),
+    runs_dir: Optional[Path] = RunsDir,
+) -> None:
+    """Upload a run to W&B: its config, metrics.jsonl (each record at its step) and artifacts/. Syncing
+    again continues the same W&B run and sends only the new steps (WANDB_MODE=offline is honoured)."""
+    if to != "wandb":
+        raise ConfigError(f"--to must be wandb (got {to!r})")
+    r = api.Run(run, runs_dir)
+    result = sync_run(r.dir, r.config, project, entity)
+    where = f"W&B run {result['id']} in {result['destination']}"
+    if result["nothing_new"]:
+        out.print(f"nothing new: {where} already has every step up to {result['step']}", highlight=False,
+                  soft_wrap=True)
+        return
+    sent = (f"steps {result['from_step']}..{result['to_step']} ({result['sent_steps']} steps)"
+            if result["sent_steps"] else "no new steps")
+    out.print(f"synced {r.id} to {where}: {sent}, {result['images']} images, {result['files']} other files",
+              highlight=False, soft_wrap=True)
+    if result["mode"] == "offline":
+        out.print(f"  offline: upload it with `wandb sync {result['sync_dir']}`", highlight=False, soft_wrap=True)
+    elif result["url"]:
+        out.print(f"  {result['url']}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -79,6 +79,8 @@ class OptimConfig:
     decay_frac: float = 0.2
     # muon only: its momentum.
     momentum: float = 0.95
+    # ⊥Grad: drop each weight's gradient component parallel to the weight before the step (see engine/orthograd.py).
+    orthograd: bool = False
 
     def validate(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")

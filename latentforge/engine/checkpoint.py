@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from latentforge.engine.distributed import DistEnv, barrier, broadcast
+from latentforge.engine.eval_queue import prune_lock, queued_steps
 from latentforge.errors import CheckpointError
 from latentforge.track.files import write_json
 
@@ -158,7 +159,10 @@ def remove_stale_temporaries(ckpt_dir: Path) -> None:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, protected: set[int]) -> None:
-    """Remove all but the newest `keep` checkpoints, never one whose step is protected."""
-    prunable = [s for s in list_checkpoints(ckpt_dir) if s not in protected]
-    for step in prunable[:-keep] if keep > 0 else prunable:
-        shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
+    """Remove all but the newest `keep` checkpoints, never one whose step is protected nor one
+    queued for evaluation (engine/eval_queue.py)."""
+    with prune_lock(ckpt_dir):
+        protected = protected | queued_steps(ckpt_dir)
+        prunable = [s for s in list_checkpoints(ckpt_dir) if s not in protected]
+        for step in prunable[:-keep] if keep > 0 else prunable:
+            shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)

@@ -65,6 +65,8 @@ def check_distributed(cfg: Config, world_size: int) -> None:
     if cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
         raise ConfigError("optim.name=muon needs whole weight matrices: use dist.strategy=ddp, or optim.name=adamw "
                           "with fsdp")
+    if cfg.dist.strategy == "fsdp" and cfg.optim.orthograd:
+        raise ConfigError("optim.orthograd=true projects whole weight tensors: use dist.strategy=ddp with it")
     if cfg.dist.strategy == "fsdp" and t.ema_decay > 0:
         raise ConfigError("train.ema_decay keeps a whole copy of the weights: use dist.strategy=ddp with it")
     if cfg.dist.strategy == "fsdp" and t.precision == "fp16":

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from latentforge.config import OptimConfig
+from latentforge.engine.orthograd import OrthoGrad
 
 
 def _embedding_ids(model: nn.Module) -> set[int]:
@@ -73,6 +74,11 @@ class OptimizerGroup:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+    optimizer = _build_optimizer(model, cfg, device)
+    return OrthoGrad(optimizer) if cfg.orthograd else optimizer
+
+
+def _build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     groups = param_groups(model, cfg)
     adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
     if cfg.name == "adamw":

@@ -154,7 +154,8 @@ class RunDir:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-        return records
+        # In step order: `eval --all-checkpoints` appends earlier steps' records after later ones.
+        return sorted(records, key=lambda r: r.get("step", 0))
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records logged after `after_step`, so a resumed run's history has no duplicates."""

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from latentforge.config import Config, TaskConfig, require, require_evaluated_metric
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError, TrainingStopped
+from latentforge.nn.losses import cross_entropy
 from latentforge.nn.probe import ProbeMethod, probe_accuracy
 from latentforge.nn.transformer import Transformer, TransformerConfig
 from latentforge.tasks.gssm.data import GSSMBatches, SequenceSet, generate, read_dataset, stream_key, write_dataset
@@ -162,7 +162,7 @@ class GSSM(Task):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         logits = model(batch["inputs"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        loss = cross_entropy(logits, batch["targets"])
         metrics = {}
         if self.optimum:
             optimal = batch["optimal"].mean().float()
@@ -183,8 +183,7 @@ class GSSM(Task):
         """Each sequence's mean next-token loss (n,), float64."""
         out = []
         for chunk in tokens.long().split(self.cfg.data.eval_batch_size):
-            logits = model(chunk[:, :-1]).float()
-            nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
+            nll = cross_entropy(model(chunk[:, :-1]), chunk[:, 1:], reduction="none")
             out.append(nll.double().mean(1))
         return torch.cat(out)
 

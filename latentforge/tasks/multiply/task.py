@@ -23,6 +23,7 @@ from latentforge.config import Config, TaskConfig, require, require_evaluated_me
 from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
+from latentforge.nn.losses import cross_entropy
 from latentforge.nn.transformer import TransformerConfig
 from latentforge.tasks.multiply.data import (
     MAX_OPERAND_DIGITS,
@@ -365,7 +366,7 @@ class Multiply(Task):
             logits, probes = model.forward_probed(batch["inputs"])
         else:
             logits = model(batch["inputs"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        loss = cross_entropy(logits, targets, ignore_index=IGNORE)
         scored = targets != IGNORE
         metrics["answer_token_acc"] = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
         if "removed" in batch:
