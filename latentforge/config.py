@@ -81,6 +81,8 @@ class OptimConfig:
     momentum: float = 0.95
     # ⊥Grad: drop each weight's gradient component parallel to the weight before the step (see engine/orthograd.py).
     orthograd: bool = False
+    # Parameter names (fnmatch globs, e.g. "layers.0.*" or "*embeddings*") left untrained (engine/freeze.py).
+    freeze: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
@@ -93,6 +95,7 @@ class OptimConfig:
         require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}] (got {self.min_lr})")
         require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1) (got {self.momentum})")
         require(0 < self.decay_frac <= 1, "decay_frac", f"must be in (0, 1] (got {self.decay_frac})")
+        require(all(self.freeze), "freeze", f"must hold non-empty name patterns (got {self.freeze})")
 
     def warmup_steps(self, total_steps: int) -> int:
         return round(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)

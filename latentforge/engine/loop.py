@@ -37,6 +37,7 @@ from latentforge.engine.checkpoint import (
 )
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import build_ema
+from latentforge.engine.freeze import freeze
 from latentforge.engine.guard import StabilityGuard
 from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
 from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
@@ -173,6 +174,7 @@ class Trainer:
         self.mirror: RemoteMirror | None = None
         seed_everything(t.seed)
         self.task, self.model = build_task_and_model(cfg, self.device)
+        self.frozen = freeze(self.model, cfg.optim.freeze)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.batches = self.task.train_batches()
@@ -438,6 +440,9 @@ class Trainer:
                                     self.step, info.get("flops_per_example"))
 
         progress = TrainProgress(t.steps, self.step, enabled=not self.quiet)
+        if self.frozen:
+            progress.print(f"optim.freeze: {self.frozen:,} of {n_params:,} parameters frozen")
+            self.run.update_info(frozen_params=self.frozen)
         self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
         status = "finished"
         if self.dist.is_main:

@@ -17,9 +17,13 @@ def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x (B, H, T, D) by position-dependent angles."""
+    """Rotate pairs of channels of x (B, H, T, D) by position-dependent angles.
+
+    cos/sin are a (positions, D/2) table read from position 0, or already gathered per token and
+    broadcastable to (B, H, T, D/2) (packed documents, where positions restart at each document)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    if cos.dim() == 2:
+        cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.type_as(x)
 

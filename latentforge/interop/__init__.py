@@ -1,0 +1,1 @@
+"""Moving weights between latentforge and other libraries (Hugging Face transformers)."""
