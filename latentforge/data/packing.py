@@ -65,6 +65,8 @@ class Cursor:
         ids, labels, self.offset = cut(self.tokens, self.offset, n)
         if self.offset == len(self.tokens):
             self.doc, self.offset, self.tokens = self.doc + 1, 0, None
+            if self.doc == len(self.docs):  # the shard is read to the end: it counts as consumed now
+                self.visit, self.doc, self.docs = self.visit + 1, 0, None
         return ids, labels
 
 

@@ -34,7 +34,7 @@ class TextDataConfig:
     # [{path, weight, seed}, ...]: path is a shard directory built by `latentforge data build`, or raw
     # text tokenized on the fly (a .txt/.jsonl file, a directory of them, or a glob); weight is the
     # source's share of rows (default 1); seed its own shard shuffle seed (default: its index).
-    sources: list[dict] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
     # "bytes" (256 byte ids + end-of-text), a tokenizer.json, or an HF model/tokenizer directory.
     tokenizer: str = "bytes"
     seq_len: int = 256
@@ -46,7 +46,7 @@ class TextDataConfig:
     # This fraction of the training sources' documents is held out for evaluation (never trained
     # on), unless valid_sources names separate held-out sources (same form as sources).
     valid_fraction: float = 0.01
-    valid_sources: list[dict] = field(default_factory=list)
+    valid_sources: list[dict[str, Any]] = field(default_factory=list)
     # Rows of seq_len tokens in the held-out set (shared among sources by weight).
     eval_rows: int = 64
     # Batches each worker prepares ahead.
