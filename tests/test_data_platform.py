@@ -237,3 +237,33 @@ def test_cli_tokenizer_train_and_data_build(cli, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left behind
     assert np.array_equal(read_shard(out, read_manifest(out).shards[0])[0][:5],
                           np.frombuffer(sorted((STDLIB / "json").glob("*.py"))[0].read_bytes()[:5], np.uint8))
+
+
+def _rank_resumes(rank: int, store: str, source: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        env = DistEnv(rank=rank, world_size=2)
+        cfg = TextDataConfig(sources=[{"path": source}], seq_len=32, valid_fraction=0.0)
+        stream = text_batches(cfg, 4, CPU, env)
+        take(stream, 3)
+        state = stream.state_dict()  # every rank's position, gathered for rank 0 to save
+        expected = take(stream, 3)
+        assert len(state["ranks"]) == 2 and sum(state["consumed_shards"][source].values()) >= 2
+        resumed = text_batches(cfg, 4, CPU, env)
+        resumed.load_state_dict(state)
+        for a, b in zip(expected, take(resumed, 3)):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        with pytest.raises(ConfigError, match="saved by 2 processes; resume with 2"):
+            text_batches(cfg, 4, CPU).load_state_dict(state)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_real_ranks_save_and_resume_their_own_positions(tmp_path):
+    source = str(letters(tmp_path, "docs", 16, length=40))
+    out = tmp_path / "shards"
+    build_shards([source], out, "bytes", shard_sequences=1, progress=False)
+    torch.multiprocessing.start_processes(_rank_resumes, args=(str(tmp_path / "store"), str(out)), nprocs=2,
+                                          start_method="fork")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from latentforge.config import require
@@ -127,7 +127,7 @@ class TextBatches:
         if not self.env.enabled:
             return own
         ranks: list[Any] = [None] * self.env.world_size
-        dist.all_gather_object(ranks, own)
+        torch_dist.all_gather_object(ranks, own)
         return {"ranks": ranks, "consumed_shards": _merge([r["consumed_shards"] for r in ranks])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,15 +150,14 @@ def _merge(parts: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
     return {path: dict(sorted(counts.items())) for path, counts in merged.items()}
 
 
-def text_batches(cfg: TextDataConfig, batch_size: int, device: torch.device, dist_env: DistEnv = DistEnv()
-                 ) -> TextBatches:
+def text_batches(cfg: TextDataConfig, batch_size: int, device: torch.device, dist: DistEnv = DistEnv()) -> TextBatches:
     """The endless training stream of this rank: batch_size // world_size rows a batch (batch_size
     is the global batch), read from shards no other rank reads in the same pass."""
-    if batch_size % dist_env.world_size:
-        raise ConfigError(f"the batch size {batch_size} must divide evenly over {dist_env.world_size} processes")
-    stream = MixtureStream(open_sources(cfg), cfg.seq_len, batch_size // dist_env.world_size, cfg.pack, cfg.seed,
-                           dist_env.rank, dist_env.world_size)
-    return TextBatches(stream, cfg.workers, cfg.prefetch, device, dist_env)
+    if batch_size % dist.world_size:
+        raise ConfigError(f"the batch size {batch_size} must divide evenly over {dist.world_size} processes")
+    stream = MixtureStream(open_sources(cfg), cfg.seq_len, batch_size // dist.world_size, cfg.pack, cfg.seed,
+                           dist.rank, dist.world_size)
+    return TextBatches(stream, cfg.workers, cfg.prefetch, device, dist)
 
 
 def _held_out_pieces(source: Source, use_all: bool) -> Iterator[np.ndarray]:
