@@ -2,7 +2,10 @@
 
 import io
 import json
+import os
+import signal
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +270,17 @@ def test_two_real_ranks_save_and_resume_their_own_positions(tmp_path):
     build_shards([source], out, "bytes", shard_sequences=1, progress=False)
     torch.multiprocessing.start_processes(_rank_resumes, args=(str(tmp_path / "store"), str(out)), nprocs=2,
                                           start_method="fork")
+
+
+def test_workers_outlive_stop_signals(tmp_path):
+    """Ctrl-C or a scheduler's SIGUSR1 reach the loader workers too (the process group): the training
+    process must still get its batches to finish the step and checkpoint."""
+    cfg = TextDataConfig(sources=[{"path": str(STDLIB / "json" / "*.py")}], seq_len=32, workers=2)
+    stream = text_batches(cfg, 2, CPU)
+    stream.next_batch()
+    for worker in stream.iterator._workers:
+        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in stream.iterator._workers)
+    assert len(take(stream, 20)) == 20

@@ -8,6 +8,7 @@ position within the token's own document, for RoPE).
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from latentforge.data.packing import DocumentQueue, MixtureStream, fill_row, sta
 from latentforge.data.sources import Source, parse_sources
 from latentforge.data.tokenizer import Tokenizer, load_tokenizer
 from latentforge.engine.distributed import DistEnv
+from latentforge.engine.signals import PREEMPT_SIGNALS
 from latentforge.errors import ConfigError, DataError, LatentforgeError
 
 __all__ = ["TextDataConfig", "TextBatches", "text_batches", "eval_batches", "load_tokenizer", "Tokenizer"]
@@ -73,6 +75,14 @@ def open_sources(cfg: TextDataConfig, held_out: bool = False) -> list[Source]:
     return [Source(s, cfg.tokenizer, cfg.seed, fraction) for s in parse_sources(cfg.sources, "data.sources")]
 
 
+def _ignore_stop_signals(worker: int) -> None:
+    """Ctrl-C and a scheduler's warning (SIGUSR1/2) reach the whole process group: the training
+    process decides when to stop (after a checkpoint) and ends its workers itself, so they must not
+    die first. SIGTERM stays: it is how the loader ends its workers."""
+    for sig in (signal.SIGINT, *PREEMPT_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _one_line(e: LatentforgeError) -> LatentforgeError:
     """A worker's error re-raised by the loader carries the worker's traceback: keep its last line."""
     text = str(e).strip()
@@ -93,7 +103,7 @@ class TextBatches:
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             self.loader = StatefulDataLoader(stream, batch_size=None, num_workers=workers,
                                              prefetch_factor=prefetch if workers else None,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
         self.iterator: Iterator[dict[str, Any]] | None = None
         # Reader index -> finished shard visits per source, as of the last batch handed out.
         self.visits: dict[int, list[int]] = {}
