@@ -68,8 +68,10 @@ class Source:
             self.manifest = shards.read_manifest(self.spec.path)
             built = self.manifest.info.get("tokenizer_fingerprint")
             if built != tok.fingerprint:
+                copy = self.manifest.root / "tokenizer.json"
+                use = f"data.tokenizer={copy}" if copy.is_file() else "data.tokenizer=bytes"
                 raise ConfigError(f"{self.spec.path} was built with tokenizer {self.manifest.info.get('tokenizer')!r}, "
-                                  f"which differs from data.tokenizer={self.tokenizer!r}")
+                                  f"which differs from data.tokenizer={self.tokenizer!r} (use {use})")
             self.names = [e.shard for e in self.manifest.shards]
         else:
             self.files = rawtext.expand(self.spec.path)
