@@ -594,6 +594,50 @@ def data_generate(
                  as_json=False)
 
 
+@data_app.command("build")
+@user_errors
+def data_build(
+    sources: list[str] = typer.Argument(..., help="Text: .txt/.jsonl files (jsonl: a \"text\" field per line), "
+                                        "directories of them, or quoted globs ('lib/**/*.py')."),
+    out_dir: Path = typer.Option(..., "--out", help="The shard directory to write."),
+    tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes, a tokenizer.json, or an HF directory."),
+    shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 4M)."),
+    shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="Documents per shard."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    quiet: bool = Quiet,
+) -> None:
+    """Tokenize text into WebDataset tar shards plus manifest.jsonl; train on them with
+    data.sources='[{path: DIR}]'."""
+    from latentforge.data.shards import build_shards
+
+    _print_lines(build_shards(sources, out_dir, tokenizer, shard_tokens, shard_sequences, force, not quiet),
+                 as_json=False)
+
+
+tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+@user_errors
+def tokenizer_train(
+    files: list[str] = typer.Argument(..., help="Text: .txt/.jsonl files, directories of them, or quoted globs."),
+    vocab: int = typer.Option(..., "--vocab", help="Vocabulary size (256 bytes + <|endoftext|> + merges)."),
+    out_file: Path = typer.Option(..., "--out", help="The tokenizer.json to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Train a byte-level BPE tokenizer (HF tokenizers); use it with --tokenizer PATH or data.tokenizer=PATH."""
+    from latentforge.data.rawtext import expand, read_documents
+    from latentforge.data.tokenizer import train_tokenizer
+
+    if out_file.exists() and not force:
+        raise ConfigError(f"{out_file} exists; pass --force to replace it")
+    paths = [p for f in files for p in expand(f)]
+    tok = train_tokenizer((doc for p in paths for doc in read_documents(p)), vocab, out_file)
+    _print_lines({"out": str(out_file), "vocab": str(tok.vocab_size), "eos": str(tok.eos_id),
+                  "files": str(len(paths))}, as_json=False)
+
+
 @app.command()
 def presets() -> None:
     """List the built-in presets."""
