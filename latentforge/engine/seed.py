@@ -1,7 +1,9 @@
-"""Seeding and capturing every random number generator (python, numpy, torch CPU and CUDA)."""
+"""Seeding and capturing every random number generator (python, numpy, torch CPU and CUDA), and
+deterministic kernels (`train.deterministic`)."""
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -13,6 +15,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def make_deterministic() -> None:
+    """Kernels that give the same bits on every run: torch's deterministic algorithms (an op without
+    one raises), cuDNN without autotuning, and the fixed cuBLAS workspace that deterministic cuBLAS
+    needs; that must be set before cuBLAS starts, so this runs before CUDA is touched. Process-wide."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def rng_state() -> dict[str, Any]:
