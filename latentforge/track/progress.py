@@ -33,7 +33,7 @@ class TrainProgress:
         if self.log is not None:
             self.log.write(message)
         if self.progress is not None:
-            self.progress.console.print(message)
+            self.progress.console.print(message, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:
