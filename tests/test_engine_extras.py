@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -173,6 +174,21 @@ def test_deterministic_flag_is_applied(cli, runs_dir, restore_determinism):
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
+def test_an_op_without_a_deterministic_kernel_is_one_line(cli, runs_dir, monkeypatch, restore_determinism):
+    original = Multiply.loss
+
+    def loss(self, model, batch):
+        torch.zeros(3).put_(torch.tensor([0]), torch.tensor([1.0]))  # no deterministic kernel
+        return original(self, model, batch)
+
+    monkeypatch.setattr(Multiply, "loss", loss)
+    result = cli("train", "multiply/tiny", *TINY, "train.deterministic=true", "--name", "nd", "--runs-dir", runs_dir,
+                 "-q")
+    assert result.exit_code == 2
+    assert "train.deterministic=true, but put_ does not have a deterministic implementation" in error_line(result)
+    assert "error: train.deterministic=true, but put_" in (runs_dir / "nd" / "logs" / "rank0.log").read_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_deterministic_gpu_runs_give_identical_losses(tmp_path):
@@ -323,7 +339,10 @@ def test_two_ranks_fsdp_with_clipping_and_checkpointing_match_one_and_init_from_
     checkpoint = tmp_path / "two" / "checkpoints" / "step_00000012"
     assert (checkpoint / "dcp").is_dir()
     cfg = load_config("multiply/tiny", [*TINY, f"model.init_from={tmp_path / 'two'}"])
-    trainer = Trainer(cfg, quiet=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # as `python -W default` shows them
+        trainer = Trainer(cfg, quiet=True)
+    assert not caught, [str(w.message) for w in caught]  # torch's one-process load warning is silenced
     _, reference = build_task_and_model(cfg, torch.device("cpu"))
     load_weights(reference, checkpoint, load_checkpoint(checkpoint))
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in trainer.model.state_dict().items())

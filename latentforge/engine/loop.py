@@ -42,7 +42,13 @@ from latentforge.engine.guard import StabilityGuard
 from latentforge.engine.init_from import init_model
 from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
 from latentforge.engine.overfit import OverfitStream, check_resume
-from latentforge.engine.seed import make_deterministic, rng_state, seed_everything, set_rng_state
+from latentforge.engine.seed import (
+    explain_nondeterministic_ops,
+    make_deterministic,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from latentforge.engine.signals import PREEMPT_SIGNALS, CatchSignals
 from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
@@ -437,7 +443,7 @@ class Trainer:
         self.log.write(f"{'resumed' if self.step else 'started'} run {run.id} at step {self.step} "
                        f"(host {RunDir.host()}, pid {os.getpid()}, rank {self.dist.rank})")
         try:
-            with self.log.warnings():
+            with self.log.warnings(), explain_nondeterministic_ops():
                 status = self._fit(run)
             self.log.write(f"{status} at step {self.step}")
             return status

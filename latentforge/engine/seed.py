@@ -3,12 +3,16 @@ deterministic kernels (`train.deterministic`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+
+from latentforge.errors import ConfigError
 
 
 def seed_everything(seed: int) -> None:
@@ -25,6 +29,18 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def explain_nondeterministic_ops() -> Iterator[None]:
+    """An op with no deterministic kernel (train.deterministic) becomes one ConfigError line."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "does not have a deterministic implementation" not in str(e):
+            raise
+        raise ConfigError(f"train.deterministic=true, but {str(e).split(',')[0]} on {torch.__version__}; "
+                          f"train this config with train.deterministic=false") from None
 
 
 def rng_state() -> dict[str, Any]:
