@@ -43,6 +43,7 @@ def test_init_from_a_run_takes_its_weights_not_its_step(cli, runs_dir):
                "-q").exit_code == 0
     src = latentforge.load_run("src", runs_dir=runs_dir)
     best = src.info["best"]["step"]
+    fresh_data = Trainer(load_config("multiply/tiny", TINY), quiet=True).batches.state_dict()
     for spec, step in [("src@4", 4), (f"{src.path}@best", best), ("src", 12)]:
         cfg = load_config("multiply/tiny", [*TINY, f"model.init_from={spec}"])
         trainer = Trainer(cfg, quiet=True, runs_dir=runs_dir)
@@ -50,8 +51,7 @@ def test_init_from_a_run_takes_its_weights_not_its_step(cli, runs_dir):
         assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items()), spec
         assert trainer.init_source == {"run": str(src.path.resolve()), "step": step,
                                        "checkpoint": str(src.checkpoint_path(step).resolve())}
-        assert trainer.step == 0 and trainer.batches.state_dict() == Trainer(load_config(
-            "multiply/tiny", TINY), quiet=True).batches.state_dict()
+        assert trainer.step == 0 and trainer.batches.state_dict() == fresh_data
 
     result = cli("train", "multiply/tiny", *TINY, "train.steps=4", "model.init_from=src@8", "--name", "dst",
                  "--runs-dir", runs_dir, "-q")
@@ -193,8 +193,9 @@ def test_an_op_without_a_deterministic_kernel_is_one_line(cli, runs_dir, monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_deterministic_gpu_runs_give_identical_losses(tmp_path):
     """Each run in its own process, so each starts CUDA and cuBLAS afresh."""
-    args = ["gssm/tiny", "train.steps=30", "train.log_every=1", "train.device=cuda", "train.deterministic=true",
-            "train.precision=bf16", "model.dropout=0.1", "--runs-dir", str(tmp_path), "-q"]
+    args = ["multiply/tiny", "train.steps=30", "train.log_every=1", "train.device=cuda", "train.deterministic=true",
+            "train.precision=bf16", "model.dropout=0.1", "model.d_model=128", "model.n_layer=2",
+            "train.batch_size=64", "--runs-dir", str(tmp_path), "-q"]
     for name in ("a", "b"):
         result = subprocess.run([sys.executable, "-m", "latentforge", "train", *args, "--name", name], cwd=REPO,
                                 capture_output=True, text=True, timeout=600)
