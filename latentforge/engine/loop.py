@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        # torch.compile imports torch.utils.mkldnn, whose own classes still use a deprecated torch.jit decorator.
+        warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated",
+                                category=DeprecationWarning, module=r"torch\.jit")
+        return torch.compile(model)
 
 
 def build_task_and_model(cfg: Config, device: torch.device) -> tuple[Task, nn.Module]:
@@ -215,7 +224,7 @@ class Trainer:
                 raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {self.step}")
         # Measured here, before any run directory exists, so a failure leaves nothing behind.
         self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
-        self.train_model = torch.compile(self.model) if t.compile else self.model
+        self.train_model = compiled(self.model) if t.compile else self.model
         if self.dist.enabled:
             self._wrap(resume_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
