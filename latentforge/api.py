@@ -168,7 +168,7 @@ def train(config: str | Path | Config, *overrides: str, name: str | None = None,
         args = ["train", str(config), *items, "--name", name, "--runs-dir", str(default_runs_dir(runs_dir))]
         run_torchrun(cfg.dist.nproc, args + (["--overwrite"] if overwrite else []) + (["--quiet"] if quiet else []))
         return Run(name, runs_dir)
-    trainer = Trainer(cfg, quiet=quiet)
+    trainer = Trainer(cfg, quiet=quiet, runs_dir=runs_dir)
     run_id = name or new_run_id(label)
 
     def create() -> Path:
@@ -186,7 +186,7 @@ def fit_run(run_spec: str | Path, runs_dir: str | Path | None = None, quiet: boo
     step 0. What a launched job runs, so that a requeued job resumes by itself."""
     run = RunDir.find(run_spec, runs_dir)
     checkpoint = resolve_checkpoint(run.checkpoints, "latest", None) if list_checkpoints(run.checkpoints) else None
-    trainer = Trainer(read_config(run), quiet=quiet, resume_from=checkpoint)
+    trainer = Trainer(read_config(run), quiet=quiet, resume_from=checkpoint, runs_dir=runs_dir)
     trainer.fit(run)
     return trainer
 

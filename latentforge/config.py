@@ -49,6 +49,20 @@ def require_evaluated_metric(metric: str, eval_splits: list[str], example: str =
 
 
 @dataclass
+class ModelBase:
+    """What the engine reads from every task's `model` section: each task's ModelConfig inherits it."""
+
+    # Start from another run's weights (not its optimizer, step or data): RUN[@STEP|@best], a run
+    # directory or id (default its latest checkpoint); else a path the task loads (e.g. a HF checkpoint).
+    init_from: str = ""
+    # Refuse weights that do not fit the model exactly; false loads those that fit and lists the rest.
+    init_strict: bool = True
+    # Recompute every block's activations (each module of an nn.ModuleList) in the backward pass:
+    # less memory for more time.
+    activation_checkpointing: bool = False
+
+
+@dataclass
 class TaskConfig:
     """Which task to train; tasks subclass this to add their own options."""
 
@@ -143,11 +157,21 @@ class TrainConfig:
     # torch.compile's mode: reduce-overhead records CUDA graphs of the forward and backward (for small models,
     # which spend their time launching kernels; shapes must repeat), max-autotune also searches kernels.
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # Deterministic kernels (torch, cuDNN, cuBLAS workspace): two GPU runs give identical losses, a bit slower.
+    deterministic: bool = False
     # Clip the global gradient norm to this value; 0 turns clipping off.
     clip_grad: float = 1.0
+    # > 0: clip at this many times the running average of the gradient norm (its EMA with
+    # clip_adaptive_beta), after clip_adaptive_warmup steps clipped at clip_grad. 0: off.
+    clip_adaptive: float = 0.0
+    clip_adaptive_beta: float = 0.98
+    clip_adaptive_warmup: int = 100
     log_every: int = 50
     # Evaluate every N steps (0: only at the end).
     eval_every: int = 500
+    # > 0: train on the first N training batches over and over and evaluate on them too (overfit/
+    # metrics), to prove the model and loss can learn before a real run. 0: off.
+    overfit_batches: int = 0
     guard: GuardConfig = field(default_factory=GuardConfig)
     # Keep an exponential moving average of the weights with this decay (0: off); it is
     # evaluated beside the raw weights (metrics prefixed ema_) and saved in every checkpoint.
@@ -161,6 +185,14 @@ class TrainConfig:
             require(value >= 1, key, f"must be >= 1 (got {value})")
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0 (got {self.clip_grad})")
+        require(self.clip_adaptive >= 0, "clip_adaptive", f"must be >= 0 (got {self.clip_adaptive})")
+        require(0 <= self.clip_adaptive_beta < 1, "clip_adaptive_beta",
+                f"must be in [0, 1) (got {self.clip_adaptive_beta})")
+        require(self.clip_adaptive_warmup >= 1, "clip_adaptive_warmup",
+                f"must be >= 1 (got {self.clip_adaptive_warmup})")
+        require(not self.clip_adaptive or self.clip_grad > 0, "clip_adaptive",
+                "needs train.clip_grad > 0: the norm its warm-up steps are clipped at")
+        require(self.overfit_batches >= 0, "overfit_batches", f"must be >= 0 (got {self.overfit_batches})")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0 (got {self.eval_every})")
         require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1) (got {self.ema_decay})")
         require(self.profile >= 0, "profile", f"must be >= 0 (got {self.profile})")

@@ -82,8 +82,8 @@ def test_resume_from_a_url_on_a_machine_that_never_saw_the_run(cli, tmp_path, s3
     # Only the checkpoint to resume from is downloaded.
     peek = fetch_run(url, tmp_path / "peek")
     assert list_checkpoints(peek / "checkpoints") == [7]
-    assert sorted(p.name for p in peek.iterdir()) == ["artifacts", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                     "run.json", "tb"]
+    assert sorted(p.name for p in peek.iterdir()) == ["artifacts", "checkpoints", "config.yaml", "logs",
+                                                     "metrics.jsonl", "run.json", "tb"]
 
     second = tmp_path / "second"
     ok(cli("resume", url, "--runs-dir", second, "--quiet"))

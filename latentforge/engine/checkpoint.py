@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,11 @@ def is_sharded(path: Path) -> bool:
 def load_sharded(path: Path, template: dict[str, Any]) -> None:
     """Fill `template` (state dicts shaped for this process's ranks) from a checkpoint's shards."""
     try:
-        dcp.load(template, checkpoint_id=path / SHARDED_DIR)
+        with warnings.catch_warnings():
+            # One-process commands (eval, predict, model.init_from) read shards without a process group on purpose.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning,
+                                    module=r"torch\.distributed\.checkpoint")
+            dcp.load(template, checkpoint_id=path / SHARDED_DIR)
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
         raise CheckpointError(f"checkpoint {path / SHARDED_DIR} cannot be read: {str(e).splitlines()[0]}") from None
 

@@ -89,6 +89,12 @@ class LossModule(nn.Module):
         return self.task.loss(self.model, batch)
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks: every module of every nn.ModuleList (what FSDP shards one by one and
+    activation checkpointing recomputes one by one), outer ones first."""
+    return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+
+
 def wrap(step: LossModule, strategy: str, device: torch.device) -> nn.Module:
     """DDP around the loss module, or FSDP2: every module of a ModuleList (the blocks) sharded on
     its own, the rest with the root."""
@@ -100,10 +106,8 @@ def wrap(step: LossModule, strategy: str, device: torch.device) -> nn.Module:
                                        find_unused_parameters=True)
     from torch.distributed.fsdp import fully_shard
 
-    for module in list(step.model.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block)
+    for block in blocks(step.model):
+        fully_shard(block)
     fully_shard(step)
     return step
 

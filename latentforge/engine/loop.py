@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from latentforge.config import Config
-from latentforge.engine import distributed
+from latentforge.engine import clipping, distributed
+from latentforge.engine.activation_checkpointing import checkpoint_blocks
 from latentforge.engine.checkpoint import (
     is_sharded,
     load_checkpoint,
@@ -39,8 +41,16 @@ from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import build_ema
 from latentforge.engine.freeze import freeze
 from latentforge.engine.guard import StabilityGuard
+from latentforge.engine.init_from import init_model
 from latentforge.engine.optim import build_optimizer, lr_at, reset_optimizer_state
-from latentforge.engine.seed import rng_state, seed_everything, set_rng_state
+from latentforge.engine.overfit import OverfitStream, check_resume
+from latentforge.engine.seed import (
+    explain_nondeterministic_ops,
+    make_deterministic,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from latentforge.engine.signals import PREEMPT_SIGNALS, CatchSignals
 from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
@@ -51,6 +61,7 @@ from latentforge.track.profile import StepProfiler
 from latentforge.track.progress import TrainProgress
 from latentforge.track.remote import Remote, RemoteMirror
 from latentforge.track.rundir import FollowerRunDir, RunDir, git_sha
+from latentforge.track.runlog import RunLog
 from latentforge.track.system import SystemMetrics, host_info
 from latentforge.track.wandb_sink import require_wandb
 
@@ -99,6 +110,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
+    with warnings.catch_warnings():
+        # torch.compile imports torch.utils.mkldnn, whose own classes still use a deprecated torch.jit decorator.
+        warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated",
+                                category=DeprecationWarning, module=r"torch\.jit")
+        return torch.compile(model, mode=mode)
 
 
 def build_task_and_model(cfg: Config, device: torch.device) -> tuple[Task, nn.Module]:
@@ -158,11 +177,15 @@ class StopRequest(CatchSignals):
 
 class Trainer:
     """Builds everything `cfg` needs (from scratch or from a checkpoint directory) before any run
-    directory exists, so bad input fails without leaving anything behind; `fit(run)` trains."""
+    directory exists, so bad input fails without leaving anything behind; `fit(run)` trains.
+    `runs_dir` is where model.init_from looks for a run named by its id."""
 
-    def __init__(self, cfg: Config, quiet: bool = False, resume_from: Path | None = None):
+    def __init__(self, cfg: Config, quiet: bool = False, resume_from: Path | None = None,
+                 runs_dir: str | Path | None = None):
         self.cfg = cfg
         t = cfg.train
+        if t.deterministic:
+            make_deterministic()
         self.dist, self.device = distributed.setup(resolve_device(t.device), cfg.dist.backend)
         self.quiet = quiet or not self.dist.is_main
         if self.dist.enabled:
@@ -174,10 +197,22 @@ class Trainer:
         self.mirror: RemoteMirror | None = None
         seed_everything(t.seed)
         self.task, self.model = build_task_and_model(cfg, self.device)
+        # Where the weights came from (run.json's init_from), and what a partial load left out.
+        self.init_source: dict[str, Any] | None = None
+        self.notes: list[str] = []
+        if cfg.model.init_from and resume_from is None:
+            self.init_source, self.notes = init_model(cfg, self.task, self.model, runs_dir)
+        if cfg.model.activation_checkpointing:
+            checkpoint_blocks(self.model)
         self.frozen = freeze(self.model, cfg.optim.freeze)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.batches = self.task.train_batches()
+        self.overfit = OverfitStream(self.batches, t.overfit_batches) if t.overfit_batches else None
+        if self.overfit is not None:
+            self.batches = self.overfit
+        self.clipper = clipping.AdaptiveClip(t.clip_adaptive, t.clip_adaptive_beta, t.clip_adaptive_warmup,
+                                             t.clip_grad, self.device) if t.clip_adaptive else None
         self.guard = StabilityGuard(t.guard)
         self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.timer: StepProfiler | None = None
@@ -193,7 +228,7 @@ class Trainer:
                 raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {self.step}")
         # Measured here, before any run directory exists, so a failure leaves nothing behind.
         self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
-        self.train_model = torch.compile(self.model, mode=t.compile_mode) if t.compile else self.model
+        self.train_model = compiled(self.model, t.compile_mode) if t.compile else self.model
         if self.dist.enabled:
             self._wrap(resume_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -242,6 +277,7 @@ class Trainer:
                        "steps": self.window["steps"], "tokens": self.window["tokens"]},
             "lr": self.optimizer.param_groups[0]["lr"],
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "clip": self.clipper.state_dict() if self.clipper is not None else None,
             "config": self.cfg.to_dict(),
         }
 
@@ -273,6 +309,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        check_resume(self.cfg.train.overfit_batches, state["data"])
         self.batches.load_state_dict(state["data"])
         self.guard.load_state_dict(state["guard"])
         self.best = state["best"]
@@ -282,6 +319,9 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             # A checkpoint without one (EMA turned on at resume) starts the average afresh.
             self.ema.load_state_dict(state["ema"])
+        if self.clipper is not None and state.get("clip") is not None:
+            # A checkpoint without one (clip_adaptive turned on at resume) warms the average up afresh.
+            self.clipper.load_state_dict(state["clip"])
         set_rng_state(state["rng"])
 
     def save(self, kind: str) -> Path:
@@ -340,10 +380,14 @@ class Trainer:
             self.timer.lap("forward_backward")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = t.clip_grad if t.clip_grad > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+        clip_metrics: dict[str, torch.Tensor] = {}
+        if self.clipper is not None:
+            grad_norm, clip_metrics = self.clipper.clip_(self.params)
+        else:
+            max_norm = t.clip_grad if t.clip_grad > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
         if self.dist.enabled:
             loss_sum = distributed.all_reduce_sum(loss_sum, self.dist)
 
@@ -371,6 +415,8 @@ class Trainer:
         if reason is None:
             self._accumulate("train/loss", loss_sum)
             self._accumulate("train/grad_norm", grad_norm)
+            for k, v in clip_metrics.items():
+                self._accumulate(k, v)
             for k, v in extras.items():
                 self._accumulate(f"train/{k}", v)
             self.window["steps"] += 1
@@ -406,9 +452,19 @@ class Trainer:
         if self.remote is not None:
             self.mirror = RemoteMirror(self.remote, run, self.cfg.checkpoint.keep, fresh=self.step == 0,
                                        quiet=self.quiet)
+        self.log = RunLog(run.path, self.dist.rank)
+        self.log.write(f"{'resumed' if self.step else 'started'} run {run.id} at step {self.step} "
+                       f"(host {RunDir.host()}, pid {os.getpid()}, rank {self.dist.rank})")
         try:
-            return self._fit(run)
+            with self.log.warnings(), explain_nondeterministic_ops():
+                status = self._fit(run)
+            self.log.write(f"{status} at step {self.step}")
+            return status
+        except BaseException as e:
+            self.log.failure(e)
+            raise
         finally:
+            self.log.close()
             if self.mirror is not None:
                 self.mirror.close()
 
@@ -429,6 +485,8 @@ class Trainer:
         info.setdefault("started", time.time())
         if self.step == 0:
             info["flops_per_example"] = self.flops_per_example
+            if self.init_source is not None:
+                info["init_from"] = self.init_source
         # Wall time spent training, summed over resumes (what `compare` reports).
         self.seconds_before = float(info.get("train_seconds", 0.0))
         self.fit_start = time.perf_counter()
@@ -439,7 +497,9 @@ class Trainer:
         self.system = SystemMetrics(self.device, t.precision, t.batch_size * t.grad_accum // self.dist.world_size,
                                     self.step, info.get("flops_per_example"))
 
-        progress = TrainProgress(t.steps, self.step, enabled=not self.quiet)
+        progress = TrainProgress(t.steps, self.step, enabled=not self.quiet, log=self.log)
+        for note in self.notes:
+            progress.print(note)
         if self.frozen:
             progress.print(f"optim.freeze: {self.frozen:,} of {n_params:,} parameters frozen")
             self.run.update_info(frozen_params=self.frozen)
@@ -529,7 +589,7 @@ class Trainer:
         """Sum the ranks' shares of the per-step metrics, and their tokens (the loss and the
         gradient norm are global already)."""
         w = self.window
-        keys = sorted(k for k in w["sums"] if k not in ("train/loss", "train/grad_norm"))
+        keys = sorted(k for k in w["sums"] if k not in ("train/loss", "train/grad_norm", *clipping.METRICS))
         packed = torch.stack([w["sums"][k].float() for k in keys]
                              + [torch.tensor(float(w["tokens"]), device=self.device)])
         distributed.all_reduce_sum(packed, self.dist)
@@ -543,6 +603,9 @@ class Trainer:
         splits = self.task.training_eval_splits()
         with distributed.gathered(self.loss_module):
             metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+            if self.overfit is not None:
+                metrics.update(self.overfit.evaluate(self.task, self.model,
+                                                     autocast(self.device, self.cfg.train.precision)))
         if self.ema is not None:
             ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision)
             metrics.update({EMA_PREFIX + k: v for k, v in ema.items()})

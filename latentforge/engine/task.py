@@ -87,6 +87,11 @@ class Task(ABC):
         a curriculum stage boundary. A pure function of the step, so resume stays exact."""
         return False
 
+    def init_from_path(self, model: nn.Module, path: Path) -> bool:
+        """Load the weights at `path` (model.init_from, when it names no run) into `model`, e.g. a
+        Hugging Face checkpoint directory; False: this task does not load such a path."""
+        return False
+
     def flops_per_example(self, model: nn.Module) -> float | None:
         """Forward FLOPs the model spends on one example at inference (saved in run.json for
         `latentforge compare`); None when the task does not measure it."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.config import require
+from latentforge.config import ModelBase, require
 from latentforge.nn.rope import apply_rope, rope_tables
 
 
@@ -41,7 +41,7 @@ def check_width(d_model: int, n_head: int, mlp_ratio: float, dropout: float, rop
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ModelBase):
     """The `model` section of tasks built on this transformer (tasks subclass it to add options)."""
 
     n_layer: int = 4

@@ -1,13 +1,17 @@
-"""The training progress bar: step, loss, lr, throughput and ETA (off with --quiet)."""
+"""The training progress bar: step, loss, lr, throughput and ETA (off with --quiet); its lines also
+go to the run's text log when there is one."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from latentforge.track.runlog import RunLog
+
 
 class TrainProgress:
-    def __init__(self, total: int, start: int, enabled: bool, description: str = "train"):
+    def __init__(self, total: int, start: int, enabled: bool, description: str = "train", log: RunLog | None = None):
+        self.total, self.description, self.log = total, description, log
         self.progress = None
         if enabled:
             self.progress = Progress(
@@ -19,13 +23,17 @@ class TrainProgress:
             self.progress.start()
 
     def update(self, step: int, stats: str | None = None) -> None:
+        if self.log is not None and stats is not None:
+            self.log.write(f"{self.description} {step}/{self.total}  {stats}")
         if self.progress is not None:
             fields = {"stats": stats} if stats is not None else {}
             self.progress.update(self.task, completed=step, **fields)
 
     def print(self, message: str) -> None:
+        if self.log is not None:
+            self.log.write(message)
         if self.progress is not None:
-            self.progress.console.print(message)
+            self.progress.console.print(message, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:

