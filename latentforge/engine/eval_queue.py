@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from latentforge.track.files import write_json
+from latentforge.track.listing import pid_alive
 
 PREFIX = ".eval-queue-"
 LOCK_FILE = ".prune.lock"
@@ -40,19 +41,9 @@ def prune_lock(ckpt_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _live(mark: dict, path: Path) -> bool:
     if mark.get("host") == socket.gethostname():
-        return _alive(int(mark.get("pid", 0)))
+        return pid_alive(int(mark.get("pid", 0)))
     return time.time() - path.stat().st_mtime < STALE_SECONDS
 
 

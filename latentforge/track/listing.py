@@ -15,7 +15,8 @@ from latentforge.errors import LatentforgeError, RunError
 from latentforge.track.rundir import RunDir
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this id exists (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -28,7 +29,7 @@ def _alive(pid: int) -> bool:
 def effective_status(info: dict[str, Any]) -> str:
     """A run marked running whose process on this host is gone has crashed."""
     status = info.get("status", "unknown")
-    if status == "running" and info.get("host") == RunDir.host() and info.get("pid") and not _alive(info["pid"]):
+    if status == "running" and info.get("host") == RunDir.host() and info.get("pid") and not pid_alive(info["pid"]):
         return "crashed"
     return status
 
