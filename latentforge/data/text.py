@@ -103,7 +103,10 @@ class TextBatches:
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             self.loader = StatefulDataLoader(stream, batch_size=None, num_workers=workers,
                                              prefetch_factor=prefetch if workers else None,
-                                             pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+                                             pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+                                             # Its own generator: starting an iterator draws a seed, which
+                                             # from the global RNG would shift dropout after a resume.
+                                             generator=torch.Generator())
         self.iterator: Iterator[dict[str, Any]] | None = None
         # Reader index -> finished shard visits per source, as of the last batch handed out.
         self.visits: dict[int, list[int]] = {}
