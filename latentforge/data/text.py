@@ -34,7 +34,8 @@ __all__ = ["TextDataConfig", "TextBatches", "text_batches", "eval_batches", "loa
 @dataclass
 class TextDataConfig:
     # [{path, weight, seed}, ...]: path is a shard directory built by `latentforge data build`, or raw
-    # text tokenized on the fly (a .txt/.jsonl file, a directory of them, or a glob); weight is the
+    # text tokenized on the fly (a .txt/.jsonl file, a directory of them, a glob, or the named corpus
+    # python-stdlib: this Python's standard library source, see data/corpora.py); weight is the
     # source's share of rows (default 1); seed its own shard shuffle seed (default: its index).
     sources: list[dict[str, Any]] = field(default_factory=list)
     # "bytes" (256 byte ids + end-of-text), a tokenizer.json, or an HF model/tokenizer directory.
