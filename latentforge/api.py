@@ -285,6 +285,34 @@ def decode(run_spec: str | Path, codes: str, checkpoint: str | int = "latest", r
     return _with_model(run_spec, checkpoint, runs_dir, device, ema, lambda task, model: task.decode(model, codes))
 
 
+def generate(run_spec: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
+             top_p: float = 0.95, seed: int = 0, checkpoint: str | int = "latest", runs_dir: str | Path | None = None,
+             device: str = "auto") -> str:
+    """The text a language-model run writes after `prompt` (sampled with the KV cache; temperature 0: greedy)."""
+
+    def action(task: Task, model: nn.Module) -> str:
+        _require_method(task, "generate_text", "generate")
+        return task.generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+
+    return _with_model(run_spec, checkpoint, runs_dir, device, False, action)
+
+
+def export(run_spec: str | Path, out: str | Path, fmt: str = "hf", checkpoint: str | int = "latest",
+           runs_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """A checkpoint's model written in another framework's format (hf: a transformers checkpoint directory
+    that AutoModelForCausalLM.from_pretrained loads)."""
+    if fmt != "hf":
+        raise ConfigError(f"--format must be hf (got {fmt!r})")
+    task, model, _ = Run(run_spec, runs_dir).load(checkpoint, "cpu")
+    _require_method(task, "export", "export")
+    return task.export(model, Path(out).expanduser(), overwrite)
+
+
+def _require_method(task: Task, method: str, command: str) -> None:
+    if not callable(getattr(task, method, None)):
+        raise ConfigError(f"`latentforge {command}` needs a language-model run (task lm); this is a {task.name} run")
+
+
 def _with_model(run_spec: str | Path, checkpoint: str | int, runs_dir: str | Path | None, device: str,
                 ema: bool, action: Any) -> Any:
     run = Run(run_spec, runs_dir)

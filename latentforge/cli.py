@@ -263,6 +263,41 @@ def predict(
     _print_lines(api.predict(run, text, checkpoint, runs_dir, device, ema), as_json)
 
 
+@app.command("generate")
+@user_errors
+def generate_command(
+    run: str = RunArg,
+    prompt: str = typer.Argument(..., help='The text to continue, e.g. "def fibonacci(n):".'),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0: greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the K likeliest tokens (0: all)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Sample among the likeliest tokens holding mass P (1: all)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: one seed, one text."),
+    checkpoint: str = Checkpoint,
+    device: str = Device,
+    runs_dir: Optional[Path] = RunsDir,
+) -> None:
+    """Print a prompt and the language model's continuation of it (lm runs; sampled with a KV cache)."""
+    text = api.generate(run, prompt, max_new_tokens, temperature, top_k, top_p, seed, checkpoint, runs_dir, device)
+    print(prompt + text)
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    run: str = RunArg,
+    out_dir: Path = typer.Argument(..., help="The directory to write."),
+    fmt: str = typer.Option("hf", "--format", help="hf: a transformers checkpoint (config.json, model.safetensors)."),
+    checkpoint: str = Checkpoint,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty directory."),
+    runs_dir: Optional[Path] = RunsDir,
+) -> None:
+    """Write a run's model as a transformers checkpoint that AutoModelForCausalLM.from_pretrained(DIR) loads
+    with the same logits (lm runs; an HF tokenizer is copied alongside)."""
+    path = api.export(run, out_dir, fmt, checkpoint, runs_dir, overwrite)
+    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @user_errors
 def compare(

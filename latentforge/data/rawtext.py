@@ -1,6 +1,6 @@
 """Raw text on disk as documents: a .txt (or any text) file is one document, a .jsonl file holds one
 document per line in its "text" field. A source names a file, a directory (its *.txt and *.jsonl
-files, recursively) or a glob."""
+files, recursively), a glob, or a named corpus (data/corpora.py: `python-stdlib`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from latentforge.data.corpora import CORPORA
 from latentforge.errors import DataError
 
 DIRECTORY_SUFFIXES = (".txt", ".jsonl")
@@ -16,6 +17,8 @@ DIRECTORY_SUFFIXES = (".txt", ".jsonl")
 
 def expand(source: str) -> list[Path]:
     """The files of a source, sorted (so every run and every rank sees the same order)."""
+    if source in CORPORA:
+        return CORPORA[source]()
     path = Path(source).expanduser()
     if any(c in source for c in "*?["):
         files = [Path(p) for p in glob.glob(str(path), recursive=True)]

@@ -34,7 +34,8 @@ __all__ = ["TextDataConfig", "TextBatches", "text_batches", "eval_batches", "loa
 @dataclass
 class TextDataConfig:
     # [{path, weight, seed}, ...]: path is a shard directory built by `latentforge data build`, or raw
-    # text tokenized on the fly (a .txt/.jsonl file, a directory of them, or a glob); weight is the
+    # text tokenized on the fly (a .txt/.jsonl file, a directory of them, a glob, or the named corpus
+    # python-stdlib: this Python's standard library source, see data/corpora.py); weight is the
     # source's share of rows (default 1); seed its own shard shuffle seed (default: its index).
     sources: list[dict[str, Any]] = field(default_factory=list)
     # "bytes" (256 byte ids + end-of-text), a tokenizer.json, or an HF model/tokenizer directory.
@@ -103,7 +104,10 @@ class TextBatches:
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             self.loader = StatefulDataLoader(stream, batch_size=None, num_workers=workers,
                                              prefetch_factor=prefetch if workers else None,
-                                             pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+                                             pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+                                             # Its own generator: starting an iterator draws a seed, which
+                                             # from the global RNG would shift dropout after a resume.
+                                             generator=torch.Generator())
         self.iterator: Iterator[dict[str, Any]] | None = None
         # Reader index -> finished shard visits per source, as of the last batch handed out.
         self.visits: dict[int, list[int]] = {}
