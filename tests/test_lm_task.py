@@ -190,6 +190,19 @@ def test_init_from_path_loads_a_transformers_checkpoint(tmp_path):
     assert task.init_from_path(model, tmp_path / "run") is False
 
 
+def test_a_run_starts_from_a_transformers_checkpoint_through_model_init_from(cli, runs_dir, tmp_path):
+    """model.init_from=DIR: the engine hands a path that is not a run to the task, which loads it."""
+    _hf_llama(tmp_path)
+    result = cli("train", "lm/tiny", "train.steps=1", f"model.init_from={tmp_path / 'hf'}", "--runs-dir", runs_dir,
+                 "--name", "hf", "-q")
+    assert result.exit_code == 0, result.output
+    run = latentforge.load_run("hf", runs_dir=runs_dir)
+    assert run.info["init_from"] == {"path": str(tmp_path / "hf")}
+    fresh = latentforge.train("lm/tiny", "train.steps=1", name="fresh", runs_dir=runs_dir)
+    # The first step's loss is that of the loaded weights, not of a fresh initialisation.
+    assert run.metrics[0]["train/loss"] != fresh.metrics[0]["train/loss"]
+
+
 def test_init_from_path_names_the_keys_to_set_when_shapes_differ(tmp_path):
     _hf_llama(tmp_path, hidden_size=48, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
     task = task_for()

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.config import require
+from latentforge.config import ModelBase, require
 from latentforge.nn.kv_cache import KVCache
 from latentforge.nn.rope import apply_rope, rope_tables
 
 
 @dataclass
-class LMConfig:
+class LMConfig(ModelBase):
     """The decoder's shape and family switches (usable as a task's `model` config section)."""
 
     # 0: the task sets it from its tokenizer.
