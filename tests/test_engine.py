@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -168,6 +169,13 @@ def test_the_default_preset_learns(runs_dir):
     values = losses(run.path)
     assert values[300] < 0.6 * values[25]
     assert run.info["last_eval"]["test/token_acc"] > 0.4
+
+
+def test_checkpoint_checksum_is_the_files_hashed_while_writing(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, name="sum", runs_dir=runs_dir)
+    path = run.checkpoint_path("latest")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["sha256"] == hashlib.sha256((path / "state.pt").read_bytes()).hexdigest()
 
 
 def test_corrupt_checkpoint_is_refused_and_left_alone(runs_dir):

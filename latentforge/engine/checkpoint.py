@@ -44,6 +44,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashingFile:
+    """A file that hashes the bytes written to it: a checkpoint's checksum then costs no second pass
+    over the file (a 124M model with its optimizer is 1.4 GiB)."""
+
+    def __init__(self, f: Any):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], kind: str,
                     extra_meta: dict[str, Any] | None = None, sharded: dict[str, Any] | None = None,
                     env: DistEnv = DistEnv()) -> Path:
@@ -63,10 +78,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], kind: str,
     if not env.is_main:
         barrier(env)
         return final
-    torch.save(state, tmp / STATE_FILE)
-    with open(tmp / STATE_FILE, "rb") as f:
+    with open(tmp / STATE_FILE, "wb") as f:
+        hashing = _HashingFile(f)
+        torch.save(state, hashing)
+        f.flush()
         os.fsync(f.fileno())
-    meta = {"step": step, "kind": kind, "time": time.time(), "sha256": _sha256(tmp / STATE_FILE),
+    meta = {"step": step, "kind": kind, "time": time.time(), "sha256": hashing.digest.hexdigest(),
             **(extra_meta or {})}
     write_json(tmp / META_FILE, meta)
     if final.exists():
