@@ -1,6 +1,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,13 @@ def interrupt_at(monkeypatch, step: int) -> None:
         return reason
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def latentforge_process(runs_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """`latentforge ARGS` in a fresh process (under torchrun with nproc > 1), as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*prefix, "-m", "latentforge", *args, "--runs-dir", str(runs_dir), "-q"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

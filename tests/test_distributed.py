@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, losses
+from tests.conftest import REPO, latentforge_process, losses
 
 # Constant LR: a resumed run may extend train.steps without changing the schedule.
 BASE = ["multiply/tiny", "train.steps=8", "train.log_every=1", "train.eval_every=4", "checkpoint.every=4",
         "data.test_size=50", "data.train_eval_size=50", "train.batch_size=16", "optim.schedule=constant",
         "optim.name=adamw", "optim.warmup=0", "train.device=cpu"]
-
-
-def latentforge(runs_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = [*prefix, "-m", "latentforge", *args, "--runs-dir", str(runs_dir), "-q"]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def assert_close(a: dict[int, float], b: dict[int, float]) -> None:
@@ -39,7 +30,7 @@ def assert_close(a: dict[int, float], b: dict[int, float]) -> None:
 def single(tmp_path_factory) -> Path:
     """One process, 12 steps: what every distributed run below must reproduce."""
     runs = tmp_path_factory.mktemp("single")
-    result = latentforge(runs, "train", *BASE, "train.steps=12", "--name", "one")
+    result = latentforge_process(runs, "train", *BASE, "train.steps=12", "--name", "one")
     assert result.returncode == 0, result.stderr
     return runs / "one"
 
@@ -48,7 +39,7 @@ def single(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_and_resume_on_one(single, tmp_path, strategy):
     # dist.nproc=2 makes `latentforge train` start torchrun itself.
-    result = latentforge(tmp_path, "train", *BASE, f"dist.strategy={strategy}", "dist.nproc=2", "--name", "two")
+    result = latentforge_process(tmp_path, "train", *BASE, f"dist.strategy={strategy}", "dist.nproc=2", "--name", "two")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "two"
     info = json.loads((run / "run.json").read_text())
@@ -58,28 +49,28 @@ def test_two_ranks_match_one_process_and_resume_on_one(single, tmp_path, strateg
     assert_close(losses(run), {s: v for s, v in reference.items() if s <= 8})
 
     # The sharded checkpoint serves one-process commands, and the whole run can go on in one process.
-    result = latentforge(tmp_path, "eval", "two", "--checkpoint", "8", "--json")
+    result = latentforge_process(tmp_path, "eval", "two", "--checkpoint", "8", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["test/exact_match"] == info["last_eval"]["test/exact_match"]
 
     # Saved by 2 ranks, resumed by 1: the remaining steps are the single run's.
-    result = latentforge(tmp_path, "resume", "two", "train.steps=12", "dist.nproc=1")
+    result = latentforge_process(tmp_path, "resume", "two", "train.steps=12", "dist.nproc=1")
     assert result.returncode == 0, result.stderr
     assert_close(losses(run), reference)
 
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_ranks(single, tmp_path):
-    result = latentforge(tmp_path, "train", *BASE, "--name", "grow")
+    result = latentforge_process(tmp_path, "train", *BASE, "--name", "grow")
     assert result.returncode == 0, result.stderr
-    result = latentforge(tmp_path, "resume", "grow", "train.steps=12", "dist.strategy=fsdp", nproc=2)
+    result = latentforge_process(tmp_path, "resume", "grow", "train.steps=12", "dist.strategy=fsdp", nproc=2)
     assert result.returncode == 0, result.stderr
     assert_close(losses(tmp_path / "grow"), losses(single))
     assert json.loads((tmp_path / "grow" / "run.json").read_text())["world_size"] == 2
 
 
 def test_global_batch_must_divide_over_the_ranks(tmp_path):
-    result = latentforge(tmp_path, "train", *BASE, "train.batch_size=15", "dist.nproc=2", "--name", "odd")
+    result = latentforge_process(tmp_path, "train", *BASE, "train.batch_size=15", "dist.nproc=2", "--name", "odd")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: train.batch_size=15 (the global batch) must divide evenly over 2 processes"]
@@ -105,6 +96,6 @@ def test_sigterm_checkpoints_every_rank_and_the_run_goes_on(single, tmp_path):
     step = info["step"]
     assert (tmp_path / "sig" / "checkpoints" / f"step_{step:08d}" / "dcp").is_dir()
     assert step < 12
-    result = latentforge(tmp_path, "resume", "sig", "train.steps=12")
+    result = latentforge_process(tmp_path, "resume", "sig", "train.steps=12")
     assert result.returncode == 0, result.stderr
     assert_close(losses(tmp_path / "sig"), losses(single))

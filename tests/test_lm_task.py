@@ -3,14 +3,11 @@ without loader workers, two ranks against one process, generate, export to trans
 starting point, the prefix-LM and the z-loss, and bad input as one line."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, interrupt_at, losses, snapshot
+from conftest import interrupt_at, latentforge_process, losses, snapshot
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import latentforge
@@ -81,24 +78,15 @@ def test_interrupted_and_resumed_run_matches_the_straight_run(runs_dir, monkeypa
     assert a["data"]["consumed_shards"] == b["data"]["consumed_shards"]
 
 
-def _latentforge(runs_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = [*prefix, "-m", "latentforge", *args, "--runs-dir", str(runs_dir), "-q"]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
 def test_two_ranks_match_one_process_with_two_readers(tmp_path):
     """Rank r of 2 reads as reader r of 2, and so does loader worker r of one process: two gloo ranks with a
     global batch of 8 see the rows one process sees as two micro-batches of 4 (data.workers=2)."""
     base = ["train", "lm/tiny", "train.steps=4", "optim.schedule=constant", "train.device=cpu"]
-    one = _latentforge(tmp_path, *base, "train.batch_size=4", "train.grad_accum=2", "data.workers=2",
+    one = latentforge_process(tmp_path, *base, "train.batch_size=4", "train.grad_accum=2", "data.workers=2",
                        "--name", "one")
     assert one.returncode == 0, one.stderr
-    two = _latentforge(tmp_path, *base, "train.batch_size=8", "--name", "two", nproc=2)
+    two = latentforge_process(tmp_path, *base, "train.batch_size=8", "--name", "two", nproc=2)
     assert two.returncode == 0, two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
