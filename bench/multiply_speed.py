@@ -1,9 +1,11 @@
-"""Training speed of the `multiply` preset: steps/s and tokens/s per precision/compile setting.
+"""Training speed of a `multiply` preset: steps/s and tokens/s per precision/compile setting.
 
-    python -m bench.multiply_speed [--steps 1500] [--device cuda]
+    python -m bench.multiply_speed [--steps 1500] [--device cuda] [--preset multiply/icot-si]
+        [--setting "NAME=key=value,key=value" ...]
 
-Each setting trains the preset for --steps steps into a scratch runs directory; the rate is the
-median over log windows after the first (which holds compilation and warm-up).
+Each setting (by default: fp32, bf16, bf16 compiled with and without the guard) trains the preset
+for --steps steps into a scratch runs directory; the rate is the median over log windows after the
+first (which holds compilation and warm-up).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import tempfile
 import torch
 
 import latentforge
-from latentforge.tasks.multiply.layout import sequence_length
 from latentforge.track.rundir import git_sha
 
 SETTINGS = {
@@ -27,34 +28,45 @@ SETTINGS = {
 }
 
 
-def measure(device: str, steps: int, overrides: list[str], runs_dir: str, name: str) -> dict[str, float]:
-    run = latentforge.train("multiply", *overrides, f"train.device={device}", f"train.steps={steps}",
+def measure(preset: str, device: str, steps: int, overrides: list[str], runs_dir: str, name: str) -> dict[str, float]:
+    run = latentforge.train(preset, *overrides, f"train.device={device}", f"train.steps={steps}",
                             "train.log_every=100", f"train.eval_every={steps}", f"checkpoint.every={steps}",
                             name=name, runs_dir=runs_dir)
-    records = [r for r in run.metrics if "train/tokens_per_s" in r]
-    d, t = run.config.data, run.config.train
-    tokens_per_step = t.batch_size * t.grad_accum * (sequence_length(d.digits_a[1], d.digits_b[1]) - 1)
-    rates = [r["train/tokens_per_s"] for r in records[1:]]
-    tok_s = statistics.median(rates)
-    return {"tokens_per_s": tok_s, "steps_per_s": tok_s / tokens_per_step,
-            "exact_2x2": run.info["last_eval"].get("test/exact_match/2x2", float("nan"))}
+    records = [r for r in run.metrics if "train/tokens_per_s" in r][1:]
+    t = run.config.train
+    samples_per_step = t.batch_size * t.grad_accum
+    return {"tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in records),
+            "steps_per_s": statistics.median(r["train/samples_per_s"] for r in records) / samples_per_step,
+            "exact": run.info["last_eval"].get(run.config.checkpoint.metric, float("nan"))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="multiply")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=key=value,...",
+                        help="a setting to measure instead of the default ones (repeatable)")
     args = parser.parse_args()
+    settings = SETTINGS
+    if args.setting:
+        settings = {}
+        for setting in args.setting:
+            label, _, spec = setting.partition("=")
+            settings[label] = [o for o in spec.split(",") if o]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     sha = git_sha() or "(not a git checkout: see the commit this tree came from)"
     print(f"device: {device_name}; torch {torch.__version__}; date {datetime.date.today()}; commit {sha}")
-    print(f"command: python -m bench.multiply_speed --steps {args.steps} --device {args.device}\n")
-    print("| setting | steps/s | tokens/s | test exact match 2x2 after the run |")
-    print("|---|---|---|---|")
+    extra = "".join(f' --setting "{s}"' for s in args.setting)
+    print(f"command: python -m bench.multiply_speed --steps {args.steps} --device {args.device} "
+          f"--preset {args.preset}{extra}\n")
+    print("| setting | overrides | steps/s | tokens/s | checkpoint metric after the run |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as runs_dir:
-        for i, (label, overrides) in enumerate(SETTINGS.items()):
-            r = measure(args.device, args.steps, overrides, runs_dir, f"bench{i}")
-            print(f"| {label} | {r['steps_per_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['exact_2x2']:.3f} |", flush=True)
+        for i, (label, overrides) in enumerate(settings.items()):
+            r = measure(args.preset, args.device, args.steps, overrides, runs_dir, f"bench{i}")
+            print(f"| {label} | `{' '.join(overrides)}` | {r['steps_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['exact']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

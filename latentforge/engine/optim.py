@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from latentforge.config import OptimConfig
+from latentforge.engine.muon import BatchedMuon
 from latentforge.engine.orthograd import OrthoGrad
 
 
@@ -89,7 +90,7 @@ def _build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     hidden_ids = _hidden_matrix_ids(model)
     hidden = [p for p in groups[0]["params"] if id(p) in hidden_ids]
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in groups]
-    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+    muon = BatchedMuon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                             adjust_lr_fn="match_rms_adamw")
     return OptimizerGroup([muon, torch.optim.AdamW(rest, **adamw)])
 
