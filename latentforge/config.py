@@ -210,6 +210,9 @@ class CheckpointConfig:
     # An fsspec URL (s3://bucket/prefix, gs://..., file:///...): the run directory is mirrored to
     # <remote>/<run id>/ after each save, and `latentforge resume <remote>/<run id>` works anywhere.
     remote: str = ""
+    # Write checkpoints on a background thread: training waits only for a copy of the state to host
+    # memory (one process; the shards of a multi-process run are written synchronously).
+    async_save: bool = True
 
     def validate(self) -> None:
         require(self.every >= 0, "every", f"must be >= 0 (got {self.every})")

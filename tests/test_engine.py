@@ -15,13 +15,16 @@ from latentforge.errors import TrainingStopped
 from latentforge.tasks.multiply.task import Multiply
 
 
+@pytest.mark.parametrize("async_save", ["true", "false"])
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_interrupted_and_resumed_run_matches_the_straight_run(runs_dir, monkeypatch, optimizer):
+def test_interrupted_and_resumed_run_matches_the_straight_run(runs_dir, monkeypatch, optimizer, async_save):
     """2N steps straight == N steps, SIGTERM, resume, N steps: identical per-step losses.
     With gradient accumulation, dropout (RNG state), a cosine schedule over 2N steps, a resume
-    that falls mid-epoch and mid log-window, and evaluation/checkpoints in between."""
+    that falls mid-epoch and mid log-window, and evaluation/checkpoints in between; checkpoints
+    written in the background or synchronously."""
     common = [*TINY, "train.steps=16", "train.grad_accum=2", "model.dropout=0.1", "train.log_every=3",
-              "checkpoint.every=5", "data.test_size=2000", "train.batch_size=24", f"optim.name={optimizer}"]
+              "checkpoint.every=5", "data.test_size=2000", "train.batch_size=24", f"optim.name={optimizer}",
+              f"checkpoint.async_save={async_save}"]
     straight = latentforge.train("multiply/tiny", *common, name="straight", runs_dir=runs_dir)
     # 8000 training pairs / (24 x 2) per step: the resume at step 7 is mid-epoch.
     interrupt_at(monkeypatch, 7)

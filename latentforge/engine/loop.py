@@ -4,6 +4,8 @@ the stability guard, evaluation, checkpoints, exact resume, interrupts and loggi
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 import os
 import signal
@@ -29,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from latentforge.config import Config
 from latentforge.engine import clipping, distributed
 from latentforge.engine.activation_checkpointing import checkpoint_blocks
+from latentforge.engine.async_checkpoint import CheckpointWriter, as_checkpoint_error
 from latentforge.engine.checkpoint import (
     is_sharded,
     load_checkpoint,
@@ -36,6 +39,7 @@ from latentforge.engine.checkpoint import (
     prune_checkpoints,
     remove_stale_temporaries,
     save_checkpoint,
+    step_dir_name,
 )
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import build_ema
@@ -232,6 +236,8 @@ class Trainer:
         if self.dist.enabled:
             self._wrap(resume_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # checkpoint.async_save: one process writes its checkpoints in the background (shards stay synchronous).
+        self.writer = CheckpointWriter(self.device) if cfg.checkpoint.async_save and not self.dist.enabled else None
 
     def _wrap(self, resume_from: Path | None) -> None:
         """DDP or FSDP around the task's loss; FSDP replaces the parameters, so the optimizer is
@@ -325,17 +331,44 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self, kind: str) -> Path:
+        """Checkpoint this step. With the background writer only the snapshot blocks training, except
+        after the saves training does not simply go on from (final, interrupt, emergency): those wait
+        until the checkpoint is on disk. The blocked seconds are logged (checkpoint/blocked_s)."""
+        start = time.perf_counter()
         protected = {self.best["step"]} if self.best else set()
-        sharded = self._sharded_state() if self.dist.enabled else None
-        path = save_checkpoint(self.run.checkpoints, self.step, self.state_dict(), kind,
-                               {"best": self.best, "world_size": self.dist.world_size}, sharded, self.dist)
+        meta = {"best": copy.deepcopy(self.best), "world_size": self.dist.world_size}
+        if self.writer is not None:
+            self._wait_for_writer()
+            self.writer.save(self.state_dict(), functools.partial(self._write, self.step, kind, meta, protected))
+            if kind in ("final", "interrupt", "emergency"):
+                self._wait_for_writer()
+        else:
+            sharded = self._sharded_state() if self.dist.enabled else None
+            self._write(self.step, kind, meta, protected, self.state_dict(), sharded)
+        blocked = time.perf_counter() - start
+        self.log.write(f"checkpoint of step {self.step} ({kind}): training blocked {blocked:.3f} s")
+        if kind in ("periodic", "best", "emergency") and self.dist.is_main:  # saves that training goes on after
+            self.logger.log(self.step, {"checkpoint/blocked_s": blocked})
+        return self.run.checkpoints / step_dir_name(self.step)
+
+    def _write(self, step: int, kind: str, meta: dict[str, Any], protected: set[int], state: dict[str, Any],
+               sharded: dict[str, Any] | None = None) -> None:
+        """Everything a save does on disk; on the writer thread when saving in the background."""
+        try:
+            path = save_checkpoint(self.run.checkpoints, step, state, kind, meta, sharded, self.dist)
+            if self.dist.is_main:
+                prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+        except OSError as e:
+            raise as_checkpoint_error(e, f"the checkpoint of step {step}") from None
         if self.dist.is_main:
-            prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
-            self.logger.log_checkpoint(path, self.step, best=self.step in protected)
+            self.logger.log_checkpoint(path, step, best=step in protected)
         if self.mirror is not None:
             self.mirror.sync(protected)
         distributed.barrier(self.dist)
-        return path
+
+    def _wait_for_writer(self) -> None:
+        if self.writer is not None and (seconds := self.writer.wait()) is not None:
+            self.log.write(f"checkpoint written in the background in {seconds:.3f} s")
 
     # ------------------------------------------------------------------ one step
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
@@ -540,6 +573,7 @@ class Trainer:
                         status = "interrupted"
                         self.stop_signal = stop.signal_name
                         break
+                self._wait_for_writer()
         except KeyboardInterrupt:
             self.run.update_info(status="interrupted", ended=time.time(), step=self.step)
             raise
@@ -551,6 +585,10 @@ class Trainer:
                                  error=f"{type(e).__name__}: {e}")
             raise
         finally:
+            if self.writer is not None and sys.exc_info()[0] is not None:
+                # Training failed: the checkpoint in flight is still finished; the first error is the one raised.
+                with contextlib.suppress(Exception):
+                    self.writer.wait()
             if self.timer is not None:  # training ended inside the profiled window
                 progress.print(self.timer.finish())
                 self.timer = None
