@@ -85,7 +85,8 @@ def test_checkpoints_keep_last_k_plus_best(runs_dir):
     assert meta["kind"] == "final" and len(meta["sha256"]) == 64
 
 
-def test_guard_skips_a_nan_step_and_cools_the_lr(runs_dir, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])  # judged on the host; on the device (fused AdamW)
+def test_guard_skips_a_nan_step_and_cools_the_lr(runs_dir, monkeypatch, optimizer):
     original = Multiply.loss
     calls = {"n": 0}
 
@@ -97,7 +98,7 @@ def test_guard_skips_a_nan_step_and_cools_the_lr(runs_dir, monkeypatch):
     monkeypatch.setattr(Multiply, "loss", loss)
     run = latentforge.train("multiply/tiny", *TINY, "optim.schedule=constant", "optim.lr=3e-3",
                             "train.guard.cooldown=3", "train.guard.lr_factor=0.25", "checkpoint.keep=10",
-                            name="nan", runs_dir=runs_dir)
+                            f"optim.name={optimizer}", name="nan", runs_dir=runs_dir)
     assert run.status == "finished"
     events = run.info["guard_events"]
     assert [e["step"] for e in events] == [5] and "non-finite loss" in events[0]["reason"]
@@ -111,7 +112,8 @@ def test_guard_skips_a_nan_step_and_cools_the_lr(runs_dir, monkeypatch):
     assert any(r.get("guard/bad_step") == 1.0 and r["step"] == 5 for r in run.metrics)
 
 
-def test_guard_stops_after_consecutive_bad_steps(runs_dir, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_guard_stops_after_consecutive_bad_steps(runs_dir, monkeypatch, optimizer):
     original = Multiply.loss
 
     def loss(self, model, batch):
@@ -120,7 +122,8 @@ def test_guard_stops_after_consecutive_bad_steps(runs_dir, monkeypatch):
 
     monkeypatch.setattr(Multiply, "loss", loss)
     with pytest.raises(TrainingStopped, match="3 bad steps in a row"):
-        latentforge.train("multiply/tiny", *TINY, "train.guard.max_bad_steps=3", name="inf", runs_dir=runs_dir)
+        latentforge.train("multiply/tiny", *TINY, "train.guard.max_bad_steps=3", f"optim.name={optimizer}", name="inf",
+                          runs_dir=runs_dir)
     run = latentforge.load_run("inf", runs_dir=runs_dir)
     assert run.status == "failed" and "3 bad steps in a row" in run.info["error"]
     assert 1 in run.checkpoints()  # the emergency checkpoint of the first bad step

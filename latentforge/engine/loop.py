@@ -41,6 +41,7 @@ from latentforge.engine.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from latentforge.engine.device_guard import DeviceGuard, judges_on_device
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import build_ema
 from latentforge.engine.freeze import freeze
@@ -217,7 +218,10 @@ class Trainer:
             self.batches = self.overfit
         self.clipper = clipping.AdaptiveClip(t.clip_adaptive, t.clip_adaptive_beta, t.clip_adaptive_warmup,
                                              t.clip_grad, self.device) if t.clip_adaptive else None
-        self.guard = StabilityGuard(t.guard)
+        # The guard judges on the device (no sync per step) where the optimizer can skip a step there.
+        on_device = t.guard.enabled and judges_on_device(optimizers_of(self.optimizer), self.scaler, t.ema_decay,
+                                                         self.dist.enabled)
+        self.guard = DeviceGuard(t.guard, self.device, t.log_every) if on_device else StabilityGuard(t.guard)
         self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.timer: StepProfiler | None = None
         self.step = 0
@@ -424,14 +428,20 @@ class Trainer:
         if self.dist.enabled:
             loss_sum = distributed.all_reduce_sum(loss_sum, self.dist)
 
-        reason = None
-        if t.guard.enabled:
+        reason, bad = None, None
+        if isinstance(self.guard, DeviceGuard):
+            bad = self.guard.judge(loss_sum, grad_norm, self.step + 1)
+            for o in optimizers_of(self.optimizer):
+                o.found_inf = bad.float()  # fused Adam/AdamW skip the update (and its step count) on the device
+        elif t.guard.enabled:
             loss_value = float(loss_sum)
             # Under fp16 the grad scaler already skips overflowing steps by itself.
             norm_value = float(grad_norm) if self.scaler is None else None
             reason = self.guard.judge(loss_value, norm_value)
             if self.guard.record(loss_value, reason):
                 reason = f"{reason}; {t.guard.max_bad_steps} spikes in a row: taken as the new loss level"
+        if self.clipper is not None and (reason is not None or bad is not None):
+            self.clipper.revert(bad if bad is not None else True)
         if reason is None:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -446,12 +456,14 @@ class Trainer:
             self.timer.lap("optimizer")
         self.step += 1
         if reason is None:
-            self._accumulate("train/loss", loss_sum)
-            self._accumulate("train/grad_norm", grad_norm)
+            # A step the device guard skipped adds zeros; it is taken off the step count when the guard is read.
+            keep = (lambda v: v) if bad is None else (lambda v: torch.where(bad, 0.0, v))
+            self._accumulate("train/loss", keep(loss_sum))
+            self._accumulate("train/grad_norm", keep(grad_norm))
             for k, v in clip_metrics.items():
-                self._accumulate(k, v)
+                self._accumulate(k, keep(v))
             for k, v in extras.items():
-                self._accumulate(f"train/{k}", v)
+                self._accumulate(f"train/{k}", keep(v))
             self.window["steps"] += 1
         self.window["tokens"] += tokens
         self.last_lr = lr
@@ -553,6 +565,7 @@ class Trainer:
                         self._on_bad_step(reason, logger, progress)
                     done = self.step == t.steps
                     if self.step % t.log_every == 0 or done:
+                        self._read_device_guard(logger, progress)
                         elapsed = time.perf_counter() - clock
                         self._log_window(logger, progress, elapsed)
                         clock = time.perf_counter()
@@ -611,7 +624,8 @@ class Trainer:
         if self.dist.enabled:
             self._reduce_window()
         w = self.window
-        metrics = {k: float(v) / max(w["steps"], 1) for k, v in w["sums"].items()}
+        # No good step in the window (all skipped by the guard): no train metrics.
+        metrics = {k: float(v) / w["steps"] for k, v in w["sums"].items()} if w["steps"] > 0 else {}
         metrics["train/lr"] = self.last_lr
         metrics["train/tokens_per_s"] = w["tokens"] / max(elapsed, 1e-9)
         metrics["train/bad_steps"] = float(self.guard.bad_total)
@@ -694,16 +708,27 @@ class Trainer:
             except OSError as e:
                 progress.print(f"warning: could not save the {tag} figure: {e}")
 
-    def _on_bad_step(self, reason: str, logger: MetricsLogger, progress: TrainProgress) -> None:
+    def _read_device_guard(self, logger: MetricsLogger, progress: TrainProgress) -> None:
+        """The device guard's bad steps since the last read, handled as the host guard handles them when
+        they happen; their zeros leave the metric window's step count."""
+        if isinstance(self.guard, DeviceGuard):
+            for bad in self.guard.read():
+                self.window["steps"] -= 1
+                self._on_bad_step(bad.reason, logger, progress, bad.step, bad.streak)
+
+    def _on_bad_step(self, reason: str, logger: MetricsLogger, progress: TrainProgress, step: int | None = None,
+                     streak: int | None = None) -> None:
         g = self.guard
-        logger.log(self.step, {"guard/bad_step": 1.0, "guard/lr_scale": g.cfg.lr_factor})
+        step = self.step if step is None else step
+        streak = g.bad_streak if streak is None else streak
+        logger.log(step, {"guard/bad_step": 1.0, "guard/lr_scale": g.cfg.lr_factor})
         events = self.run.info().get("guard_events", [])
-        events.append({"step": self.step, "reason": reason})
+        events.append({"step": step, "reason": reason})
         self.run.update_info(guard_events=events[-100:])
-        progress.print(f"step {self.step}: skipped update, {reason}; LR x{g.cfg.lr_factor} "
+        progress.print(f"step {step}: skipped update, {reason}; LR x{g.cfg.lr_factor} "
                        f"for {g.cfg.cooldown} steps")
-        if g.bad_streak == 1:
+        if streak == 1:
             self.save("emergency")
-        if g.must_stop:
-            raise TrainingStopped(f"training stopped at step {self.step}: {g.bad_streak} bad steps in a row "
+        if streak >= g.cfg.max_bad_steps:
+            raise TrainingStopped(f"training stopped at step {step}: {streak} bad steps in a row "
                                   f"(last: {reason}); lower optim.lr or raise train.guard.max_bad_steps")

@@ -80,7 +80,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
 
 def _build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     groups = param_groups(model, cfg)
-    adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
+    # Fused: one kernel per step, and it can skip a step on the device (engine/device_guard.py).
+    adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **adamw)
     # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head,
