@@ -117,7 +117,13 @@ class OptimConfig:
 
 @dataclass
 class GuardConfig:
-    """Stability guard: skip updates whose loss is non-finite or spikes far above its recent values."""
+    """Stability guard: skip updates whose loss is non-finite or spikes far above its recent values.
+
+    With fused AdamW (CUDA, CPU), no fp16 scaler, no EMA and one process, the guard judges on the device
+    and the optimizer skips the step there (no host sync per step); the host reads the verdicts every
+    train.log_every steps, so the LR cool-down, the guard events, the emergency checkpoint and the stop
+    after max_bad_steps non-finite steps come up to log_every steps after the bad step (the cool-down
+    counts from the bad step). Otherwise each step is judged on the host as it happens."""
 
     enabled: bool = True
     # A spike is a loss above mean + spike_sigmas * std of the last `window` good losses,
