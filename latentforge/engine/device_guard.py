@@ -68,8 +68,7 @@ class DeviceGuard:
         n = self.count.double()
         mean = torch.where(valid, self.history, 0).sum() / n.clamp(min=1)
         std = (torch.where(valid, self.history - mean, 0).square().sum() / (n - 1).clamp(min=1)).sqrt()
-        limit = torch.maximum(torch.maximum(mean + c.spike_sigmas * std, c.spike_ratio * mean),
-                              torch.tensor(c.spike_floor, dtype=torch.float64, device=self.device))
+        limit = torch.maximum(mean + c.spike_sigmas * std, c.spike_ratio * mean).clamp(min=c.spike_floor)
         spike = (self.count >= c.min_history) & (loss > limit)
         verdict = torch.where(~torch.isfinite(loss), NONFINITE_LOSS,
                               torch.where(~torch.isfinite(norm), NONFINITE_NORM, torch.where(spike, SPIKE, GOOD)))
@@ -89,9 +88,10 @@ class DeviceGuard:
         self.spikes_only = self.spikes_only | rebase
         if self.pending == len(self.records):  # more steps between reads than the buffer holds (log_every changed)
             self.records = torch.cat([self.records, torch.zeros_like(self.records)])
-        self.records[self.pending] = torch.stack([torch.tensor(float(step), dtype=torch.float64, device=self.device),
-                                                  verdict.double(), loss, norm, limit, mean, std,
-                                                  self.streak.double(), rebase.double()])
+        # Scalars and device tensors only: no host-to-device copy either.
+        self.records[self.pending, 0] = step
+        self.records[self.pending, 1:] = torch.stack([verdict.double(), loss, norm, limit, mean, std,
+                                                      self.streak.double(), rebase.double()])
         self.pending += 1
         # The cool-down counts down on the host as if the step were good; read() restarts it after a bad one.
         self.cooldown_left = max(0, self.cooldown_left - 1)
