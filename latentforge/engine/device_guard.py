@@ -31,7 +31,9 @@ def judges_on_device(optimizers: list[Any], scaler: Any, ema_decay: float, distr
     """Whether the guard can skip updates on the device: every optimizer a fused Adam/AdamW (they read
     `found_inf`), no fp16 grad scaler (it owns `found_inf`), no EMA (AveragedModel reads its counter on
     the host every update anyway) and one process."""
-    fused = all(isinstance(o, torch.optim.Adam | torch.optim.AdamW) and o.defaults.get("fused") for o in optimizers)
+    # The groups' flag, not the defaults: a checkpoint's optimizer state brings its own.
+    fused = all(isinstance(o, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in o.param_groups)
+                for o in optimizers)
     return fused and scaler is None and ema_decay == 0 and not distributed
 
 

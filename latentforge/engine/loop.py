@@ -218,10 +218,7 @@ class Trainer:
             self.batches = self.overfit
         self.clipper = clipping.AdaptiveClip(t.clip_adaptive, t.clip_adaptive_beta, t.clip_adaptive_warmup,
                                              t.clip_grad, self.device) if t.clip_adaptive else None
-        # The guard judges on the device (no sync per step) where the optimizer can skip a step there.
-        on_device = t.guard.enabled and judges_on_device(optimizers_of(self.optimizer), self.scaler, t.ema_decay,
-                                                         self.dist.enabled)
-        self.guard = DeviceGuard(t.guard, self.device, t.log_every) if on_device else StabilityGuard(t.guard)
+        self.guard = self._build_guard()
         self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.timer: StepProfiler | None = None
         self.step = 0
@@ -261,6 +258,13 @@ class Trainer:
                                          options=StateDictOptions(full_state_dict=True))
         if resume_from is not None and is_sharded(resume_from):
             self._restore_sharded(resume_from)
+
+    def _build_guard(self) -> StabilityGuard | DeviceGuard:
+        """On the device (no sync per step) where the optimizer can skip a step there."""
+        t = self.cfg.train
+        on_device = t.guard.enabled and judges_on_device(optimizers_of(self.optimizer), self.scaler, t.ema_decay,
+                                                         self.dist.enabled)
+        return DeviceGuard(t.guard, self.device, t.log_every) if on_device else StabilityGuard(t.guard)
 
     def _state_root(self) -> nn.Module:
         """The module whose state-dict keys name the checkpoint's shards (`model.<param>`)."""
@@ -321,6 +325,7 @@ class Trainer:
         self.step = int(state["step"])
         check_resume(self.cfg.train.overfit_batches, state["data"])
         self.batches.load_state_dict(state["data"])
+        self.guard = self._build_guard()  # the checkpoint's optimizer groups say whether they are fused
         self.guard.load_state_dict(state["guard"])
         self.best = state["best"]
         w = state["window"]
