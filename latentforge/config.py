@@ -117,7 +117,13 @@ class OptimConfig:
 
 @dataclass
 class GuardConfig:
-    """Stability guard: skip updates whose loss is non-finite or spikes far above its recent values."""
+    """Stability guard: skip updates whose loss is non-finite or spikes far above its recent values.
+
+    With fused AdamW (CUDA, CPU), no fp16 scaler, no EMA and one process, the guard judges on the device
+    and the optimizer skips the step there (no host sync per step); the host reads the verdicts every
+    train.log_every steps, so the LR cool-down, the guard events, the emergency checkpoint and the stop
+    after max_bad_steps non-finite steps come up to log_every steps after the bad step (the cool-down
+    counts from the bad step). Otherwise each step is judged on the host as it happens."""
 
     enabled: bool = True
     # A spike is a loss above mean + spike_sigmas * std of the last `window` good losses,
@@ -210,6 +216,9 @@ class CheckpointConfig:
     # An fsspec URL (s3://bucket/prefix, gs://..., file:///...): the run directory is mirrored to
     # <remote>/<run id>/ after each save, and `latentforge resume <remote>/<run id>` works anywhere.
     remote: str = ""
+    # Write checkpoints on a background thread: training waits only for a copy of the state to host
+    # memory (one process; the shards of a multi-process run are written synchronously).
+    async_save: bool = True
 
     def validate(self) -> None:
         require(self.every >= 0, "every", f"must be >= 0 (got {self.every})")

@@ -60,3 +60,5 @@ def test_train_speed_runs_every_path_on_the_cpu(tmp_path: Path):
         assert 0 < rows["latentforge"]["extra"]["data_share_of_step"]
     extra = results["shapes"]["gpt2"]["rows"][0]["extra"]
     assert extra["ckpt_save_blocked_s"] > 0 and extra["ckpt_restore_s"] > 0 and extra["ckpt_gib"] > 0
+    assert extra["ckpt_write_s"] >= extra["ckpt_save_blocked_s"] and extra["ckpt_sync_save_s"] > 0
+    assert "an asynchronous save blocks train_step" in result.stdout

@@ -82,3 +82,36 @@ def test_gssm_trains_on_cuda_in_bf16(runs_dir):
 
 def values_finite(values: dict[int, float]) -> bool:
     return all(math.isfinite(v) for v in values.values())
+
+
+def test_train_step_never_syncs_with_the_host_on_cuda():
+    """The hot loop with the device-side guard and fused AdamW: any host-device sync in train_step raises."""
+    from latentforge.config import load_config
+    from latentforge.engine.loop import Trainer
+
+    cfg = load_config("bench/configs/gpt2-small.yaml", ["model.n_layer=2", "model.d_model=64", "model.n_head=2",
+                                                        "model.vocab_size=256", "data.seq_len=32",
+                                                        "train.batch_size=4", "train.device=cuda"])
+    trainer = Trainer(cfg, quiet=True)
+    assert type(trainer.guard).__name__ == "DeviceGuard"
+    for _ in range(3):  # warm-up: lazy optimizer state, allocator
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.guard.read() == []
+
+
+def test_async_save_from_pinned_buffers_resumes_exactly_on_cuda(runs_dir):
+    common = (*TINY, "train.device=cuda", "optim.name=adamw")
+    a = latentforge.train("multiply/tiny", *common, "checkpoint.async_save=true", name="async", runs_dir=runs_dir)
+    b = latentforge.train("multiply/tiny", *common, "checkpoint.async_save=false", name="sync", runs_dir=runs_dir)
+    for step in (4, 8, 12):
+        sa, sb = load_checkpoint(a.checkpoint_path(step)), load_checkpoint(b.checkpoint_path(step))
+        assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    extended = latentforge.resume("async", "train.steps=16", runs_dir=runs_dir)
+    assert extended.status == "finished" and sorted(losses(extended.path))[-1] == 16

@@ -36,12 +36,19 @@ class AdaptiveClip:
         coef = (threshold / (norm + 1e-6)).clamp(max=1.0)
         # A DTensor's local shard is its storage: scaling it scales the sharded gradient.
         torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
+        self.before = (self.average, self.weight)
         seen = norm if warming else torch.minimum(norm, threshold)
         finite = torch.isfinite(norm)
         self.average = torch.where(finite, self.beta * self.average + (1 - self.beta) * seen, self.average)
         self.weight = torch.where(finite, self.beta * self.weight + (1 - self.beta), self.weight)
         self.steps += 1
         return norm, {METRICS[0]: threshold, METRICS[1]: (norm > threshold).float()}
+
+    def revert(self, skipped: torch.Tensor | bool) -> None:
+        """Forget the last clip_'s norm when the stability guard skipped that step (a device flag or a bool)."""
+        skipped = torch.as_tensor(skipped, device=self.average.device)
+        self.average = torch.where(skipped, self.before[0], self.average)
+        self.weight = torch.where(skipped, self.before[1], self.weight)
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average.cpu(), "weight": self.weight.cpu(), "steps": self.steps}

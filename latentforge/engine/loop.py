@@ -4,6 +4,8 @@ the stability guard, evaluation, checkpoints, exact resume, interrupts and loggi
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 import os
 import signal
@@ -29,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from latentforge.config import Config
 from latentforge.engine import clipping, distributed
 from latentforge.engine.activation_checkpointing import checkpoint_blocks
+from latentforge.engine.async_checkpoint import CheckpointWriter, as_checkpoint_error
 from latentforge.engine.checkpoint import (
     is_sharded,
     load_checkpoint,
@@ -36,7 +39,9 @@ from latentforge.engine.checkpoint import (
     prune_checkpoints,
     remove_stale_temporaries,
     save_checkpoint,
+    step_dir_name,
 )
+from latentforge.engine.device_guard import DeviceGuard, judges_on_device
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import build_ema
 from latentforge.engine.freeze import freeze
@@ -213,7 +218,7 @@ class Trainer:
             self.batches = self.overfit
         self.clipper = clipping.AdaptiveClip(t.clip_adaptive, t.clip_adaptive_beta, t.clip_adaptive_warmup,
                                              t.clip_grad, self.device) if t.clip_adaptive else None
-        self.guard = StabilityGuard(t.guard)
+        self.guard = self._build_guard()
         self.ema = build_ema(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.timer: StepProfiler | None = None
         self.step = 0
@@ -232,6 +237,8 @@ class Trainer:
         if self.dist.enabled:
             self._wrap(resume_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # checkpoint.async_save: one process writes its checkpoints in the background (shards stay synchronous).
+        self.writer = CheckpointWriter(self.device) if cfg.checkpoint.async_save and not self.dist.enabled else None
 
     def _wrap(self, resume_from: Path | None) -> None:
         """DDP or FSDP around the task's loss; FSDP replaces the parameters, so the optimizer is
@@ -251,6 +258,13 @@ class Trainer:
                                          options=StateDictOptions(full_state_dict=True))
         if resume_from is not None and is_sharded(resume_from):
             self._restore_sharded(resume_from)
+
+    def _build_guard(self) -> StabilityGuard | DeviceGuard:
+        """On the device (no sync per step) where the optimizer can skip a step there."""
+        t = self.cfg.train
+        on_device = t.guard.enabled and judges_on_device(optimizers_of(self.optimizer), self.scaler, t.ema_decay,
+                                                         self.dist.enabled)
+        return DeviceGuard(t.guard, self.device, t.log_every) if on_device else StabilityGuard(t.guard)
 
     def _state_root(self) -> nn.Module:
         """The module whose state-dict keys name the checkpoint's shards (`model.<param>`)."""
@@ -311,6 +325,7 @@ class Trainer:
         self.step = int(state["step"])
         check_resume(self.cfg.train.overfit_batches, state["data"])
         self.batches.load_state_dict(state["data"])
+        self.guard = self._build_guard()  # the checkpoint's optimizer groups say whether they are fused
         self.guard.load_state_dict(state["guard"])
         self.best = state["best"]
         w = state["window"]
@@ -325,17 +340,44 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self, kind: str) -> Path:
+        """Checkpoint this step. With the background writer only the snapshot blocks training, except
+        after the saves training does not simply go on from (final, interrupt, emergency): those wait
+        until the checkpoint is on disk. The blocked seconds are logged (checkpoint/blocked_s)."""
+        start = time.perf_counter()
         protected = {self.best["step"]} if self.best else set()
-        sharded = self._sharded_state() if self.dist.enabled else None
-        path = save_checkpoint(self.run.checkpoints, self.step, self.state_dict(), kind,
-                               {"best": self.best, "world_size": self.dist.world_size}, sharded, self.dist)
+        meta = {"best": copy.deepcopy(self.best), "world_size": self.dist.world_size}
+        if self.writer is not None:
+            self._wait_for_writer()
+            self.writer.save(self.state_dict(), functools.partial(self._write, self.step, kind, meta, protected))
+            if kind in ("final", "interrupt", "emergency"):
+                self._wait_for_writer()
+        else:
+            sharded = self._sharded_state() if self.dist.enabled else None
+            self._write(self.step, kind, meta, protected, self.state_dict(), sharded)
+        blocked = time.perf_counter() - start
+        self.log.write(f"checkpoint of step {self.step} ({kind}): training blocked {blocked:.3f} s")
+        if kind in ("periodic", "best", "emergency") and self.dist.is_main:  # saves that training goes on after
+            self.logger.log(self.step, {"checkpoint/blocked_s": blocked})
+        return self.run.checkpoints / step_dir_name(self.step)
+
+    def _write(self, step: int, kind: str, meta: dict[str, Any], protected: set[int], state: dict[str, Any],
+               sharded: dict[str, Any] | None = None) -> None:
+        """Everything a save does on disk; on the writer thread when saving in the background."""
+        try:
+            path = save_checkpoint(self.run.checkpoints, step, state, kind, meta, sharded, self.dist)
+            if self.dist.is_main:
+                prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
+        except OSError as e:
+            raise as_checkpoint_error(e, f"the checkpoint of step {step}") from None
         if self.dist.is_main:
-            prune_checkpoints(self.run.checkpoints, self.cfg.checkpoint.keep, protected)
-            self.logger.log_checkpoint(path, self.step, best=self.step in protected)
+            self.logger.log_checkpoint(path, step, best=step in protected)
         if self.mirror is not None:
             self.mirror.sync(protected)
         distributed.barrier(self.dist)
-        return path
+
+    def _wait_for_writer(self) -> None:
+        if self.writer is not None and (seconds := self.writer.wait()) is not None:
+            self.log.write(f"checkpoint written in the background in {seconds:.3f} s")
 
     # ------------------------------------------------------------------ one step
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
@@ -391,14 +433,20 @@ class Trainer:
         if self.dist.enabled:
             loss_sum = distributed.all_reduce_sum(loss_sum, self.dist)
 
-        reason = None
-        if t.guard.enabled:
+        reason, bad = None, None
+        if isinstance(self.guard, DeviceGuard):
+            bad = self.guard.judge(loss_sum, grad_norm, self.step + 1)
+            for o in optimizers_of(self.optimizer):
+                o.found_inf = bad.float()  # fused Adam/AdamW skip the update (and its step count) on the device
+        elif t.guard.enabled:
             loss_value = float(loss_sum)
             # Under fp16 the grad scaler already skips overflowing steps by itself.
             norm_value = float(grad_norm) if self.scaler is None else None
             reason = self.guard.judge(loss_value, norm_value)
             if self.guard.record(loss_value, reason):
                 reason = f"{reason}; {t.guard.max_bad_steps} spikes in a row: taken as the new loss level"
+        if self.clipper is not None and (reason is not None or bad is not None):
+            self.clipper.revert(bad if bad is not None else True)
         if reason is None:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -413,12 +461,14 @@ class Trainer:
             self.timer.lap("optimizer")
         self.step += 1
         if reason is None:
-            self._accumulate("train/loss", loss_sum)
-            self._accumulate("train/grad_norm", grad_norm)
+            # A step the device guard skipped adds zeros; it is taken off the step count when the guard is read.
+            keep = (lambda v: v) if bad is None else (lambda v: torch.where(bad, 0.0, v))
+            self._accumulate("train/loss", keep(loss_sum))
+            self._accumulate("train/grad_norm", keep(grad_norm))
             for k, v in clip_metrics.items():
-                self._accumulate(k, v)
+                self._accumulate(k, keep(v))
             for k, v in extras.items():
-                self._accumulate(f"train/{k}", v)
+                self._accumulate(f"train/{k}", keep(v))
             self.window["steps"] += 1
         self.window["tokens"] += tokens
         self.last_lr = lr
@@ -520,6 +570,7 @@ class Trainer:
                         self._on_bad_step(reason, logger, progress)
                     done = self.step == t.steps
                     if self.step % t.log_every == 0 or done:
+                        self._read_device_guard(logger, progress)
                         elapsed = time.perf_counter() - clock
                         self._log_window(logger, progress, elapsed)
                         clock = time.perf_counter()
@@ -540,6 +591,7 @@ class Trainer:
                         status = "interrupted"
                         self.stop_signal = stop.signal_name
                         break
+                self._wait_for_writer()
         except KeyboardInterrupt:
             self.run.update_info(status="interrupted", ended=time.time(), step=self.step)
             raise
@@ -551,6 +603,10 @@ class Trainer:
                                  error=f"{type(e).__name__}: {e}")
             raise
         finally:
+            if self.writer is not None and sys.exc_info()[0] is not None:
+                # Training failed: the checkpoint in flight is still finished; the first error is the one raised.
+                with contextlib.suppress(Exception):
+                    self.writer.wait()
             if self.timer is not None:  # training ended inside the profiled window
                 progress.print(self.timer.finish())
                 self.timer = None
@@ -573,7 +629,8 @@ class Trainer:
         if self.dist.enabled:
             self._reduce_window()
         w = self.window
-        metrics = {k: float(v) / max(w["steps"], 1) for k, v in w["sums"].items()}
+        # No good step in the window (all skipped by the guard): no train metrics.
+        metrics = {k: float(v) / w["steps"] for k, v in w["sums"].items()} if w["steps"] > 0 else {}
         metrics["train/lr"] = self.last_lr
         metrics["train/tokens_per_s"] = w["tokens"] / max(elapsed, 1e-9)
         metrics["train/bad_steps"] = float(self.guard.bad_total)
@@ -656,16 +713,27 @@ class Trainer:
             except OSError as e:
                 progress.print(f"warning: could not save the {tag} figure: {e}")
 
-    def _on_bad_step(self, reason: str, logger: MetricsLogger, progress: TrainProgress) -> None:
+    def _read_device_guard(self, logger: MetricsLogger, progress: TrainProgress) -> None:
+        """The device guard's bad steps since the last read, handled as the host guard handles them when
+        they happen; their zeros leave the metric window's step count."""
+        if isinstance(self.guard, DeviceGuard):
+            for bad in self.guard.read():
+                self.window["steps"] -= 1
+                self._on_bad_step(bad.reason, logger, progress, bad.step, bad.streak)
+
+    def _on_bad_step(self, reason: str, logger: MetricsLogger, progress: TrainProgress, step: int | None = None,
+                     streak: int | None = None) -> None:
         g = self.guard
-        logger.log(self.step, {"guard/bad_step": 1.0, "guard/lr_scale": g.cfg.lr_factor})
+        step = self.step if step is None else step
+        streak = g.bad_streak if streak is None else streak
+        logger.log(step, {"guard/bad_step": 1.0, "guard/lr_scale": g.cfg.lr_factor})
         events = self.run.info().get("guard_events", [])
-        events.append({"step": self.step, "reason": reason})
+        events.append({"step": step, "reason": reason})
         self.run.update_info(guard_events=events[-100:])
-        progress.print(f"step {self.step}: skipped update, {reason}; LR x{g.cfg.lr_factor} "
+        progress.print(f"step {step}: skipped update, {reason}; LR x{g.cfg.lr_factor} "
                        f"for {g.cfg.cooldown} steps")
-        if g.bad_streak == 1:
+        if streak == 1:
             self.save("emergency")
-        if g.must_stop:
-            raise TrainingStopped(f"training stopped at step {self.step}: {g.bad_streak} bad steps in a row "
+        if streak >= g.cfg.max_bad_steps:
+            raise TrainingStopped(f"training stopped at step {step}: {streak} bad steps in a row "
                                   f"(last: {reason}); lower optim.lr or raise train.guard.max_bad_steps")

@@ -81,7 +81,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
 
 def _build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
     groups = param_groups(model, cfg)
-    adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
+    # Fused: one kernel per step, and it can skip a step on the device (engine/device_guard.py). The CPU
+    # kernel does not take FSDP's sharded parameters, so several CPU processes keep the foreach one.
+    fused = device.type == "cuda" or (device.type == "cpu" and not torch.distributed.is_initialized())
+    adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **adamw)
     # Muon orthogonalises the updates of hidden weight matrices; embeddings, the output head,

@@ -1,0 +1,164 @@
+"""The stability guard judged on the device: no host-device sync per step.
+
+StabilityGuard (engine/guard.py) reads each step's loss and gradient norm on the host, which drains
+the GPU queue every step. Here the same judgement (non-finite loss or norm; a spike above
+max(mean + spike_sigmas * std, spike_ratio * mean, spike_floor) of the last `window` good losses once
+`min_history` exist; `max_bad_steps` spikes in a row are a new loss level) runs on device tensors and
+yields a 0-d `bad` flag. Fused Adam/AdamW skip their update on the device when given it as
+`optimizer.found_inf` (GradScaler's contract: parameters, moments and step counter untouched).
+
+Each step's verdict goes into a small device buffer that the host reads every train.log_every steps:
+only then does it log the bad steps, start the LR cool-down, save the emergency checkpoint and stop
+after `max_bad_steps` non-finite steps in a row, so those lag the bad step by up to log_every steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from latentforge.config import GuardConfig
+
+GOOD, NONFINITE_LOSS, NONFINITE_NORM, SPIKE = range(4)
+# One row per judged step: step, verdict, loss, norm, limit, mean, std, bad streak after it (0 after a
+# rebaseline), rebaselined.
+ROW = 9
+
+
+def judges_on_device(optimizers: list[Any], scaler: Any, ema_decay: float, distributed: bool) -> bool:
+    """Whether the guard can skip updates on the device: every optimizer a fused Adam/AdamW (they read
+    `found_inf`), no fp16 grad scaler (it owns `found_inf`), no EMA (AveragedModel reads its counter on
+    the host every update anyway) and one process."""
+    # The groups' flag, not the defaults: a checkpoint's optimizer state brings its own.
+    fused = all(isinstance(o, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in o.param_groups)
+                for o in optimizers)
+    return fused and scaler is None and ema_decay == 0 and not distributed
+
+
+@dataclass
+class BadStep:
+    step: int
+    reason: str
+    streak: int  # bad steps in a row, this one included (0 after a rebaseline)
+
+
+class DeviceGuard:
+    """StabilityGuard's state and judgement as device tensors; the host keeps the cool-down and the count."""
+
+    def __init__(self, cfg: GuardConfig, device: torch.device, log_every: int):
+        self.cfg, self.device = cfg, device
+        f64 = dict(dtype=torch.float64, device=device)
+        self.history = torch.zeros(cfg.window, **f64)  # a ring buffer of the good losses
+        self.slots = torch.arange(cfg.window, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.head = torch.zeros((), dtype=torch.long, device=device)
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.spikes_only = torch.ones((), dtype=torch.bool, device=device)
+        self.records = torch.zeros(log_every, ROW, **f64)
+        self.pending = 0  # rows written since the last read
+        # Host side, brought up to date by read().
+        self.bad_total = 0
+        self.cooldown_left = 0
+
+    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
+        """Judge and record the step that ends at `step`; returns a 0-d bool: skip its update."""
+        c = self.cfg
+        loss, norm = loss.detach().double(), grad_norm.detach().double()
+        valid = self.slots < self.count
+        n = self.count.double()
+        mean = torch.where(valid, self.history, 0).sum() / n.clamp(min=1)
+        std = (torch.where(valid, self.history - mean, 0).square().sum() / (n - 1).clamp(min=1)).sqrt()
+        limit = torch.maximum(mean + c.spike_sigmas * std, c.spike_ratio * mean).clamp(min=c.spike_floor)
+        spike = (self.count >= c.min_history) & (loss > limit)
+        verdict = torch.where(~torch.isfinite(loss), NONFINITE_LOSS,
+                              torch.where(~torch.isfinite(norm), NONFINITE_NORM, torch.where(spike, SPIKE, GOOD)))
+        bad = verdict != GOOD
+        good = ~bad
+        # A good loss joins the history; a bad step extends the streak.
+        self.history = torch.where(good & (self.slots == self.head), loss, self.history)
+        self.head = torch.where(good, (self.head + 1) % c.window, self.head)
+        self.count = torch.where(good, (self.count + 1).clamp(max=c.window), self.count)
+        self.streak = torch.where(good, 0, self.streak + 1)
+        self.spikes_only = good | (self.spikes_only & (verdict == SPIKE))
+        # A spike that lasts max_bad_steps is a new loss level: forget the history.
+        rebase = bad & self.spikes_only & (self.streak >= c.max_bad_steps)
+        self.count = torch.where(rebase, 0, self.count)
+        self.head = torch.where(rebase, 0, self.head)
+        self.streak = torch.where(rebase, 0, self.streak)
+        self.spikes_only = self.spikes_only | rebase
+        if self.pending == len(self.records):  # more steps between reads than the buffer holds (log_every changed)
+            self.records = torch.cat([self.records, torch.zeros_like(self.records)])
+        # Scalars and device tensors only: no host-to-device copy either.
+        self.records[self.pending, 0] = step
+        self.records[self.pending, 1:] = torch.stack([verdict.double(), loss, norm, limit, mean, std,
+                                                      self.streak.double(), rebase.double()])
+        self.pending += 1
+        # The cool-down counts down on the host as if the step were good; read() restarts it after a bad one.
+        self.cooldown_left = max(0, self.cooldown_left - 1)
+        return bad
+
+    def read(self) -> list[BadStep]:
+        """The bad steps since the last read (one host-device sync); brings the cool-down up to date."""
+        rows = self.records[: self.pending].tolist()
+        self.pending = 0
+        bad_steps = []
+        for i, (step, verdict, loss, norm, limit, mean, std, streak, rebase) in enumerate(rows):
+            if verdict == GOOD:
+                continue
+            self.bad_total += 1
+            # Set at the bad step and counted down by the good steps after it, as StabilityGuard does.
+            self.cooldown_left = max(0, self.cfg.cooldown - (len(rows) - 1 - i))
+            if verdict == NONFINITE_LOSS:
+                reason = f"non-finite loss {loss}"
+            elif verdict == NONFINITE_NORM:
+                reason = f"non-finite gradient norm {norm}"
+            else:
+                reason = f"loss spike {loss:.4g} > {limit:.4g} (running mean {mean:.4g}, std {std:.4g})"
+            if rebase:
+                reason += f"; {self.cfg.max_bad_steps} spikes in a row: taken as the new loss level"
+            bad_steps.append(BadStep(int(step), reason, int(streak)))
+        return bad_steps
+
+    def rebaseline(self) -> None:
+        """Forget the recent losses (a new curriculum stage): what comes next is judged against itself."""
+        self.count.zero_()
+        self.head.zero_()
+        self.streak.zero_()
+        self.spikes_only.fill_(True)
+
+    @property
+    def lr_scale(self) -> float:
+        return self.cfg.lr_factor if self.cooldown_left > 0 else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """StabilityGuard's keys (a run may resume on the other path), plus the exact device state."""
+        n, head = int(self.count), int(self.head)
+        order = list(range(head - n, head)) if n < self.cfg.window else list(range(head, head + n))
+        history = [float(self.history[i % self.cfg.window]) for i in order]
+        return {"history": history, "bad_streak": int(self.streak), "spikes_only": bool(self.spikes_only),
+                "cooldown_left": self.cooldown_left, "bad_total": self.bad_total,
+                "device": {"history": self.history.cpu(), "count": n, "head": head,
+                           "records": self.records[: self.pending].cpu()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak.fill_(int(state["bad_streak"]))
+        self.spikes_only.fill_(bool(state.get("spikes_only", True)))
+        self.cooldown_left, self.bad_total = state["cooldown_left"], state["bad_total"]
+        exact = state.get("device")
+        if exact is not None and len(exact["history"]) == self.cfg.window:
+            self.history = exact["history"].to(self.device)
+            self.count.fill_(exact["count"])
+            self.head.fill_(exact["head"] % self.cfg.window)
+        else:  # written by StabilityGuard, or with another window: the newest losses, oldest first
+            kept = [float(x) for x in state["history"]][-self.cfg.window:]
+            self.history = torch.zeros_like(self.history)
+            self.history[: len(kept)] = torch.tensor(kept, dtype=torch.float64)
+            self.count.fill_(len(kept))
+            self.head.fill_(len(kept) % self.cfg.window)
+        records = exact["records"] if exact is not None else torch.zeros(0, ROW, dtype=torch.float64)
+        self.pending = len(records)
+        rows = max(len(self.records), 2 * self.pending)
+        self.records = torch.zeros(rows, ROW, dtype=torch.float64, device=self.device)
+        self.records[: self.pending] = records.to(self.device)
