@@ -6,7 +6,7 @@ So N ranks see exactly the data one rank would see with the same config, the los
 tolerance, and a checkpoint saved by N ranks resumes on M.
 
 The model is wrapped together with the task's loss (`LossModule`), so a task may call any method
-of its model in `loss` (generate, forward_probed, ...) and DDP/FSDP still see one forward.
+of its model in `loss` (generate, ...) and DDP/FSDP still see one forward.
 """
 
 from __future__ import annotations

@@ -42,14 +42,15 @@ class DecoderLM(nn.Module):
             x[rows, position] = torch.where(has[:, None], fill.to(x.dtype), x[rows, position])
         return x
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward_probed(tokens)[0]
-
-    def forward_probed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits (B, T, vocab), and each probe's prediction (B, T) at every position."""
-        h, kept = self.transformer.hidden(self.embeddings(tokens), self.probe_layers)
-        probes = {layer: self.probes[str(layer)](kept[layer]).squeeze(-1) for layer in self.probe_layers}
-        return self.transformer.head(h), probes
+    def forward(self, tokens: torch.Tensor, with_probes: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits (B, T, vocab); with_probes: and each probe's prediction (B, T) at every position.
+        One forward method for both, because torch.compile compiles `forward` and no other."""
+        h, kept = self.transformer.hidden(self.embeddings(tokens), self.probe_layers if with_probes else ())
+        logits = self.transformer.head(h)
+        if not with_probes:
+            return logits
+        return logits, {layer: self.probes[str(layer)](kept[layer]).squeeze(-1) for layer in self.probe_layers}
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new: int) -> torch.Tensor:

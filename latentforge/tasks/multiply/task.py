@@ -362,7 +362,7 @@ class Multiply(Task):
             logits = model(batch["question"], inputs)
             metrics["teacher_forcing"] = torch.tensor(p, device=self.device)
         elif self.variant == "aux-probe":
-            logits, probes = model.forward_probed(batch["inputs"])
+            logits, probes = model(batch["inputs"], with_probes=True)
         else:
             logits = model(batch["inputs"])
         loss = cross_entropy(logits, targets, ignore_index=IGNORE)
