@@ -22,9 +22,9 @@ import torch
 from latentforge.config import GuardConfig
 
 GOOD, NONFINITE_LOSS, NONFINITE_NORM, SPIKE = range(4)
-# One row per judged step: step, verdict, loss, norm, limit, mean, std, bad streak after it (0 after a
-# rebaseline), rebaselined.
-ROW = 9
+# One row per judged step: verdict, loss, norm, limit, mean, std, bad streak after it (0 after a
+# rebaseline), rebaselined. The step numbers stay on the host (writing one into a device tensor is a copy).
+ROW = 8
 
 
 def judges_on_device(optimizers: list[Any], scaler: Any, ema_decay: float, distributed: bool) -> bool:
@@ -57,7 +57,7 @@ class DeviceGuard:
         self.streak = torch.zeros((), dtype=torch.long, device=device)
         self.spikes_only = torch.ones((), dtype=torch.bool, device=device)
         self.records = torch.zeros(log_every, ROW, **f64)
-        self.pending = 0  # rows written since the last read
+        self.pending_steps: list[int] = []  # the steps of the rows written since the last read
         # Host side, brought up to date by read().
         self.bad_total = 0
         self.cooldown_left = 0
@@ -88,23 +88,23 @@ class DeviceGuard:
         self.head = torch.where(rebase, 0, self.head)
         self.streak = torch.where(rebase, 0, self.streak)
         self.spikes_only = self.spikes_only | rebase
-        if self.pending == len(self.records):  # more steps between reads than the buffer holds (log_every changed)
+        if len(self.pending_steps) == len(self.records):
+            # More steps between reads than the buffer holds (log_every changed at resume).
             self.records = torch.cat([self.records, torch.zeros_like(self.records)])
-        # Scalars and device tensors only: no host-to-device copy either.
-        self.records[self.pending, 0] = step
-        self.records[self.pending, 1:] = torch.stack([verdict.double(), loss, norm, limit, mean, std,
-                                                      self.streak.double(), rebase.double()])
-        self.pending += 1
+        # Device tensors only: no host-to-device copy either.
+        self.records[len(self.pending_steps)] = torch.stack([verdict.double(), loss, norm, limit, mean, std,
+                                                             self.streak.double(), rebase.double()])
+        self.pending_steps.append(step)
         # The cool-down counts down on the host as if the step were good; read() restarts it after a bad one.
         self.cooldown_left = max(0, self.cooldown_left - 1)
         return bad
 
     def read(self) -> list[BadStep]:
         """The bad steps since the last read (one host-device sync); brings the cool-down up to date."""
-        rows = self.records[: self.pending].tolist()
-        self.pending = 0
+        steps, self.pending_steps = self.pending_steps, []
+        rows = self.records[: len(steps)].tolist()
         bad_steps = []
-        for i, (step, verdict, loss, norm, limit, mean, std, streak, rebase) in enumerate(rows):
+        for i, (step, (verdict, loss, norm, limit, mean, std, streak, rebase)) in enumerate(zip(steps, rows)):
             if verdict == GOOD:
                 continue
             self.bad_total += 1
@@ -118,7 +118,7 @@ class DeviceGuard:
                 reason = f"loss spike {loss:.4g} > {limit:.4g} (running mean {mean:.4g}, std {std:.4g})"
             if rebase:
                 reason += f"; {self.cfg.max_bad_steps} spikes in a row: taken as the new loss level"
-            bad_steps.append(BadStep(int(step), reason, int(streak)))
+            bad_steps.append(BadStep(step, reason, int(streak)))
         return bad_steps
 
     def rebaseline(self) -> None:
@@ -140,7 +140,8 @@ class DeviceGuard:
         return {"history": history, "bad_streak": int(self.streak), "spikes_only": bool(self.spikes_only),
                 "cooldown_left": self.cooldown_left, "bad_total": self.bad_total,
                 "device": {"history": self.history.cpu(), "count": n, "head": head,
-                           "records": self.records[: self.pending].cpu()}}
+                           "records": self.records[: len(self.pending_steps)].cpu(),
+                           "record_steps": list(self.pending_steps)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.streak.fill_(int(state["bad_streak"]))
@@ -158,7 +159,7 @@ class DeviceGuard:
             self.count.fill_(len(kept))
             self.head.fill_(len(kept) % self.cfg.window)
         records = exact["records"] if exact is not None else torch.zeros(0, ROW, dtype=torch.float64)
-        self.pending = len(records)
-        rows = max(len(self.records), 2 * self.pending)
+        self.pending_steps = list(exact["record_steps"]) if exact is not None else []
+        rows = max(len(self.records), 2 * len(self.pending_steps))
         self.records = torch.zeros(rows, ROW, dtype=torch.float64, device=self.device)
-        self.records[: self.pending] = records.to(self.device)
+        self.records[: len(self.pending_steps)] = records.to(self.device)
