@@ -54,7 +54,10 @@ class Task(ABC):
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean loss of a batch plus extra scalar metrics (device tensors, read only at log time)."""
+        """Mean loss of a batch plus extra scalar metrics (device tensors, read only at log time).
+
+        Call `model(...)`, not another of its methods, for the training forward: with
+        train.compile the engine compiles the model's `forward` only, and any other method runs eager."""
 
     def loss_weight(self, batch: Any) -> torch.Tensor | float:
         """How much this batch's mean loss weighs when micro-batches are accumulated (e.g. its
