@@ -40,6 +40,17 @@ def test_snapshot_is_a_frozen_copy_that_keeps_tied_tensors_tied():
     assert copy["rng"] == (1, [2, 3]) and type(copy["rng"]) is tuple
 
 
+def test_snapshot_copies_a_module_state_dict_tensor_by_tensor():
+    """A module's state_dict is an OrderedDict with `_metadata`: its tensors go through the same copy as
+    the rest (on a GPU, into the pinned buffers) and the mapping keeps its type and metadata."""
+    model = torch.nn.Linear(3, 3)
+    state = {"model": model.state_dict(), "optimizer": {"state": {0: {"exp_avg": model.weight}}}}
+    copy = snapshot(state)
+    assert type(copy["model"]) is type(state["model"]) and copy["model"]._metadata == state["model"]._metadata
+    assert copy["model"]["weight"] is copy["optimizer"]["state"][0]["exp_avg"]  # one copy of a shared tensor
+    assert copy["model"]["weight"].data_ptr() != model.weight.data_ptr()
+
+
 def test_writer_returns_while_the_write_runs_and_hands_its_error_to_the_caller():
     writer = CheckpointWriter(torch.device("cpu"))
     release, written = threading.Event(), []
@@ -132,9 +143,10 @@ def feed(guards, values, start=1):
     return read
 
 
-def test_device_guard_judges_as_the_host_guard():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_device_guard_judges_as_the_host_guard(compile):
     cfg = GuardConfig(window=20, min_history=10, spike_sigmas=4, spike_ratio=2, max_bad_steps=3, cooldown=4)
-    guards = StabilityGuard(cfg), DeviceGuard(cfg, torch.device("cpu"), log_every=100)
+    guards = StabilityGuard(cfg), DeviceGuard(cfg, torch.device("cpu"), log_every=100, compile=compile)
     calm = [(1.0 + 0.01 * (i % 3), 1.0) for i in range(25)]  # fills and wraps the window
     read = feed(guards, calm + [(5.0, 1.0), (1.02, 1.0), (math.nan, 1.0), (1.0, math.inf), (1.01, 1.0),
                                 (1.0, 1.0)])

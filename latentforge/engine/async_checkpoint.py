@@ -47,8 +47,11 @@ def snapshot(state: Any, pinned: dict[Key, torch.Tensor] | None = None) -> Any:
             else:
                 copies[key] = value.to("cpu", copy=True)
             return copies[key]
-        if type(value) is dict:
-            return {k: visit(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, dict):  # a module's state_dict is an OrderedDict with `_metadata`
+            out = type(value)((k, visit(v, (*path, k))) for k, v in value.items())
+            if hasattr(value, "_metadata"):
+                out._metadata = copy.deepcopy(value._metadata)
+            return out
         if type(value) in (list, tuple):
             return type(value)(visit(v, (*path, i)) for i, v in enumerate(value))
         return copy.deepcopy(value)

@@ -14,12 +14,14 @@ after `max_bad_steps` non-finite steps in a row, so those lag the bad step by up
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from latentforge.config import GuardConfig
+from latentforge.engine.compile import compiled
 
 GOOD, NONFINITE_LOSS, NONFINITE_NORM, SPIKE = range(4)
 # One row per judged step: verdict, loss, norm, limit, mean, std, bad streak after it (0 after a
@@ -37,6 +39,38 @@ def judges_on_device(optimizers: list[Any], scaler: Any, ema_decay: float, distr
     return fused and scaler is None and ema_decay == 0 and not distributed
 
 
+def judge_step(c: GuardConfig, history: torch.Tensor, slots: torch.Tensor, count: torch.Tensor, head: torch.Tensor,
+               streak: torch.Tensor, spikes_only: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
+    """One step's judgement on device tensors, as a pure function (so torch.compile makes it one kernel):
+    the new (history, count, head, streak, spikes_only), the 0-d `bad` flag and the step's ROW."""
+    loss, norm = loss.double(), norm.double()
+    valid = slots < count
+    n = count.double()
+    mean = torch.where(valid, history, 0).sum() / n.clamp(min=1)
+    std = (torch.where(valid, history - mean, 0).square().sum() / (n - 1).clamp(min=1)).sqrt()
+    limit = torch.maximum(mean + c.spike_sigmas * std, c.spike_ratio * mean).clamp(min=c.spike_floor)
+    spike = (count >= c.min_history) & (loss > limit)
+    verdict = torch.where(~torch.isfinite(loss), NONFINITE_LOSS,
+                          torch.where(~torch.isfinite(norm), NONFINITE_NORM, torch.where(spike, SPIKE, GOOD)))
+    bad = verdict != GOOD
+    good = ~bad
+    # A good loss joins the history; a bad step extends the streak.
+    history = torch.where(good & (slots == head), loss, history)
+    head = torch.where(good, (head + 1) % c.window, head)
+    count = torch.where(good, (count + 1).clamp(max=c.window), count)
+    streak = torch.where(good, 0, streak + 1)
+    spikes_only = good | (spikes_only & (verdict == SPIKE))
+    # A spike that lasts max_bad_steps is a new loss level: forget the history.
+    rebase = bad & spikes_only & (streak >= c.max_bad_steps)
+    count = torch.where(rebase, 0, count)
+    head = torch.where(rebase, 0, head)
+    streak = torch.where(rebase, 0, streak)
+    spikes_only = spikes_only | rebase
+    row = torch.stack([verdict.double(), loss, norm, limit, mean, std, streak.double(), rebase.double()])
+    return history, count, head, streak, spikes_only, bad, row
+
+
 @dataclass
 class BadStep:
     step: int
@@ -47,8 +81,10 @@ class BadStep:
 class DeviceGuard:
     """StabilityGuard's state and judgement as device tensors; the host keeps the cool-down and the count."""
 
-    def __init__(self, cfg: GuardConfig, device: torch.device, log_every: int):
+    def __init__(self, cfg: GuardConfig, device: torch.device, log_every: int, compile: bool = False):
         self.cfg, self.device = cfg, device
+        # Eager, the judgement is ~30 tiny kernels whose launches cost a small model's step more than a sync.
+        self._judge = functools.partial(compiled(judge_step) if compile else judge_step, cfg)
         f64 = dict(dtype=torch.float64, device=device)
         self.history = torch.zeros(cfg.window, **f64)  # a ring buffer of the good losses
         self.slots = torch.arange(cfg.window, device=device)
@@ -64,36 +100,13 @@ class DeviceGuard:
 
     def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
         """Judge and record the step that ends at `step`; returns a 0-d bool: skip its update."""
-        c = self.cfg
-        loss, norm = loss.detach().double(), grad_norm.detach().double()
-        valid = self.slots < self.count
-        n = self.count.double()
-        mean = torch.where(valid, self.history, 0).sum() / n.clamp(min=1)
-        std = (torch.where(valid, self.history - mean, 0).square().sum() / (n - 1).clamp(min=1)).sqrt()
-        limit = torch.maximum(mean + c.spike_sigmas * std, c.spike_ratio * mean).clamp(min=c.spike_floor)
-        spike = (self.count >= c.min_history) & (loss > limit)
-        verdict = torch.where(~torch.isfinite(loss), NONFINITE_LOSS,
-                              torch.where(~torch.isfinite(norm), NONFINITE_NORM, torch.where(spike, SPIKE, GOOD)))
-        bad = verdict != GOOD
-        good = ~bad
-        # A good loss joins the history; a bad step extends the streak.
-        self.history = torch.where(good & (self.slots == self.head), loss, self.history)
-        self.head = torch.where(good, (self.head + 1) % c.window, self.head)
-        self.count = torch.where(good, (self.count + 1).clamp(max=c.window), self.count)
-        self.streak = torch.where(good, 0, self.streak + 1)
-        self.spikes_only = good | (self.spikes_only & (verdict == SPIKE))
-        # A spike that lasts max_bad_steps is a new loss level: forget the history.
-        rebase = bad & self.spikes_only & (self.streak >= c.max_bad_steps)
-        self.count = torch.where(rebase, 0, self.count)
-        self.head = torch.where(rebase, 0, self.head)
-        self.streak = torch.where(rebase, 0, self.streak)
-        self.spikes_only = self.spikes_only | rebase
+        (self.history, self.count, self.head, self.streak, self.spikes_only, bad, row) = self._judge(
+            self.history, self.slots, self.count, self.head, self.streak, self.spikes_only, loss.detach(),
+            grad_norm.detach())
         if len(self.pending_steps) == len(self.records):
             # More steps between reads than the buffer holds (log_every changed at resume).
             self.records = torch.cat([self.records, torch.zeros_like(self.records)])
-        # Device tensors only: no host-to-device copy either.
-        self.records[len(self.pending_steps)] = torch.stack([verdict.double(), loss, norm, limit, mean, std,
-                                                             self.streak.double(), rebase.double()])
+        self.records[len(self.pending_steps)] = row  # a device copy: no host-to-device transfer
         self.pending_steps.append(step)
         # The cool-down counts down on the host as if the step were good; read() restarts it after a bad one.
         self.cooldown_left = max(0, self.cooldown_left - 1)

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from latentforge.engine.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from latentforge.engine.compile import compiled
 from latentforge.engine.device_guard import DeviceGuard, judges_on_device
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import build_ema
@@ -115,14 +115,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
-
-
-def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
-    with warnings.catch_warnings():
-        # torch.compile imports torch.utils.mkldnn, whose own classes still use a deprecated torch.jit decorator.
-        warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated",
-                                category=DeprecationWarning, module=r"torch\.jit")
-        return torch.compile(model, mode=mode)
 
 
 def build_task_and_model(cfg: Config, device: torch.device) -> tuple[Task, nn.Module]:
@@ -225,15 +217,17 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.stop_signal: str | None = None  # the signal that stopped fit() early (a launcher may requeue on it)
         self.window = self._empty_window()
-        # DDP or FSDP around the task's loss, when there are several processes.
-        self.loss_module: nn.Module | None = None
         if resume_from is not None:
             self._restore(resume_from)
             if self.step > t.steps:
                 raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {self.step}")
         # Measured here, before any run directory exists, so a failure leaves nothing behind.
         self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
-        self.train_model = compiled(self.model, t.compile_mode) if t.compile else self.model
+        # train.compile: one process compiles the task's whole loss, so the model's last layer and the loss
+        # fuse (a cross-entropy never materialises float32 logits); under DDP/FSDP the model alone is compiled.
+        self.loss_module: nn.Module | None = None  # DDP or FSDP around the task's loss
+        self.compiled_loss = (compiled(distributed.LossModule(self.model, self.task), t.compile_mode)
+                              if t.compile and not self.dist.enabled else None)
         if self.dist.enabled:
             self._wrap(resume_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -249,7 +243,8 @@ class Trainer:
         if fsdp and resume_from is not None and not is_sharded(resume_from):
             full_state = get_optimizer_state_dict(plain, optimizers_of(self.optimizer),
                                                   options=StateDictOptions(full_state_dict=True))
-        self.loss_module = distributed.wrap(distributed.LossModule(self.train_model, self.task),
+        model = compiled(self.model, self.cfg.train.compile_mode) if self.cfg.train.compile else self.model
+        self.loss_module = distributed.wrap(distributed.LossModule(model, self.task),
                                             self.cfg.dist.strategy, self.device)
         if fsdp:
             self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device)
@@ -264,7 +259,7 @@ class Trainer:
         t = self.cfg.train
         on_device = t.guard.enabled and judges_on_device(optimizers_of(self.optimizer), self.scaler, t.ema_decay,
                                                          self.dist.enabled)
-        return DeviceGuard(t.guard, self.device, t.log_every) if on_device else StabilityGuard(t.guard)
+        return DeviceGuard(t.guard, self.device, t.log_every, t.compile) if on_device else StabilityGuard(t.guard)
 
     def _state_root(self) -> nn.Module:
         """The module whose state-dict keys name the checkpoint's shards (`model.<param>`)."""
@@ -477,7 +472,9 @@ class Trainer:
     def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.loss_module is not None:
             return self.loss_module(batch)
-        return self.task.loss(self.train_model, batch)
+        if self.compiled_loss is not None:
+            return self.compiled_loss(batch)
+        return self.task.loss(self.model, batch)
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Ranks exchange gradients on the last micro-batch of an accumulated step only."""

@@ -56,8 +56,10 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss of a batch plus extra scalar metrics (device tensors, read only at log time).
 
-        Call `model(...)`, not another of its methods, for the training forward: with
-        train.compile the engine compiles the model's `forward` only, and any other method runs eager."""
+        With train.compile one process compiles this whole method (model and loss fuse), so keep host
+        reads (`.item()`, `float(...)`) out of it: each splits the graph and syncs. Call `model(...)`, not
+        another of its methods, for the training forward: under DDP/FSDP the engine compiles and wraps the
+        model's `forward` only."""
 
     def loss_weight(self, batch: Any) -> torch.Tensor | float:
         """How much this batch's mean loss weighs when micro-batches are accumulated (e.g. its

@@ -45,7 +45,7 @@ class DecoderLM(nn.Module):
     def forward(self, tokens: torch.Tensor, with_probes: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits (B, T, vocab); with_probes: and each probe's prediction (B, T) at every position.
-        One forward method for both, because torch.compile compiles `forward` and no other."""
+        One forward method for both: DDP hooks (and compiles, under DDP) `forward` and no other."""
         h, kept = self.transformer.hidden(self.embeddings(tokens), self.probe_layers if with_probes else ())
         logits = self.transformer.head(h)
         if not with_probes:
