@@ -45,6 +45,7 @@ from bench.random_lm import RandomTokenBatches, lm_loss
 from latentforge.config import load_config
 from latentforge.engine.async_checkpoint import CheckpointWriter
 from latentforge.engine.checkpoint import load_checkpoint, save_checkpoint
+from latentforge.engine.device_guard import DeviceGuard
 from latentforge.engine.loop import Trainer
 from latentforge.tasks.multiply.layout import sequence_length
 from latentforge.track.rundir import git_sha
@@ -173,12 +174,20 @@ def lf_trainer(shape: Shape, device: torch.device, compile: bool, overrides: lis
 def run_latentforge(shape: Shape, device: torch.device, compile: bool, overrides: list[str],
                     measure_io: bool) -> Row:
     trainer = lf_trainer(shape, device, compile, overrides)
-    first, per_step = timed(trainer.train_step, shape.warmup, shape.steps, device)
+
+    def step() -> None:
+        trainer.train_step()
+        # As Trainer.fit does: the device guard's verdicts are read (one sync) every log_every steps.
+        if isinstance(trainer.guard, DeviceGuard) and trainer.step % trainer.cfg.train.log_every == 0:
+            trainer.guard.read()
+
+    first, per_step = timed(step, shape.warmup, shape.steps, device)
     row = Row("latentforge" + (" compiled" if compile else ""), first_step_s=first, peak_mem_gib=peak_gib(device))
     row.steps_per_s = 1 / per_step
     row.loss = float(trainer.window["sums"]["train/loss"]) / max(trainer.window["steps"], 1)
-    # The data path: seconds per batch the stream spends, as a share of a step.
-    n = 20
+    # The data path: seconds per batch the stream spends, as a share of a step, over enough batches to
+    # hold whole chunks of the batches a stream makes together (multiply: data.chunk_batches).
+    n = 1024
     sync(device)
     start = time.perf_counter()
     for _ in range(n):

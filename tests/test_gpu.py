@@ -84,6 +84,17 @@ def values_finite(values: dict[int, float]) -> bool:
     return all(math.isfinite(v) for v in values.values())
 
 
+def steps_without_host_sync(trainer, steps: int) -> None:
+    """Training steps during which any host-device sync raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_train_step_never_syncs_with_the_host_on_cuda():
     """The hot loop with the device-side guard and fused AdamW: any host-device sync in train_step raises."""
     from latentforge.config import load_config
@@ -96,13 +107,7 @@ def test_train_step_never_syncs_with_the_host_on_cuda():
     assert type(trainer.guard).__name__ == "DeviceGuard"
     for _ in range(3):  # warm-up: lazy optimizer state, allocator
         trainer.train_step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(5):
-            trainer.train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    steps_without_host_sync(trainer, 5)
     assert trainer.guard.read() == []
 
 
@@ -131,3 +136,44 @@ def test_async_save_from_pinned_buffers_on_cuda(runs_dir):
     assert run.status == "finished" and load_checkpoint(run.checkpoint_path())["step"] == 12
     extended = latentforge.resume("async", "train.steps=16", runs_dir=runs_dir)
     assert extended.status == "finished" and sorted(losses(extended.path))[-1] == 16
+
+
+def test_cuda_graph_replays_the_eager_update_on_cuda(runs_dir):
+    """train.cuda_graph records the update once and replays it: the same losses as the eager update, step
+    for step, and an exact resume (the graph is recorded anew after it). Deterministic kernels: cuDNN's
+    attention backward otherwise rounds differently from run to run."""
+    common = (*TINY, "train.steps=24", "train.device=cuda", "train.precision=bf16", "optim.name=adamw",
+              "optim.lr=1e-3", "train.compile=true", "checkpoint.every=12", "checkpoint.keep=2",
+              "train.deterministic=true")
+    eager = latentforge.train("multiply/tiny", *common, name="eager", runs_dir=runs_dir)
+    graph = latentforge.train("multiply/tiny", *common, "train.cuda_graph=true", name="graph", runs_dir=runs_dir)
+    whole = losses(graph.path)
+    assert sorted(whole) == list(range(1, 25)) and whole == losses(eager.path)
+    resumed = latentforge.resume("graph", checkpoint=12, runs_dir=runs_dir)
+    assert losses(resumed.path) == whole
+
+
+def test_cuda_graph_step_skips_a_bad_update_and_never_syncs_on_cuda():
+    """Inside the recorded update the device guard still judges each step (a non-finite loss leaves the
+    weights and the optimizer's step count alone), and a replayed step never waits for the GPU."""
+    from latentforge.config import load_config
+    from latentforge.engine.loop import Trainer
+
+    cfg = load_config("multiply/tiny", ["train.device=cuda", "optim.name=adamw", "train.cuda_graph=true",
+                                        "train.precision=bf16"])
+    trainer = Trainer(cfg, quiet=True)
+    for _ in range(4):  # two eager warm-up steps, the recording, one replay
+        trainer.train_step()
+    assert trainer.step_graph.graph is not None and trainer.guard.read() == []
+    steps_without_host_sync(trainer, 5)
+    head = trainer.model.transformer.head.weight
+    with torch.no_grad():
+        head[0, 0] = math.nan
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    steps = trainer.optimizer.state[head]["step"].item()
+    trainer.train_step()
+    bad = trainer.guard.read()
+    assert [b.step for b in bad] == [trainer.step] and "non-finite" in bad[0].reason
+    assert trainer.optimizer.state[head]["step"].item() == steps
+    for name, p in trainer.model.named_parameters():
+        assert torch.allclose(p.detach(), before[name], rtol=0, atol=0, equal_nan=True), name

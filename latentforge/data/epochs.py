@@ -20,12 +20,12 @@ class EpochSampler:
             self._cache = (epoch, torch.randperm(self.size, generator=g).to(self.device))
         return self._cache[1]
 
-    def rows(self, index: int) -> torch.Tensor:
-        """The dataset rows of batch `index`."""
-        start, chunks, taken = index * self.batch_size, [], 0
-        while taken < self.batch_size:
+    def rows(self, index: int, count: int = 1) -> torch.Tensor:
+        """The dataset rows of batches index .. index+count-1, one after the other."""
+        start, chunks, taken, wanted = index * self.batch_size, [], 0, count * self.batch_size
+        while taken < wanted:
             epoch, offset = divmod(start + taken, self.size)
-            take = min(self.size - offset, self.batch_size - taken)
+            take = min(self.size - offset, wanted - taken)
             chunks.append(self.permutation(epoch)[offset: offset + take])
             taken += take
         return torch.cat(chunks)

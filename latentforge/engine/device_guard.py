@@ -40,10 +40,11 @@ def judges_on_device(optimizers: list[Any], scaler: Any, ema_decay: float, distr
 
 
 def judge_step(c: GuardConfig, history: torch.Tensor, slots: torch.Tensor, count: torch.Tensor, head: torch.Tensor,
-               streak: torch.Tensor, spikes_only: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor
-               ) -> tuple[torch.Tensor, ...]:
-    """One step's judgement on device tensors, as a pure function (so torch.compile makes it one kernel):
-    the new (history, count, head, streak, spikes_only), the 0-d `bad` flag and the step's ROW."""
+               streak: torch.Tensor, spikes_only: torch.Tensor, records: torch.Tensor, cursor: torch.Tensor,
+               loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """One step's judgement: updates the guard's device state in place (so a CUDA graph of the step
+    replays it, and torch.compile makes it one kernel), writes the step's ROW at `cursor` and advances
+    it; returns the 0-d `bad` flag."""
     loss, norm = loss.double(), norm.double()
     valid = slots < count
     n = count.double()
@@ -56,19 +57,22 @@ def judge_step(c: GuardConfig, history: torch.Tensor, slots: torch.Tensor, count
     bad = verdict != GOOD
     good = ~bad
     # A good loss joins the history; a bad step extends the streak.
-    history = torch.where(good & (slots == head), loss, history)
-    head = torch.where(good, (head + 1) % c.window, head)
-    count = torch.where(good, (count + 1).clamp(max=c.window), count)
-    streak = torch.where(good, 0, streak + 1)
-    spikes_only = good | (spikes_only & (verdict == SPIKE))
+    new_history = torch.where(good & (slots == head), loss, history)
+    new_head = torch.where(good, (head + 1) % c.window, head)
+    new_count = torch.where(good, (count + 1).clamp(max=c.window), count)
+    new_streak = torch.where(good, 0, streak + 1)
+    new_spikes_only = good | (spikes_only & (verdict == SPIKE))
     # A spike that lasts max_bad_steps is a new loss level: forget the history.
-    rebase = bad & spikes_only & (streak >= c.max_bad_steps)
-    count = torch.where(rebase, 0, count)
-    head = torch.where(rebase, 0, head)
-    streak = torch.where(rebase, 0, streak)
-    spikes_only = spikes_only | rebase
+    rebase = bad & new_spikes_only & (new_streak >= c.max_bad_steps)
+    history.copy_(new_history)
+    count.copy_(torch.where(rebase, 0, new_count))
+    head.copy_(torch.where(rebase, 0, new_head))
+    streak.copy_(torch.where(rebase, 0, new_streak))
+    spikes_only.copy_(new_spikes_only | rebase)
     row = torch.stack([verdict.double(), loss, norm, limit, mean, std, streak.double(), rebase.double()])
-    return history, count, head, streak, spikes_only, bad, row
+    records.index_copy_(0, cursor, row[None])
+    cursor.add_(1)
+    return bad
 
 
 @dataclass
@@ -93,6 +97,7 @@ class DeviceGuard:
         self.streak = torch.zeros((), dtype=torch.long, device=device)
         self.spikes_only = torch.ones((), dtype=torch.bool, device=device)
         self.records = torch.zeros(log_every, ROW, **f64)
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the next row of `records`
         self.pending_steps: list[int] = []  # the steps of the rows written since the last read
         # Host side, brought up to date by read().
         self.bad_total = 0
@@ -100,22 +105,34 @@ class DeviceGuard:
 
     def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
         """Judge and record the step that ends at `step`; returns a 0-d bool: skip its update."""
-        (self.history, self.count, self.head, self.streak, self.spikes_only, bad, row) = self._judge(
-            self.history, self.slots, self.count, self.head, self.streak, self.spikes_only, loss.detach(),
-            grad_norm.detach())
+        self.make_room()
+        bad = self.judge_on_device(loss, grad_norm)
+        self.note(step)
+        return bad
+
+    def judge_on_device(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """The device half of judge(): only kernels, so a CUDA graph of the training step can hold it."""
+        return self._judge(self.history, self.slots, self.count, self.head, self.streak, self.spikes_only,
+                           self.records, self.cursor, loss.detach(), grad_norm.detach())
+
+    def make_room(self) -> None:
+        """Before judge_on_device: a row for the next verdict. The buffer holds log_every rows and is read
+        every log_every steps, so it only grows when log_every changed at resume (and a graph that writes
+        into the old buffer is then recorded anew)."""
         if len(self.pending_steps) == len(self.records):
-            # More steps between reads than the buffer holds (log_every changed at resume).
             self.records = torch.cat([self.records, torch.zeros_like(self.records)])
-        self.records[len(self.pending_steps)] = row  # a device copy: no host-to-device transfer
+
+    def note(self, step: int) -> None:
+        """The host half of judge(), once per judged step: which step the newest row belongs to."""
         self.pending_steps.append(step)
         # The cool-down counts down on the host as if the step were good; read() restarts it after a bad one.
         self.cooldown_left = max(0, self.cooldown_left - 1)
-        return bad
 
     def read(self) -> list[BadStep]:
         """The bad steps since the last read (one host-device sync); brings the cool-down up to date."""
         steps, self.pending_steps = self.pending_steps, []
         rows = self.records[: len(steps)].tolist()
+        self.cursor.zero_()
         bad_steps = []
         for i, (step, (verdict, loss, norm, limit, mean, std, streak, rebase)) in enumerate(zip(steps, rows)):
             if verdict == GOOD:
@@ -162,12 +179,12 @@ class DeviceGuard:
         self.cooldown_left, self.bad_total = state["cooldown_left"], state["bad_total"]
         exact = state.get("device")
         if exact is not None and len(exact["history"]) == self.cfg.window:
-            self.history = exact["history"].to(self.device)
+            self.history.copy_(exact["history"])
             self.count.fill_(exact["count"])
             self.head.fill_(exact["head"] % self.cfg.window)
         else:  # written by StabilityGuard, or with another window: the newest losses, oldest first
             kept = [float(x) for x in state["history"]][-self.cfg.window:]
-            self.history = torch.zeros_like(self.history)
+            self.history.zero_()
             self.history[: len(kept)] = torch.tensor(kept, dtype=torch.float64)
             self.count.fill_(len(kept))
             self.head.fill_(len(kept) % self.cfg.window)
@@ -176,3 +193,4 @@ class DeviceGuard:
         rows = max(len(self.records), 2 * len(self.pending_steps))
         self.records = torch.zeros(rows, ROW, dtype=torch.float64, device=self.device)
         self.records[: len(self.pending_steps)] = records.to(self.device)
+        self.cursor.fill_(len(self.pending_steps))

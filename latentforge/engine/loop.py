@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from latentforge.engine.seed import (
     set_rng_state,
 )
 from latentforge.engine.signals import PREEMPT_SIGNALS, CatchSignals
+from latentforge.engine.step_graph import StepGraph
 from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError, TrainingStopped
 from latentforge.tasks import get_task
@@ -115,6 +117,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+@dataclass
+class Update:
+    """What one optimizer update leaves for the log: device tensors, and the host guard's reason if it skipped."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    metrics: dict[str, torch.Tensor]  # clipping's and the task's, by their logged names
+    bad: torch.Tensor | None  # the device guard's verdict (the update was skipped on the device)
+    reason: str | None
 
 
 def build_task_and_model(cfg: Config, device: torch.device) -> tuple[Task, nn.Module]:
@@ -230,6 +243,7 @@ class Trainer:
                               if t.compile and not self.dist.enabled else None)
         if self.dist.enabled:
             self._wrap(resume_from)
+        self.step_graph = self._build_step_graph()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # checkpoint.async_save: one process writes its checkpoints in the background (shards stay synchronous).
         self.writer = CheckpointWriter(self.device) if cfg.checkpoint.async_save and not self.dist.enabled else None
@@ -260,6 +274,22 @@ class Trainer:
         on_device = t.guard.enabled and judges_on_device(optimizers_of(self.optimizer), self.scaler, t.ema_decay,
                                                          self.dist.enabled)
         return DeviceGuard(t.guard, self.device, t.log_every, t.compile) if on_device else StabilityGuard(t.guard)
+
+    def _build_step_graph(self) -> StepGraph | None:
+        """train.cuda_graph: the update recorded as one CUDA graph, where nothing in it needs the host."""
+        t = self.cfg.train
+        if not t.cuda_graph:
+            return None
+        fused_adamw = all(isinstance(o, torch.optim.AdamW) and all(g["fused"] for g in o.param_groups)
+                          for o in optimizers_of(self.optimizer))
+        needs = [(self.device.type == "cuda", "a CUDA device"), (not self.dist.enabled, "one process"),
+                 (t.grad_accum == 1, "train.grad_accum=1"), (fused_adamw, "optim.name=adamw"),
+                 (self.scaler is None, "train.precision bf16 or fp32"), (self.ema is None, "train.ema_decay=0"),
+                 (self.clipper is None, "train.clip_adaptive=0")]
+        missing = [what for ok, what in needs if not ok]
+        if missing:
+            raise ConfigError(f"train.cuda_graph=true needs {', '.join(missing)}")
+        return StepGraph(lambda batch: self._update([batch]), optimizers_of(self.optimizer), self.device)
 
     def _state_root(self) -> nn.Module:
         """The module whose state-dict keys name the checkpoint's shards (`model.<param>`)."""
@@ -387,22 +417,51 @@ class Trainer:
             self.guard.rebaseline()
         if self.task.reset_optimizer(self.step):
             reset_optimizer_state(self.optimizer)
+            if self.step_graph is not None:
+                self.step_graph.reset()
         lr = lr_at(self.step, self.cfg.optim, t.steps) * self.guard.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        extras: dict[str, torch.Tensor] = {}
         micro_batches = [distributed.shard(self.batches.next_batch(), t.batch_size, self.dist)
                          for _ in range(t.grad_accum)]
         if self.timer is not None:
             self.timer.lap("data")
+        if isinstance(self.guard, DeviceGuard):
+            self.guard.make_room()
+        if self.step_graph is not None and self.timer is None:
+            # The guard's rows buffer is replaced when it grows: a graph that writes into it is then stale.
+            context = (self.guard.records.data_ptr(),) if isinstance(self.guard, DeviceGuard) else ()
+            update = self.step_graph(micro_batches[0], lr, context)
+        else:
+            update = self._update(micro_batches)
+        if isinstance(self.guard, DeviceGuard):
+            self.guard.note(self.step + 1)
+        self.step += 1
+        if update.reason is None:
+            # A step the device guard skipped adds zeros; it is taken off the step count when the guard is read.
+            bad = update.bad
+            keep = (lambda v: v) if bad is None else (lambda v: torch.where(bad, 0.0, v))
+            self._accumulate("train/loss", keep(update.loss))
+            self._accumulate("train/grad_norm", keep(update.grad_norm))
+            for k, v in update.metrics.items():
+                self._accumulate(k, keep(v))
+            self.window["steps"] += 1
+        self.window["tokens"] += sum(self.task.tokens_in(b) for b in micro_batches)
+        self.last_lr = lr
+        return update.reason
+
+    def _update(self, micro_batches: list[Any]) -> Update:
+        """Forward, backward, clipping, the guard's verdict and the optimizer step over the micro-batches:
+        what train.cuda_graph records. With the device guard (or none) nothing here waits for the GPU."""
+        t = self.cfg.train
+        loss_sum = torch.zeros((), device=self.device)
+        extras: dict[str, torch.Tensor] = {}
         weights = [self.task.loss_weight(b) for b in micro_batches]
         total_weight = sum(weights)
         if self.dist.enabled:
             # Shares of the global batch; DDP and FSDP average the ranks' gradients, hence world_size.
             total_weight = distributed.all_reduce_sum(torch.as_tensor(total_weight, dtype=torch.float32,
                                                                       device=self.device), self.dist)
-        tokens = 0
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             share = weight / total_weight
             with autocast(self.device, t.precision), self._gradient_sync(i == len(micro_batches) - 1):
@@ -412,7 +471,6 @@ class Trainer:
             loss_sum += loss.detach().float() * share
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0) + v.detach().float() * share
-            tokens += self.task.tokens_in(batch)
         if self.timer is not None:
             self.timer.lap("forward_backward")
         if self.scaler is not None:
@@ -430,7 +488,7 @@ class Trainer:
 
         reason, bad = None, None
         if isinstance(self.guard, DeviceGuard):
-            bad = self.guard.judge(loss_sum, grad_norm, self.step + 1)
+            bad = self.guard.judge_on_device(loss_sum, grad_norm)
             for o in optimizers_of(self.optimizer):
                 o.found_inf = bad.float()  # fused Adam/AdamW skip the update (and its step count) on the device
         elif t.guard.enabled:
@@ -454,20 +512,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.timer is not None:
             self.timer.lap("optimizer")
-        self.step += 1
-        if reason is None:
-            # A step the device guard skipped adds zeros; it is taken off the step count when the guard is read.
-            keep = (lambda v: v) if bad is None else (lambda v: torch.where(bad, 0.0, v))
-            self._accumulate("train/loss", keep(loss_sum))
-            self._accumulate("train/grad_norm", keep(grad_norm))
-            for k, v in clip_metrics.items():
-                self._accumulate(k, keep(v))
-            for k, v in extras.items():
-                self._accumulate(f"train/{k}", keep(v))
-            self.window["steps"] += 1
-        self.window["tokens"] += tokens
-        self.last_lr = lr
-        return reason
+        metrics = {**clip_metrics, **{f"train/{k}": v for k, v in extras.items()}}
+        return Update(loss_sum, grad_norm, metrics, bad, reason)
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.loss_module is not None:

@@ -225,7 +225,7 @@ class MultiplyBatches(IndexedStream):
         self.data, self.batch_size, self.make_batch = data, batch_size, make_batch
         self.fixed_width, self.chunk, self.stepless = fixed_width, chunk, stepless
         self.device = device
-        self._pending: dict[int, Any] = {}
+        self._chunk_first, self._chunk = 0, None  # the batches (or examples) made together last
         if data.train is not None:
             self.train_a, self.train_b = data.train[0].to(device), data.train[1].to(device)
             self.sampler = EpochSampler(len(self.train_a), batch_size, data.seed, device)
@@ -235,7 +235,7 @@ class MultiplyBatches(IndexedStream):
     def pairs(self, index: int, count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The operand pairs of batches index .. index+count-1, row after row."""
         if self.data.train is not None:
-            rows = torch.cat([self.sampler.rows(i) for i in range(index, index + count)])
+            rows = self.sampler.rows(index, count)
             return self.train_a[rows], self.train_b[rows]
         pairs = [self._sampled_pairs(i) for i in range(index, index + count)]
         return (torch.cat([a for a, _ in pairs]).to(self.device), torch.cat([b for _, b in pairs]).to(self.device))
@@ -255,18 +255,17 @@ class MultiplyBatches(IndexedStream):
         return ex.fixed_width() if self.fixed_width else ex
 
     def batch(self, index: int) -> Any:
-        if index not in self._pending:
-            self._pending = self._made_together(index)
-        ready = self._pending.pop(index)
-        return ready if self.stepless else self.make_batch(ready, index)
-
-    def _made_together(self, first: int) -> dict[int, Any]:
-        """Batches first .. first+chunk-1 (stepless), or their examples."""
-        ex, B = self.examples(first, self.chunk), self.batch_size
+        if self._chunk is None or not self._chunk_first <= index < self._chunk_first + self.chunk:
+            self._chunk_first, self._chunk = index, self._made_together(index)
+        rows = slice((index - self._chunk_first) * self.batch_size, (index - self._chunk_first + 1) * self.batch_size)
         if self.stepless:
-            whole = self.make_batch(ex, first)
-            return {first + k: {key: v[k * B:(k + 1) * B] for key, v in whole.items()} for k in range(self.chunk)}
-        return {first + k: ex.select(slice(k * B, (k + 1) * B)) for k in range(self.chunk)}
+            return {key: v[rows] for key, v in self._chunk.items()}
+        return self.make_batch(self._chunk.select(rows), index)
+
+    def _made_together(self, first: int) -> Any:
+        """The batches first .. first+chunk-1 as one (stepless), or their examples."""
+        ex = self.examples(first, self.chunk)
+        return self.make_batch(ex, first) if self.stepless else ex
 
 
 def read_icot_file(path: str | Path) -> Examples:

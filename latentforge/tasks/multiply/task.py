@@ -148,7 +148,7 @@ class MultiplyDataConfig:
     epoch_size: int = 808_000
     seed: int = 1234
     # Training batches made together in one pass of the data kernels (the same batches as one at a time).
-    chunk_batches: int = 16
+    chunk_batches: int = 256
 
     def __post_init__(self) -> None:
         # Absolute paths, so the saved config evaluates and reruns from any directory.
