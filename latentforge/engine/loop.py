@@ -230,6 +230,8 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.stop_signal: str | None = None  # the signal that stopped fit() early (a launcher may requeue on it)
         self.window = self._empty_window()
+        # DDP or FSDP around the task's loss, when there are several processes (restoring reads it).
+        self.loss_module: nn.Module | None = None
         if resume_from is not None:
             self._restore(resume_from)
             if self.step > t.steps:
@@ -238,7 +240,6 @@ class Trainer:
         self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
         # train.compile: one process compiles the task's whole loss, so the model's last layer and the loss
         # fuse (a cross-entropy never materialises float32 logits); under DDP/FSDP the model alone is compiled.
-        self.loss_module: nn.Module | None = None  # DDP or FSDP around the task's loss
         self.compiled_loss = (compiled(distributed.LossModule(self.model, self.task), t.compile_mode)
                               if t.compile and not self.dist.enabled else None)
         if self.dist.enabled:
