@@ -161,7 +161,8 @@ def lf_trainer(shape: Shape, device: torch.device, compile: bool, overrides: lis
     """A Trainer for the shape's config: the `multiply` preset (small) or bench/configs/gpt2-small.yaml,
     the random-token task of bench/random_lm.py (gpt2), at the shape's dims."""
     base = ["optim.name=adamw", f"optim.lr={LR}", "optim.betas=[0.9,0.95]", "optim.weight_decay=0.1",
-            "optim.schedule=constant", "optim.warmup=0", "train.precision=bf16", f"train.device={device.type}",
+            "optim.decay_embeddings=false", "optim.schedule=constant", "optim.warmup=0", "train.precision=bf16",
+            f"train.device={device.type}",
             f"train.compile={str(compile).lower()}", f"train.steps={shape.steps + shape.warmup}",
             f"model.n_layer={shape.n_layer}", f"model.d_model={shape.d_model}", f"model.n_head={shape.n_head}",
             f"train.batch_size={shape.batch}"]
