@@ -52,8 +52,13 @@ def env_from_environ() -> DistEnv:
         raise ConfigError("RANK, LOCAL_RANK and WORLD_SIZE must be integers (as torchrun sets them)") from None
 
 
+# Whether setup() created the process group (a caller's own group is left to its caller).
+_joined_here = False
+
+
 def setup(device: torch.device, backend: str) -> tuple[DistEnv, torch.device]:
     """Join the process group when started by torchrun; returns this rank's env and device."""
+    global _joined_here
     env = env_from_environ()
     if not env.enabled:
         return env, device
@@ -68,13 +73,23 @@ def setup(device: torch.device, backend: str) -> tuple[DistEnv, torch.device]:
         if backend == "nccl" and device.type != "cuda":
             raise ConfigError("dist.backend=nccl needs CUDA GPUs (use gloo on the CPU)")
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        _joined_here = True
         atexit.register(teardown)
     return env, device
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    if _joined_here and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish(env: DistEnv) -> None:
+    """End a run that every rank finished: the ranks wait for each other, then leave the process group
+    together. A rank that tore gloo down while its peer was still writing plots was seen to abort
+    (SIGABRT) at exit, failing a finished run."""
+    if env.enabled and _joined_here and dist.is_initialized():
+        dist.barrier()
+        teardown()
 
 
 class LossModule(nn.Module):

@@ -552,6 +552,7 @@ class Trainer:
         try:
             with self.log.warnings(), explain_nondeterministic_ops():
                 status = self._fit(run)
+            distributed.finish(self.dist)
             self.log.write(f"{status} at step {self.step}")
             return status
         except BaseException as e:
