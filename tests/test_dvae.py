@@ -147,3 +147,58 @@ def test_patch_slots_tile_the_grid(cli, runs_dir):
     assert run.status == "finished"
     result = cli("train", "dvae/tiny", "model.patch_slots=true", "model.latents=7", "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "cannot tile" in result.output
+
+
+def test_grid_slots_split_the_grid_itself_in_reading_order():
+    from latentforge.tasks.dvae.model import grid_slot_layout
+
+    slot, offset = grid_slot_layout(torch.tensor([[2, 3], [4, 4]]), grid_size=4, slots=3)
+    canvas = slot.view(2, 4, 4)
+    # 2 x 3 = 6 cells over 3 slots: runs of 2 in reading order; outside the grid: slot 3.
+    assert canvas[0].tolist() == [[0, 0, 1, 3], [1, 2, 2, 3], [3, 3, 3, 3], [3, 3, 3, 3]]
+    assert offset.view(2, 4, 4)[0, :2].tolist() == [[0, 1, 0, 0], [1, 0, 1, 0]]
+    # 16 cells over 3 slots: runs of 6, the last slot holds what is left.
+    assert canvas[1].flatten().bincount().tolist() == [6, 6, 4]
+
+
+def test_grid_slots_store_the_shape_and_pin_padding():
+    cfg = load_config("dvae/tiny", ["data.dataset=arc", "model.grid_slots=true", "model.latents=6",
+                                    "model.codebook_size=32"])
+    task = DVAE(cfg, CPU)
+    model = task.build_model()
+    grids = task.grids("test").tokens[:3]
+    logits, out = model(grids)
+    assert out.codes.shape == (3, 4) and model.latents == 6
+    shapes = task.grids("test").shapes[:3]
+    sequence = model.code_sequence(grids, out.codes)
+    assert sequence[:, :2].tolist() == (shapes - 1).tolist()
+    # Untrained, the decoder still gets every padding cell right and never puts padding inside a grid.
+    predicted = logits.argmax(-1).view_as(grids)
+    assert ((predicted == task.pad_id) == (grids == task.pad_id)).all()
+    assert torch.equal(model.decode_codes(sequence), logits)
+    # Same codes, another shape: the decoder draws the grid that shape says.
+    other = sequence.clone()
+    other[:, :2] = torch.tensor([1, 2])
+    drawn = model.decode_codes(other).argmax(-1).view_as(grids)
+    assert ((drawn != task.pad_id).sum((1, 2)) == 2 * 3).all()
+
+
+def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path):
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.latents=6",
+                            "model.codebook_size=64", "train.steps=2", "train.eval_every=2", "data.eval_grids=16",
+                            "train.batch_size=4", name="arcgrid", runs_dir=runs_dir)
+    assert run.status == "finished" and run.info["last_eval"]["test/code_bits"] == 6 * 6
+    grid = tmp_path / "grid.json"
+    grid.write_text("[[1, 2, 0], [0, 3, 4]]")
+    encoded = json.loads(cli("encode", "arcgrid", grid, "--runs-dir", runs_dir, "--json").stdout)
+    codes = encoded["codes"].split()
+    assert len(codes) == 6 and codes[:2] == ["1", "2"]
+    decoded = cli("decode", "arcgrid", encoded["codes"], "--runs-dir", runs_dir, "--json")
+    assert decoded.exit_code == 0, decoded.output
+    assert [len(row.split()) for row in json.loads(decoded.stdout)["grid"].strip().splitlines()] == [3, 3]
+    result = cli("decode", "arcgrid", "31 40 " + " ".join(codes[2:]), "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "height - 1 and width - 1" in result.output
+    for bad in (["model.patch_slots=true"], ["model.latents=2"], ["model.codebook_size=16"]):
+        result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.codebook_size=32",
+                     *bad, "--runs-dir", runs_dir)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output

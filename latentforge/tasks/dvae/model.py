@@ -6,11 +6,21 @@ Pooling: N learned latent queries read the encoded grid (attention pooling) into
 Codebook: each slot becomes one discrete code (nn.codebooks: gumbel, reinmax, softmax, vq, fsq).
 Decoder: learned per-cell queries attend to each other (2-D RoPE) and read the codes; a head
 gives each cell's logits. The code is the only path from input to output.
+
+Slots can be tied to cells, so that each code carries its own cells from the start:
+- patch_slots: slot k to the k-th fixed patch of the S x S canvas (4 x 2 cells for 128 slots on 32 x 32);
+- grid_slots: the first two codes are the grid's height - 1 and width - 1, and the other N - 2 slots
+  split the grid's own cells, in reading order, into runs of ceil(h * w / (N - 2)) cells. A 10 x 10
+  grid then has one slot per cell rather than the 15 slots of canvas patches that it covers, and the
+  decoder knows which cells are padding, so it never spends capacity on them.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge.nn.blocks import DecoderBlock, EncoderBlock, LatentBlock
@@ -23,10 +33,18 @@ class GridDVAE(nn.Module):
     def __init__(self, vocab_in: int, vocab_out: int, grid_size: int, d_model: int, n_head: int, mlp_ratio: float,
                  dropout: float, encoder_layers: int, pool_layers: int, decoder_layers: int, latents: int,
                  codebook: str, codebook_size: int, codebook_options: dict, rope_base_row: float,
-                 rope_base_col: float, patch_slots: bool = False):
+                 rope_base_col: float, patch_slots: bool = False, grid_slots: bool = False,
+                 pad_id: int | None = None):
         super().__init__()
-        self.grid_size = grid_size
+        if patch_slots and grid_slots:
+            raise ValueError("patch_slots and grid_slots tie slots to cells in two different ways; choose one")
+        if grid_slots and (latents < 3 or codebook_size < grid_size):
+            raise ValueError(f"grid_slots needs latents >= 3 and codebook_size >= the grid size {grid_size} "
+                             f"(two codes are the grid's height and width); got {latents} and {codebook_size}")
+        self.grid_size, self.grid_slots, self.pad_id = grid_size, grid_slots, pad_id
         cells = grid_size * grid_size
+        # The slots the codebook fills (grid_slots: all but the two shape codes).
+        slots = latents - 2 if grid_slots else latents
         shape = TransformerShape(vocab_size=vocab_in, n_head=n_head, d_model=d_model, mlp_ratio=mlp_ratio,
                                  dropout=dropout, max_len=cells)
         self.embed = nn.Embedding(vocab_in, d_model)
@@ -35,11 +53,16 @@ class GridDVAE(nn.Module):
         self.cell_positions = nn.Parameter(torch.empty(cells, d_model))
         self.encoder = nn.ModuleList(EncoderBlock(shape) for _ in range(encoder_layers))
         self.encoder_norm = nn.LayerNorm(d_model)
-        self.latent_queries = nn.Parameter(torch.empty(latents, d_model))
+        self.latent_queries = nn.Parameter(torch.empty(slots, d_model))
         self.pool = nn.ModuleList(LatentBlock(shape) for _ in range(pool_layers))
         self.pool_norm = nn.LayerNorm(d_model)
         self.codebook = build_codebook(codebook, d_model, codebook_size, **codebook_options)
         self.cell_queries = nn.Parameter(torch.empty(cells, d_model))
+        if grid_slots:
+            # A cell's place within its slot's run of cells, and the grid's shape as one memory token.
+            self.offset_embed = nn.Embedding(math.ceil(cells / slots), d_model)
+            self.height_embed = nn.Embedding(grid_size, d_model)
+            self.width_embed = nn.Embedding(grid_size, d_model)
         self.decoder = nn.ModuleList(DecoderBlock(shape, causal=False) for _ in range(decoder_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_out, bias=False)
@@ -74,31 +97,88 @@ class GridDVAE(nn.Module):
 
     @property
     def latents(self) -> int:
-        return self.latent_queries.shape[0]
+        """N: the codes that store a grid (with grid_slots, its two shape codes included)."""
+        return self.latent_queries.shape[0] + (2 if self.grid_slots else 0)
+
+    def grid_shapes(self, grids: Tensor) -> Tensor:
+        """(B, 2) heights and widths of padded grids (content at the top left, pad_id elsewhere)."""
+        if self.pad_id is None:
+            return grids.new_full((len(grids), 2), self.grid_size)
+        real = grids != self.pad_id
+        return torch.stack([real[:, :, 0].sum(1), real[:, 0, :].sum(1)], 1)
 
     def encode(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
-        """Token grids (B, S, S) -> the codebook's output for the N latent slots."""
+        """Token grids (B, S, S) -> the codebook's output for the slots it fills."""
         x = self.embed(grids.flatten(1)) + self.cell_positions
         for block in self.encoder:
             x = block(x, self.rope_cos, self.rope_sin)
         x = self.encoder_norm(x)
         h = self.latent_queries.expand(len(grids), -1, -1)
+        if self.grid_slots:
+            # Each slot starts from the mean of its own cells, then pools the whole grid.
+            slot, _ = grid_slot_layout(self.grid_shapes(grids), self.grid_size, h.shape[1])
+            members = F.one_hot(slot, h.shape[1] + 1)[..., :-1].to(x.dtype)  # (B, cells, slots)
+            h = h + members.transpose(1, 2) @ x / members.sum(1).clamp(min=1).unsqueeze(-1)
         for block in self.pool:
             h = block(h, x)
         return self.codebook(self.pool_norm(h), temperature, hardness)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Quantized slots (B, N, D) -> per-cell logits (B, S*S, vocab_out)."""
+    def decode(self, z: Tensor, shapes: Tensor | None = None) -> Tensor:
+        """Quantized slots (B, N, D) -> per-cell logits (B, S*S, vocab_out); grid_slots also needs the grids'
+        (B, 2) shapes, and then pins every cell outside a grid to padding and every cell inside to a colour."""
         x = self.cell_queries.expand(len(z), -1, -1)
+        memory = z
         if self.slot_of_cell is not None:
             x = x + z[:, self.slot_of_cell].to(x.dtype)
+        if self.grid_slots:
+            slot, offset = grid_slot_layout(shapes, self.grid_size, z.shape[1])
+            padded = torch.cat([z, z.new_zeros(len(z), 1, z.shape[2])], 1)  # slot index N-2: outside the grid
+            x = x + padded.gather(1, slot.unsqueeze(-1).expand(-1, -1, z.shape[2])).to(x.dtype)
+            x = x + self.offset_embed(offset)
+            shape_token = self.height_embed(shapes[:, 0] - 1) + self.width_embed(shapes[:, 1] - 1)
+            memory = torch.cat([z, shape_token.unsqueeze(1).to(z.dtype)], 1)
         for block in self.decoder:
-            x = block(x, self.rope_cos, self.rope_sin, z)
-        return self.head(self.norm(x))
+            x = block(x, self.rope_cos, self.rope_sin, memory)
+        logits = self.head(self.norm(x))
+        if self.grid_slots and self.pad_id is not None:
+            outside = (slot == z.shape[1]).unsqueeze(-1)
+            is_pad = torch.arange(logits.shape[-1], device=logits.device) == self.pad_id
+            logits = logits.masked_fill(outside != is_pad, PINNED_LOGIT)
+        return logits
 
     def forward(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0) -> tuple[Tensor, CodebookOutput]:
         out = self.encode(grids, temperature, hardness)
-        return self.decode(out.z), out
+        return self.decode(out.z, self.grid_shapes(grids) if self.grid_slots else None), out
+
+    def code_sequence(self, grids: Tensor, codes: Tensor) -> Tensor:
+        """What stores each grid: its N codes (with grid_slots, height - 1 and width - 1 first)."""
+        if not self.grid_slots:
+            return codes
+        return torch.cat([self.grid_shapes(grids) - 1, codes], 1)
+
+    def decode_codes(self, sequence: Tensor) -> Tensor:
+        """(B, N) code sequences (as code_sequence gives them) -> per-cell logits."""
+        if not self.grid_slots:
+            return self.decode(self.codebook.embed(sequence))
+        return self.decode(self.codebook.embed(sequence[:, 2:]), sequence[:, :2] + 1)
+
+
+# The logit of a colour a cell cannot have (padding inside a grid, a colour outside it): exp() of it is 0
+# next to any real logit, in bf16 too.
+PINNED_LOGIT = -1e4
+
+
+def grid_slot_layout(shapes: Tensor, grid_size: int, slots: int) -> tuple[Tensor, Tensor]:
+    """For (B, 2) grid shapes: the slot of each canvas cell, (B, S*S), with `slots` for cells outside the
+    grid, and each cell's offset within its slot's run. Slots take runs of ceil(h * w / slots) cells of
+    the grid in reading order."""
+    rows, cols = grid_positions(grid_size, grid_size, shapes.device)
+    heights, widths = shapes[:, :1], shapes[:, 1:]
+    inside = (rows < heights) & (cols < widths)
+    index = rows * widths + cols  # the cell's place in the grid's reading order
+    run = (heights * widths + slots - 1) // slots
+    slot = torch.where(inside, index // run, slots)
+    return slot, torch.where(inside, index % run, 0)
 
 
 def patch_slot_map(grid_size: int, slots: int) -> Tensor:

@@ -92,8 +92,10 @@ class DVAEModelConfig(ModelBase):
     codebook_options: dict[str, Any] = field(default_factory=dict)
     rope_base_row: float = 100.0
     rope_base_col: float = 100.0
-    # Tie slot k to the k-th patch of the grid: the decoder's cells of that patch also read slot k directly.
+    # Tie slot k to the k-th patch of the canvas: the decoder's cells of that patch also read slot k directly.
     patch_slots: bool = False
+    # Or: two codes are the grid's height and width, the other slots split the grid's own cells (model.py).
+    grid_slots: bool = False
 
     def validate(self) -> None:
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
@@ -173,7 +175,8 @@ class DVAE(Task):
                 n_head=m.n_head, mlp_ratio=m.mlp_ratio, dropout=m.dropout, encoder_layers=m.encoder_layers,
                 pool_layers=m.pool_layers, decoder_layers=m.decoder_layers, latents=m.latents, codebook=m.codebook,
                 codebook_size=m.codebook_size, codebook_options=dict(m.codebook_options),
-                rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots)
+                rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots,
+                grid_slots=m.grid_slots, pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -301,7 +304,8 @@ class DVAE(Task):
         recon = logits.argmax(-1).view(self.grid_size, self.grid_size)
         h, w = grid.shape
         N, K = model.latents, model.codebook.size
-        return {"grid": f"{h} x {w}", "codes": " ".join(map(str, out.codes[0].tolist())),
+        codes = model.code_sequence(tokens, out.codes)[0]
+        return {"grid": f"{h} x {w}", "codes": " ".join(map(str, codes.tolist())),
                 "bits": f"{N} x log2({K}) = {N * math.log2(K):g}",
                 "exact": "yes" if bool((recon == tokens[0]).all()) else "no"}
 
@@ -314,8 +318,11 @@ class DVAE(Task):
         K, N = model.codebook.size, model.latents
         if len(codes) != N or not all(0 <= c < K for c in codes):
             raise DataError(f"this model reads {N} codes, each in 0..{K - 1} (got {len(codes)} codes)")
-        z = model.codebook.embed(torch.tensor([codes], device=self.device))
-        grid = model.decode(z).argmax(-1).view(self.grid_size, self.grid_size).cpu()
+        if model.grid_slots and not all(c < self.grid_size for c in codes[:2]):
+            raise DataError(f"the first two codes are the grid's height - 1 and width - 1, each in "
+                            f"0..{self.grid_size - 1} (got {codes[0]} and {codes[1]})")
+        logits = model.decode_codes(torch.tensor([codes], device=self.device))
+        grid = logits.argmax(-1).view(self.grid_size, self.grid_size).cpu()
         return {"grid": grid_text(grid, self.pad_id)}
 
 
