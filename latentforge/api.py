@@ -206,6 +206,10 @@ def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "lates
         raise RunError(f"run {run.id} is still running (pid {info.get('pid')}); stop it before resuming")
     items = _override_list(overrides, kw_overrides)
     cfg = apply_overrides(read_config(run), items)
+    trained = float(info.get("train_seconds", 0.0))
+    if cfg.train.time_limit and trained >= cfg.train.time_limit:
+        raise ConfigError(f"run {run.id} has trained {trained:.0f} s, its train.time_limit={cfg.train.time_limit:g}: "
+                          f"raise it to go on (latentforge resume {run.id} train.time_limit=SECONDS; 0: no limit)")
     path = resolve_checkpoint(run.checkpoints, checkpoint, (info.get("best") or {}).get("step"))
     if under_torchrun_needed(cfg):
         check_distributed(cfg, cfg.dist.nproc)

@@ -188,6 +188,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     # Profile this many steps (0: off): a trace in <run>/profile/ and step timings in profile.jsonl.
     profile: int = 0
+    # Seconds of training (summed over resumes, start-up and evaluations included) after which the run
+    # ends as if train.steps were reached: final evaluation and checkpoint, status finished, stopped_by
+    # time_limit in run.json. The LR schedule still spans train.steps. 0: no limit.
+    time_limit: float = 0.0
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -209,6 +213,7 @@ class TrainConfig:
         require(self.eval_every >= 0, "eval_every", f"must be >= 0 (got {self.eval_every})")
         require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1) (got {self.ema_decay})")
         require(self.profile >= 0, "profile", f"must be >= 0 (got {self.profile})")
+        require(self.time_limit >= 0, "time_limit", f"must be >= 0 seconds (got {self.time_limit})")
 
 
 @dataclass

@@ -219,3 +219,23 @@ def test_load_run_gives_config_metrics_and_model(runs_dir):
     model = loaded.model("best")
     assert isinstance(model, torch.nn.Module) and not model.training
     assert run.info["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_time_limit_ends_the_run_as_its_last_step_and_resume_goes_on(runs_dir, monkeypatch, cli):
+    """train.time_limit: the step that reaches it is evaluated and checkpointed as the last one, the run is
+    finished (stopped_by time_limit); resuming needs a higher limit, and then the losses are the straight run's."""
+    from latentforge.engine.loop import Trainer
+
+    straight = latentforge.train("multiply/tiny", *TINY, name="straight", runs_dir=runs_dir)
+    # A clock of one second per step, so the limit falls on a known step.
+    monkeypatch.setattr(Trainer, "_train_seconds", lambda self: float(self.step))
+    limited = latentforge.train("multiply/tiny", *TINY, "train.time_limit=5", name="limited", runs_dir=runs_dir)
+    assert limited.status == "finished" and limited.info["stopped_by"] == "time_limit"
+    assert limited.info["step"] == 5 and limited.info["last_eval"]["step"] == 5
+    assert 5 in limited.checkpoints() and sorted(losses(limited.path)) == list(range(1, 6))
+    result = cli("resume", "limited", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "train.time_limit=5" in result.output and "Traceback" not in result.output
+    monkeypatch.undo()
+    resumed = latentforge.resume("limited", "train.time_limit=0", runs_dir=runs_dir)
+    assert resumed.status == "finished" and resumed.info["stopped_by"] is None and resumed.info["step"] == 12
+    assert losses(resumed.path) == losses(straight.path)

@@ -575,7 +575,7 @@ class Trainer:
         info.update(status="running", host=self.run.host(), pid=os.getpid(), device=str(self.device),
                     world_size=self.dist.world_size, params=n_params, total_steps=t.steps, step=self.step,
                     best=self.best, git_sha=git_sha(),
-                    torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None,
+                    torch=torch.__version__, python=sys.version.split()[0], ended=None, error=None, stopped_by=None,
                     **host_info(self.device))
         info.setdefault("started", time.time())
         if self.step == 0:
@@ -599,7 +599,7 @@ class Trainer:
             progress.print(f"optim.freeze: {self.frozen:,} of {n_params:,} parameters frozen")
             self.run.update_info(frozen_params=self.frozen)
         self.last_lr = lr_at(self.step, self.cfg.optim, t.steps)
-        status = "finished"
+        status, stopped_by = "finished", None
         if self.dist.is_main:
             remove_stale_temporaries(self.run.checkpoints)
         profiles = t.profile and self.dist.is_main
@@ -614,6 +614,10 @@ class Trainer:
                     if reason is not None:
                         self._on_bad_step(reason, logger, progress)
                     done = self.step == t.steps
+                    if not done and self._time_up():
+                        done, stopped_by = True, "time_limit"
+                        progress.print(f"train.time_limit={t.time_limit:g} s reached at step {self.step}: "
+                                       f"evaluating and saving as the last step")
                     if self.step % t.log_every == 0 or done:
                         self._read_device_guard(logger, progress)
                         elapsed = time.perf_counter() - clock
@@ -621,7 +625,7 @@ class Trainer:
                         clock = time.perf_counter()
                     saved = False
                     if (t.eval_every and self.step % t.eval_every == 0) or done:
-                        saved = self._evaluate(logger, progress)
+                        saved = self._evaluate(logger, progress, last=done)
                         clock = time.perf_counter()
                     if not saved and ((c.every and self.step % c.every == 0) or done):
                         self.save("final" if done else "periodic")
@@ -629,7 +633,9 @@ class Trainer:
                     if self.timer is not None and (where := self.timer.end_step(self.step)):
                         progress.print(where)
                         self.timer = None
-                    if self._stop_agreed(stop) and not done:
+                    if done:
+                        break
+                    if self._stop_agreed(stop):
                         self.save("interrupt")
                         progress.print(f"{stop.signal_name}: checkpoint saved at step {self.step}; "
                                        f"continue with: latentforge resume {self.run.path}")
@@ -657,7 +663,8 @@ class Trainer:
                 self.timer = None
             progress.close()
             logger.close(failed=sys.exc_info()[0] is not None)
-        self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds())
+        self.run.update_info(status=status, ended=time.time(), step=self.step, train_seconds=self._train_seconds(),
+                             stopped_by=stopped_by)
         if not self.dist.is_main:
             return status
         try:
@@ -669,6 +676,18 @@ class Trainer:
 
     def _train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.fit_start
+
+    def _time_up(self) -> bool:
+        """Whether train.time_limit is reached; with several ranks, on any rank's clock, so that all of them
+        end at the same step."""
+        limit = self.cfg.train.time_limit
+        if not limit:
+            return False
+        up = self._train_seconds() >= limit
+        if not self.dist.enabled:
+            return up
+        flag = torch.tensor(float(up), device=self.device)
+        return distributed.all_reduce_sum(flag, self.dist).item() > 0
 
     def _log_window(self, logger: MetricsLogger, progress: TrainProgress, elapsed: float) -> None:
         if self.dist.enabled:
@@ -700,8 +719,9 @@ class Trainer:
         # Per device, like the other throughputs.
         w["tokens"] = int(packed[-1].item()) // self.dist.world_size
 
-    def _evaluate(self, logger: MetricsLogger, progress: TrainProgress) -> bool:
-        """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved."""
+    def _evaluate(self, logger: MetricsLogger, progress: TrainProgress, last: bool = False) -> bool:
+        """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved. `last`: the run
+        ends at this step (train.steps or train.time_limit reached)."""
         splits = self.task.training_eval_splits()
         with distributed.gathered(self.loss_module):
             metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
@@ -718,7 +738,7 @@ class Trainer:
         headline = {k: v for k, v in metrics.items() if k.count("/") == 1 and not k.endswith("/examples")}
         progress.print(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in headline.items()))
         self.run.update_info(last_eval={"step": self.step, **metrics})
-        self._figures(logger, progress)
+        self._figures(logger, progress, last)
         c = self.cfg.checkpoint
         if not c.metric:
             return False
@@ -731,15 +751,15 @@ class Trainer:
         if better and math.isfinite(value):
             self.best = {"metric": c.metric, "value": value, "step": self.step}
             self.run.update_info(best=self.best)
-            self.save("final" if self.step == self.cfg.train.steps else "best")
+            self.save("final" if last else "best")
             return True
         return False
 
-    def _figures(self, logger: MetricsLogger, progress: TrainProgress) -> None:
+    def _figures(self, logger: MetricsLogger, progress: TrainProgress, last: bool) -> None:
         """The task's figures every track.figures_every evaluations and at the end."""
         every, t = self.cfg.track.figures_every, self.cfg.train
         evaluation = self.step // t.eval_every if t.eval_every else 0
-        if not every or (self.step != t.steps and evaluation % every):
+        if not every or (not last and evaluation % every):
             return
         was_training = self.model.training
         self.model.eval()
