@@ -30,7 +30,7 @@ from latentforge.launch.slurm import (
 )
 from latentforge.launch.sweep import expand_sweep
 from latentforge.track.compare import compare_rows, print_comparison, save_comparison
-from latentforge.track.listing import duration, list_runs, print_table, sort_runs
+from latentforge.track.listing import duration, list_runs, print_table, sort_runs, status_text
 from latentforge.track.rundir import default_runs_dir
 from latentforge.track.wandb_sync import sync_run
 
@@ -80,7 +80,8 @@ def _where(run: api.Run, quiet: bool) -> None:
         return
     info = run.info
     best = info.get("best")
-    out.print(f"run {run.id}: {info['status']} at step {info.get('step')}/{info.get('total_steps')}"
+    status = status_text(info["status"], info.get("stopped_by"))
+    out.print(f"run {run.id}: {status} at step {info.get('step')}/{info.get('total_steps')}"
               + (f", best {best['metric']}={best['value']:.4f} at step {best['step']}" if best else ""))
     out.print(f"  run directory  {run.path}\n  metrics        {run.dir.metrics_path}\n"
               f"  checkpoints    {run.dir.checkpoints}\n  plots          {run.dir.artifacts}\n"
@@ -486,7 +487,8 @@ def runs_show(
     info, cfg = r.info, r.config
     best = info.get("best")
     rows = [
-        ("run", r.id), ("path", str(r.path)), ("status", info["status"]), ("task", cfg.task.name),
+        ("run", r.id), ("path", str(r.path)), ("status", status_text(info["status"], info.get("stopped_by"))),
+        ("task", cfg.task.name),
         ("source", f"{info.get('source', '')} {' '.join(info.get('overrides', []))}".strip()),
         ("step", f"{info.get('step', 0)}/{info.get('total_steps')}"),
         ("best", f"{best['metric']}={best['value']:.4f} at step {best['step']}" if best else "-"),

@@ -233,6 +233,9 @@ def test_time_limit_ends_the_run_as_its_last_step_and_resume_goes_on(runs_dir, m
     assert limited.status == "finished" and limited.info["stopped_by"] == "time_limit"
     assert limited.info["step"] == 5 and limited.info["last_eval"]["step"] == 5
     assert 5 in limited.checkpoints() and sorted(losses(limited.path)) == list(range(1, 6))
+    monkeypatch.setenv("COLUMNS", "200")
+    listing = cli("runs", "--runs-dir", runs_dir)
+    assert "finished (time limit)" in listing.output and "5/12" in listing.output
     result = cli("resume", "limited", "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "train.time_limit=5" in result.output and "Traceback" not in result.output
     monkeypatch.undo()

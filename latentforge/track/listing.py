@@ -34,6 +34,11 @@ def effective_status(info: dict[str, Any]) -> str:
     return status
 
 
+def status_text(status: str, stopped_by: str | None) -> str:
+    """The status as people read it: a run that train.time_limit ended says so."""
+    return f"{status} (time limit)" if status == "finished" and stopped_by == "time_limit" else status
+
+
 def summarize(run: RunDir) -> dict[str, Any]:
     info = run.info()
     best = info.get("best") or {}
@@ -42,6 +47,7 @@ def summarize(run: RunDir) -> dict[str, Any]:
         "path": str(run.path),
         "task": info.get("task", ""),
         "status": effective_status(info),
+        "stopped_by": info.get("stopped_by"),
         "step": info.get("step", 0),
         "total_steps": info.get("total_steps"),
         "best_metric": best.get("metric"),
@@ -105,7 +111,8 @@ def print_table(rows: list[dict[str, Any]], console: Console, metric: str | None
         total = r.get("total_steps")
         best = f"{r['best_metric']}={_num(r['best_value'])}@{r['best_step']}" if r.get("best_metric") else "-"
         status = r["status"]
-        cells = [r["id"], r.get("task", ""), f"[{colors.get(status, 'white')}]{status}[/]",
+        shown = status_text(status, r.get("stopped_by"))
+        cells = [r["id"], r.get("task", ""), f"[{colors.get(status, 'white')}]{shown}[/]",
                  f"{r.get('step', 0)}/{total if total else '?'}", best, _num(r.get("last_loss")),
                  _when(r.get("started")), r.get("host", "")]
         if metric:
