@@ -161,8 +161,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     # torch.compile's mode: reduce-overhead records CUDA graphs of the forward and backward (for small models,
-    # which spend their time launching kernels; shapes must repeat), max-autotune also searches kernels.
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # which spend their time launching kernels; shapes must repeat), max-autotune also searches kernels (and
+    # records CUDA graphs too), max-autotune-no-cudagraphs searches kernels only (the one to pair with cuda_graph).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Record the whole update (forward, backward, clipping, guard, fused AdamW step) as one CUDA graph and
     # replay it, for small models whose step is launch-bound. Needs one CUDA process, optim.name=adamw,
     # grad_accum=1, no fp16, EMA or adaptive clipping, and batches whose shapes repeat (engine/step_graph.py).
@@ -199,9 +200,9 @@ class TrainConfig:
             require(value >= 1, key, f"must be >= 1 (got {value})")
         require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0 (got {self.clip_grad})")
-        require(not (self.cuda_graph and self.compile and self.compile_mode == "reduce-overhead"), "cuda_graph",
-                "records the whole step itself: use it with train.compile_mode=default (reduce-overhead records "
-                "graphs of its own)")
+        require(not (self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")),
+                "cuda_graph", f"records the whole step itself: use it with train.compile_mode=default or "
+                f"max-autotune-no-cudagraphs ({self.compile_mode} records graphs of its own)")
         require(self.clip_adaptive >= 0, "clip_adaptive", f"must be >= 0 (got {self.clip_adaptive})")
         require(0 <= self.clip_adaptive_beta < 1, "clip_adaptive_beta",
                 f"must be in [0, 1) (got {self.clip_adaptive_beta})")

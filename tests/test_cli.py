@@ -138,6 +138,8 @@ def test_resume_from_a_chosen_checkpoint(cli, runs_dir, trained):
      "train.cuda_graph=true needs a CUDA device, optim.name=adamw"),
     (["train", "multiply/tiny", "train.cuda_graph=true", "train.compile=true", "train.compile_mode=reduce-overhead"],
      "train.cuda_graph records the whole step itself"),
+    (["train", "multiply/tiny", "train.cuda_graph=true", "train.compile=true", "train.compile_mode=max-autotune"],
+     "max-autotune records graphs of its own"),
     (["resume", "no-such-run"], "no run 'no-such-run'"),
     (["eval", "no-such-run"], "no run 'no-such-run'"),
     (["runs", "show", "no-such-run"], "no run 'no-such-run'"),
