@@ -119,7 +119,7 @@ class OptimConfig:
 class GuardConfig:
     """Stability guard: skip updates whose loss is non-finite or spikes far above its recent values.
 
-    With fused AdamW (CUDA, CPU), no fp16 scaler, no EMA and one process, the guard judges on the device
+    With fused AdamW (CUDA, CPU) or Muon, no fp16 scaler, no EMA and one process, the guard judges on the device
     and the optimizer skips the step there (no host sync per step); the host reads the verdicts every
     train.log_every steps, so the LR cool-down, the guard events, the emergency checkpoint and the stop
     after max_bad_steps non-finite steps come up to log_every steps after the bad step (the cool-down
@@ -164,9 +164,10 @@ class TrainConfig:
     # which spend their time launching kernels; shapes must repeat), max-autotune also searches kernels (and
     # records CUDA graphs too), max-autotune-no-cudagraphs searches kernels only (the one to pair with cuda_graph).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    # Record the whole update (forward, backward, clipping, guard, fused AdamW step) as one CUDA graph and
-    # replay it, for small models whose step is launch-bound. Needs one CUDA process, optim.name=adamw,
-    # grad_accum=1, no fp16, EMA or adaptive clipping, and batches whose shapes repeat (engine/step_graph.py).
+    # Record the whole update (forward, backward, clipping, guard, optimizer step) as one CUDA graph and
+    # replay it, for small models whose step is launch-bound. Needs one CUDA process, optim.name=adamw or muon,
+    # grad_accum=1, no fp16, EMA or adaptive clipping, and batches whose shapes repeat
+    # (engine/step_graph.py).
     cuda_graph: bool = False
     # Deterministic kernels (torch, cuDNN, cuBLAS workspace): two GPU runs give identical losses, a bit slower.
     deterministic: bool = False

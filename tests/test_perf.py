@@ -191,12 +191,13 @@ def nan_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(Multiply, "loss", loss)
 
 
-def test_resume_between_a_skipped_step_and_its_read_is_exact(runs_dir, monkeypatch):
-    """Fused AdamW skips the NaN step 5 on the device; the host reads it at step 8 (log_every=4). A run
-    interrupted at step 6 carries the unread verdict in its checkpoint and resumes to the same losses,
-    events, cool-down and weights as the run that went straight through."""
-    common = [*TINY, "optim.name=adamw", "train.log_every=4", "optim.schedule=constant", "train.guard.cooldown=8",
-              "train.guard.lr_factor=0.5", "checkpoint.keep=10"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_between_a_skipped_step_and_its_read_is_exact(runs_dir, monkeypatch, optimizer):
+    """Fused AdamW (or BatchedMuon with AdamW) skips the NaN step 5 on the device; the host reads it at step 8
+    (log_every=4). A run interrupted at step 6 carries the unread verdict in its checkpoint and resumes to the
+    same losses, events, cool-down and weights as the run that went straight through."""
+    common = [*TINY, f"optim.name={optimizer}", "train.log_every=4", "optim.schedule=constant",
+              "train.guard.cooldown=8", "train.guard.lr_factor=0.5", "checkpoint.keep=10"]
     nan_at(monkeypatch, 5)
     straight = latentforge.train("multiply/tiny", *common, name="straight", runs_dir=runs_dir)
     monkeypatch.undo()
@@ -208,7 +209,9 @@ def test_resume_between_a_skipped_step_and_its_read_is_exact(runs_dir, monkeypat
     resumed = latentforge.resume("part", runs_dir=runs_dir)
     assert [e["step"] for e in straight.info["guard_events"]] == [5]
     assert resumed.info["guard_events"] == straight.info["guard_events"]
-    assert losses(resumed.path) == losses(straight.path)
+    assert losses(resumed.path) == losses(straight.path) and all(map(math.isfinite, losses(straight.path).values()))
+    assert isinstance(Trainer(straight.config, quiet=True).guard, DeviceGuard)
+
     def story(run):  # every record but the timings
         return [{k: v for k, v in r.items() if k.startswith(("step", "train/loss", "train/grad_norm", "train/answer",
                                                              "train/lr", "train/bad_steps", "guard/"))}
@@ -221,4 +224,5 @@ def test_resume_between_a_skipped_step_and_its_read_is_exact(runs_dir, monkeypat
     a, b = load_checkpoint(straight.checkpoint_path("latest")), load_checkpoint(resumed.checkpoint_path("latest"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # The skipped step advanced neither the weights' moments nor AdamW's step count.
-    assert {float(s["step"]) for s in a["optimizer"]["state"].values()} == {11.0}
+    adamw = a["optimizer"] if optimizer == "adamw" else a["optimizer"]["optimizers"][1]
+    assert {float(s["step"]) for s in adamw["state"].values()} == {11.0}

@@ -5,7 +5,8 @@ the GPU queue every step. Here the same judgement (non-finite loss or norm; a sp
 max(mean + spike_sigmas * std, spike_ratio * mean, spike_floor) of the last `window` good losses once
 `min_history` exist; `max_bad_steps` spikes in a row are a new loss level) runs on device tensors and
 yields a 0-d `bad` flag. Fused Adam/AdamW skip their update on the device when given it as
-`optimizer.found_inf` (GradScaler's contract: parameters, moments and step counter untouched).
+`optimizer.found_inf` (GradScaler's contract: parameters, moments and step counter untouched), and so
+does BatchedMuon (engine/muon.py).
 
 Each step's verdict goes into a small device buffer that the host reads every train.log_every steps:
 only then does it log the bad steps, start the LR cool-down, save the emergency checkpoint and stop
@@ -22,6 +23,7 @@ import torch
 
 from latentforge.config import GuardConfig
 from latentforge.engine.compile import compiled
+from latentforge.engine.muon import BatchedMuon
 
 GOOD, NONFINITE_LOSS, NONFINITE_NORM, SPIKE = range(4)
 # One row per judged step: verdict, loss, norm, limit, mean, std, bad streak after it (0 after a
@@ -29,14 +31,20 @@ GOOD, NONFINITE_LOSS, NONFINITE_NORM, SPIKE = range(4)
 ROW = 8
 
 
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether the optimizer reads `found_inf` and skips its update on the device: fused Adam/AdamW, and
+    BatchedMuon. The groups' flag, not the defaults: a checkpoint's optimizer state brings its own."""
+    if isinstance(optimizer, BatchedMuon):
+        return True
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
 def judges_on_device(optimizers: list[Any], scaler: Any, ema_decay: float, distributed: bool) -> bool:
-    """Whether the guard can skip updates on the device: every optimizer a fused Adam/AdamW (they read
-    `found_inf`), no fp16 grad scaler (it owns `found_inf`), no EMA (AveragedModel reads its counter on
-    the host every update anyway) and one process."""
-    # The groups' flag, not the defaults: a checkpoint's optimizer state brings its own.
-    fused = all(isinstance(o, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in o.param_groups)
-                for o in optimizers)
-    return fused and scaler is None and ema_decay == 0 and not distributed
+    """Whether the guard can skip updates on the device: every optimizer skips on `found_inf`, no fp16 grad
+    scaler (it owns `found_inf`), no EMA (AveragedModel reads its counter on the host every update anyway)
+    and one process."""
+    return all(skips_on_device(o) for o in optimizers) and scaler is None and ema_decay == 0 and not distributed
 
 
 def judge_step(c: GuardConfig, history: torch.Tensor, slots: torch.Tensor, count: torch.Tensor, head: torch.Tensor,

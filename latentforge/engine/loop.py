@@ -42,7 +42,7 @@ from latentforge.engine.checkpoint import (
     step_dir_name,
 )
 from latentforge.engine.compile import compiled
-from latentforge.engine.device_guard import DeviceGuard, judges_on_device
+from latentforge.engine.device_guard import DeviceGuard, judges_on_device, skips_on_device
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
 from latentforge.engine.ema import build_ema
 from latentforge.engine.freeze import freeze
@@ -281,10 +281,9 @@ class Trainer:
         t = self.cfg.train
         if not t.cuda_graph:
             return None
-        fused_adamw = all(isinstance(o, torch.optim.AdamW) and all(g["fused"] for g in o.param_groups)
-                          for o in optimizers_of(self.optimizer))
+        device_step = all(skips_on_device(o) for o in optimizers_of(self.optimizer))
         needs = [(self.device.type == "cuda", "a CUDA device"), (not self.dist.enabled, "one process"),
-                 (t.grad_accum == 1, "train.grad_accum=1"), (fused_adamw, "optim.name=adamw"),
+                 (t.grad_accum == 1, "train.grad_accum=1"), (device_step, "optim.name=adamw or muon"),
                  (self.scaler is None, "train.precision bf16 or fp32"), (self.ema is None, "train.ema_decay=0"),
                  (self.clipper is None, "train.clip_adaptive=0")]
         missing = [what for ok, what in needs if not ok]
@@ -491,7 +490,7 @@ class Trainer:
         if isinstance(self.guard, DeviceGuard):
             bad = self.guard.judge_on_device(loss_sum, grad_norm)
             for o in optimizers_of(self.optimizer):
-                o.found_inf = bad.float()  # fused Adam/AdamW skip the update (and its step count) on the device
+                o.found_inf = bad.float()  # fused AdamW and BatchedMuon skip the update on the device
         elif t.guard.enabled:
             loss_value = float(loss_sum)
             # Under fp16 the grad scaler already skips overflowing steps by itself.

@@ -6,6 +6,13 @@ against 209 with fused AdamW). Stacking the matrices of one shape (transposed so
 turns that into ~18 batched kernels per shape. The update is torch's: same momentum, Nesterov,
 coefficients, decoupled weight decay and LR adjustment, and the same state (`momentum_buffer`),
 so checkpoints move between the two.
+
+Two things torch's Muon does not do, so that a step needs nothing from the host:
+- `found_inf` (a 0-d device tensor, 1 = skip; the device guard sets it as it does for fused AdamW)
+  leaves the parameters and momentum untouched on the device. The step is computed on copies, and
+  kept only where found_inf is 0: an update that is kept is exactly the unguarded one.
+- A group's `lr` may be a 0-d device tensor (train.cuda_graph fills one per step and replays the
+  recorded step with it).
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ def orthogonalize(updates: Tensor, coefficients: tuple[float, float, float], ste
 
 
 class BatchedMuon(torch.optim.Muon):
+    found_inf: Tensor | None = None
+
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
+        skip = self.found_inf
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -42,25 +52,40 @@ class BatchedMuon(torch.optim.Muon):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 buffers.append(state["momentum_buffer"])
-            momentum = group["momentum"]
-            torch._foreach_lerp_(buffers, grads, 1 - momentum)
-            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-            for i, p in enumerate(params):
-                by_shape[tuple(sorted(p.shape))].append(i)
-            # Parameters grouped by their adjusted LR (it depends on the orientation for "original").
-            steps: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
-            for indices in by_shape.values():
-                # Wide orientation for every matrix of the stack: the Gram matrix is the small one.
-                tall = [params[i].shape[0] > params[i].shape[1] for i in indices]
-                stack = torch.stack([updates[i].T if t else updates[i] for i, t in zip(indices, tall)])
-                ortho = orthogonalize(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                ortho = ortho.to(params[indices[0]].dtype)
-                for j, (i, t) in enumerate(zip(indices, tall)):
-                    lr = _adjust_lr(group["lr"], group["adjust_lr_fn"], params[i].shape)
-                    steps[lr][0].append(params[i])
-                    steps[lr][1].append(ortho[j].T if t else ortho[j])
-            for lr, (ps, os) in steps.items():
-                torch._foreach_add_(ps, os, alpha=-lr)
+            # Under a skip flag the step writes into copies, kept below only where the flag is 0.
+            new_params = params if skip is None else [p.clone() for p in params]
+            new_buffers = buffers if skip is None else [b.clone() for b in buffers]
+            self._update(group, new_params, grads, new_buffers)
+            if skip is not None:
+                keep_old = skip.bool()
+                for old, new in zip(params + buffers, new_params + new_buffers):
+                    old.copy_(torch.where(keep_old, old, new))
+
+    @staticmethod
+    def _update(group: dict, params: list[Tensor], grads: list[Tensor], buffers: list[Tensor]) -> None:
+        """torch's Muon update of one group, in place on `params` and `buffers`, Newton-Schulz batched."""
+        momentum, lr = group["momentum"], group["lr"]
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_shape[tuple(sorted(p.shape))].append(i)
+        # Parameters grouped by their LR adjustment (it depends on the orientation for "original").
+        steps: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+        for indices in by_shape.values():
+            # Wide orientation for every matrix of the stack: the Gram matrix is the small one.
+            tall = [params[i].shape[0] > params[i].shape[1] for i in indices]
+            stack = torch.stack([updates[i].T if t else updates[i] for i, t in zip(indices, tall)])
+            ortho = orthogonalize(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            ortho = ortho.to(params[indices[0]].dtype)
+            for j, (i, t) in enumerate(zip(indices, tall)):
+                ratio = _adjust_lr(1.0, group["adjust_lr_fn"], params[i].shape)
+                steps[ratio][0].append(params[i])
+                steps[ratio][1].append(ortho[j].T if t else ortho[j])
+        for ratio, (ps, os) in steps.items():
+            if isinstance(lr, Tensor):
+                torch._foreach_sub_(ps, torch._foreach_mul(os, lr * ratio))
+            else:
+                torch._foreach_add_(ps, os, alpha=-lr * ratio)

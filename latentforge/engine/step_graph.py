@@ -4,7 +4,7 @@ A small model's step is a few hundred kernels of a few microseconds each: launch
 costs more than running them. torch.compile's reduce-overhead mode graphs the forward and the backward,
 but the clipping, the guard, the optimizer and the bookkeeping between them still launch one by one.
 Here the update the Trainer would run eagerly -- forward, backward, gradient clipping, the device-side
-guard, the fused AdamW step -- is recorded once as a CUDA graph and replayed: a step is then one copy of
+guard, the fused AdamW or BatchedMuon step -- is recorded once as a CUDA graph and replayed: a step is then one copy of
 the batch into static buffers, one fill of the learning rate and one graph launch.
 
 The recorded update replays exactly what it recorded: the kernels, and the Python values the task read
@@ -39,7 +39,7 @@ class StepGraph:
     def __init__(self, update: Callable[[dict[str, Any]], Any], optimizers: list[torch.optim.Optimizer],
                  device: torch.device, warmup: int = 2):
         self.update, self.optimizers, self.warmup = update, optimizers, warmup
-        # The fused AdamW kernel reads a tensor learning rate on the device: one fill per step.
+        # Fused AdamW and BatchedMuon read a tensor learning rate on the device: one fill per step.
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.stream = torch.cuda.Stream(device)
         self.key: tuple[Hashable, ...] | None = None
