@@ -206,6 +206,24 @@ def test_init_from_path_names_the_keys_to_set_when_shapes_differ(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_run_saved_before_vocab_multiple_existed_loads_evaluates_and_resumes_unpadded(cli, runs_dir):
+    """A run's config.yaml holds every key its code knew: an lm run saved before model.vocab_multiple lacks
+    it, and was trained unpadded, so it reads back as 1 (not the default 64, whose 320 rows would not fit
+    its 257-row checkpoint)."""
+    run = latentforge.train("lm/tiny", "model.vocab_multiple=1", "train.steps=4", name="old", runs_dir=runs_dir)
+    config = run.path / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "vocab_multiple" not in line))
+    assert load_config("lm/tiny").model.vocab_multiple == 64
+    assert run.config.model.vocab_multiple == 1 and run.model().tok_embeddings.num_embeddings == 257
+    result = cli("eval", run.path, "--json")
+    assert result.exit_code == 0, result.output
+    result = cli("resume", run.path, "train.steps=6", "-q")
+    assert result.exit_code == 0, result.output
+    assert run.status == "finished" and run.checkpoints()[-1] == 6
+    assert run.config.model.vocab_multiple == 1 and "vocab_multiple: 1" in config.read_text()
+
+
 def test_prefix_lm_scores_no_prefix_token_and_attends_both_ways_over_it():
     task = task_for("task.prefix_len=6")
     plain = task_for()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,9 @@ class LMConfig(ModelBase):
     bias: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0
+
+    # Runs saved before vocab_multiple existed had unpadded embeddings.
+    old_run_values: ClassVar[dict[str, Any]] = {"vocab_multiple": 1}
 
     @classmethod
     def gpt2(cls, **kwargs) -> LMConfig:
