@@ -93,7 +93,9 @@ class RandomLM(Task):
         return {"valid/loss": loss, "valid/loss_above_floor": loss - math.log(m.vocab_size)}
 
     def flops_per_example(self, model: nn.Module) -> float:
-        """Forward FLOPs of one row: 2 per weight per token plus causal attention counted in full."""
+        """Forward FLOPs of one row: 2 per weight per token plus causal attention counted in full. Model
+        FLOPs: the padded vocabulary rows (model.vocab_multiple) are not counted."""
         m, d = self.cfg.model, self.cfg.data
-        weights = sum(p.numel() for p in model.parameters())
+        padding = (m.shape(m.vocab_size, d.seq_len).padded_vocab - m.vocab_size) * m.d_model
+        weights = sum(p.numel() for p in model.parameters()) - padding * (1 if m.tie_embeddings else 2)
         return float(d.seq_len * (2 * weights + 4 * m.n_layer * m.d_model * d.seq_len))

@@ -7,7 +7,9 @@ Rows, per shape:
 - latentforge: its Transformer trained by the engine's `Trainer.train_step` (bf16 autocast, fused
   AdamW, gradient clipping, device-side metric sums). The small shape is the `multiply` preset
   itself (its data stream included); the gpt2 shape is bench/configs/gpt2-small.yaml, the
-  random-token task of bench/random_lm.py (batches made on the device).
+  random-token task of bench/random_lm.py (batches made on the device); its `model.vocab_multiple: 64`
+  pads the tied embedding and head to 50,304 rows and slices the logits back to 50,257 (the peers
+  below keep 50,257 rows, as their users run them; MFU counts 50,257 for every row).
 - hf eager / hf compiled: transformers' GPT2LMHeadModel with the same dims in a plain loop (bf16
   autocast, fused AdamW, clipping at 1.0, the same loss function), on batches made beforehand.
 - lightning: a LightningModule around the same HF model, Trainer(precision="bf16-mixed").

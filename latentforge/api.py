@@ -58,7 +58,7 @@ def read_config(run: RunDir) -> Config:
         raise RunError(f"{run.config_path} is not valid YAML; the run's config is damaged") from None
     if not isinstance(raw, dict):
         raise RunError(f"{run.config_path} does not hold a config")
-    return build_config(raw)
+    return build_config(raw, saved=True)
 
 
 class Run:

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -60,6 +60,11 @@ class ModelBase:
     # Recompute every block's activations (each module of an nn.ModuleList) in the backward pass:
     # less memory for more time.
     activation_checkpointing: bool = False
+
+    # Keys added with a new default after runs were saved, and the value those runs were built with: a
+    # run's config.yaml holds every key its code knew, so one it lacks takes this value (build_config
+    # with saved=True), and the run resumes and loads as it was trained.
+    old_run_values: ClassVar[dict[str, Any]] = {}
 
 
 @dataclass
@@ -478,8 +483,9 @@ def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
         raise ConfigError(f"cannot combine config: {str(e).splitlines()[0]}") from None
 
 
-def build_config(raw: dict[str, Any]) -> Config:
-    """Validate a merged mapping into a Config with the task's own section types."""
+def build_config(raw: dict[str, Any], saved: bool = False) -> Config:
+    """Validate a merged mapping into a Config with the task's own section types; `saved`: the mapping is a
+    run's config.yaml, whose model section lacks the keys added since (ModelBase.old_run_values)."""
     from latentforge.tasks import get_task
 
     raw = dict(raw)
@@ -493,6 +499,8 @@ def build_config(raw: dict[str, Any]) -> Config:
     if not task_name:
         raise ConfigError("task.name is not set: start from a preset or set task.name in your YAML")
     task_cls = get_task(task_name)
+    if saved and isinstance(raw.get("model"), dict):
+        raw["model"] = {**task_cls.ModelConfig.old_run_values, **raw["model"]}
     sections = {
         "task": task_cls.TaskConfig, "model": task_cls.ModelConfig, "data": task_cls.DataConfig,
         "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "track": TrackConfig,

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
+
+from latentforge.config import load_config
 
 
 @pytest.mark.parametrize("module", ["bench.multiply_speed", "bench.multiply_sweep", "bench.train_speed"])
@@ -19,6 +22,24 @@ def test_bench_modules_import(module):
         importlib.import_module(module)
     finally:
         sys.path.remove(str(REPO))
+
+
+def test_gpt2_bench_pads_the_head_and_counts_the_true_vocabulary():
+    """bench/configs/gpt2-small.yaml pads GPT-2's 50,257 ids to 50,304 rows; the logits and the model FLOPs
+    (MFU's numerator) are those of the 50,257 (at small widths here, the vocabulary of the benchmark)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.random_lm import RandomLM
+        from bench.train_speed import GPT2_CONFIG
+    finally:
+        sys.path.remove(str(REPO))
+    cfg = load_config(GPT2_CONFIG, ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "data.seq_len=8"])
+    task = RandomLM(cfg, torch.device("cpu"))
+    model = task.build_model()
+    assert model.embed.num_embeddings == model.head.out_features == 50304
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 50257)
+    weights = sum(p.numel() for p in model.parameters()) - (50304 - 50257) * 16
+    assert task.flops_per_example(model) == 8 * (2 * weights + 4 * 1 * 16 * 8)
 
 
 def test_side_by_side_script_trains_evaluates_and_compares(tmp_path: Path):

@@ -13,9 +13,12 @@ from latentforge.errors import CheckpointError, ConfigError
 from latentforge.interop.hf import export_hf, load_hf
 from latentforge.nn.lm import LM, LMConfig
 
+# 67 ids: our embedding and output have 128 rows (model.vocab_multiple=64), transformers' exactly 67.
 SHAPE = dict(vocab_size=67, n_layer=2, n_head=4, d_model=32, max_len=40)
+VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")
 OURS = {
     "llama-gqa-tied": LMConfig(**SHAPE, n_kv_heads=2, rope_theta=500.0, norm_eps=1e-6),
+    "llama-unpadded": LMConfig(**SHAPE, vocab_multiple=1),
     "llama-untied-bias": LMConfig(**SHAPE, tie_embeddings=False, bias=True, ffn_hidden=48),
     "gpt2-tied": LMConfig.gpt2(**SHAPE),
     "gpt2-untied": LMConfig.gpt2(**SHAPE, tie_embeddings=False),
@@ -47,14 +50,25 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, nam
     out = export_hf(ours, cfg, tmp_path / "hf")
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == ("GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM")
+    # The padded rows stay behind: transformers sees exactly the vocabulary.
+    assert theirs.config.vocab_size == 67 and theirs.get_input_embeddings().weight.shape[0] == 67
+    assert theirs.get_output_embeddings().weight.shape[0] == 67
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
-    # And back: the same weights, exactly.
-    back_cfg, state = load_hf(out)
+    # And back: the same weights, exactly, and zeros in the padded rows.
+    back_cfg, state = load_hf(out, cfg.vocab_multiple)
     assert back_cfg.hidden == cfg.hidden and back_cfg.kv_heads == cfg.kv_heads
     assert dataclasses.replace(back_cfg, ffn_hidden=cfg.ffn_hidden, n_kv_heads=cfg.n_kv_heads) == cfg
-    assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+    for k, v in ours.state_dict().items():
+        if k in VOCAB_ROWS:
+            assert torch.equal(state[k][:67], v[:67]) and state[k].shape == v.shape and not state[k][67:].any()
+        else:
+            assert torch.equal(state[k], v), k
+    back = LM(back_cfg).eval()
+    back.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), ours(ids))
 
 
 def hf_llama(tie: bool) -> LlamaForCausalLM:
@@ -80,6 +94,8 @@ def test_transformers_checkpoints_load_into_ours_with_the_same_logits(tmp_path, 
     assert cfg.kv_heads == (4 if name.startswith("gpt2") else 1)
     ours = LM(cfg).eval()
     ours.load_state_dict(state)
+    # A config read from transformers keeps our default padding: 67 ids in 128 rows.
+    assert cfg.vocab_multiple == 64 and ours.tok_embeddings.num_embeddings == ours.output.out_features == 128
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,7 @@
 """The decoder LM (nn/lm.py): masks, grouped-query attention, the KV cache, generation, the loss and FLOPs."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,7 +174,37 @@ def test_forward_flops_match_the_flop_counter(family):
     # The math kernel is made of counted matrix products (the CPU's fused kernel goes uncounted).
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 16, dtype=torch.long))
-    assert forward_flops(cfg, 16) == counter.get_total_flops()
+    # Model FLOPs: the head's 61 vocabulary rows, not the 64 the padded matmul computes.
+    assert cfg.padded_vocab == 64
+    assert forward_flops(cfg, 16) == counter.get_total_flops() - 2 * 16 * cfg.d_model * (64 - 61)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(family, tie):
+    """vocab_multiple pads the embedding and output rows (61 -> 64): the logits are the vocab_size ones, and
+    the loss and every gradient equal those of the unpadded model holding the first 61 rows; the padded
+    rows get no gradient, tied or not (no input reads them, no logit of theirs is scored)."""
+    padded = build(dataclasses.replace(FAMILIES[family], tie_embeddings=tie, vocab_multiple=64)).train()
+    plain = LM(dataclasses.replace(FAMILIES[family], tie_embeddings=tie, vocab_multiple=1)).train()
+    assert padded.tok_embeddings.num_embeddings == padded.output.out_features == 64
+    assert plain.tok_embeddings.num_embeddings == 61
+    plain.load_state_dict({k: v[:61] if k in ("tok_embeddings.weight", "output.weight") else v
+                           for k, v in padded.state_dict().items()})
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name, model in (("padded", padded), ("plain", plain)):
+        logits = model(ids)
+        assert logits.shape == (2, 12, 61)
+        losses[name], _ = lm_loss(logits, ids.roll(-1, dims=1))
+        losses[name].backward()
+    torch.testing.assert_close(losses["padded"], losses["plain"])
+    grads = dict(plain.named_parameters())
+    for name, p in padded.named_parameters():
+        rows = 61 if name in ("tok_embeddings.weight", "output.weight") else None
+        torch.testing.assert_close(p.grad[:rows], grads[name].grad, msg=name)
+        if rows:
+            assert torch.count_nonzero(p.grad[61:]) == 0, name
 
 
 def test_config_errors_name_the_key():
@@ -180,6 +212,8 @@ def test_config_errors_name_the_key():
         build_dataclass(LMConfig, {"n_head": 4, "n_kv_heads": 3}, "model")
     with pytest.raises(ConfigError, match="model.norm must be one of"):
         build_dataclass(LMConfig, {"norm": "batchnorm"}, "model")
+    with pytest.raises(ConfigError, match=r"model.vocab_multiple must be >= 1 \(got 0\)"):
+        build_dataclass(LMConfig, {"vocab_multiple": 0}, "model")
     assert LMConfig(d_model=96).hidden == 256 and LMConfig.gpt2(d_model=96).hidden == 384
 
 

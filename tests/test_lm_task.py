@@ -54,8 +54,9 @@ def test_train_tiny_through_the_cli(cli, runs_dir):
     last = [r for r in records if "valid/loss" in r][-1]
     assert last["valid/perplexity"] == pytest.approx(torch.tensor(last["valid/loss"]).exp().item(), rel=1e-5)
     assert 0 <= last["valid/token_accuracy"] <= 1
-    # Byte tokenizer: 257 ids; the forward FLOPs of one 32-token row are recorded for throughput.
-    assert run.model().tok_embeddings.num_embeddings == 257
+    # Byte tokenizer: 257 ids in 320 rows (model.vocab_multiple=64); the forward FLOPs of one 32-token row are
+    # recorded for throughput.
+    assert run.model().cfg.vocab_size == 257 and run.model().tok_embeddings.num_embeddings == 320
     assert run.info["flops_per_example"] > 0 and run.info["best"]["metric"] == "valid/loss"
 
 
@@ -165,8 +166,10 @@ def _hf_llama(tmp_path: Path, **changes) -> LlamaForCausalLM:
     return theirs
 
 
-def test_init_from_path_loads_a_transformers_checkpoint(tmp_path):
-    task = task_for()
+@pytest.mark.parametrize("overrides", [[], ["model.vocab_multiple=1"]])
+def test_init_from_path_loads_a_transformers_checkpoint(tmp_path, overrides):
+    """257 ids: padded to our model's rows (320, or 257 unpadded), whatever the checkpoint's config says."""
+    task = task_for(*overrides)
     theirs = _hf_llama(tmp_path)
     model = task.build_model().eval()
     assert task.init_from_path(model, tmp_path / "hf") is True
@@ -203,6 +206,24 @@ def test_init_from_path_names_the_keys_to_set_when_shapes_differ(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_run_saved_before_vocab_multiple_existed_loads_evaluates_and_resumes_unpadded(cli, runs_dir):
+    """A run's config.yaml holds every key its code knew: an lm run saved before model.vocab_multiple lacks
+    it, and was trained unpadded, so it reads back as 1 (not the default 64, whose 320 rows would not fit
+    its 257-row checkpoint)."""
+    run = latentforge.train("lm/tiny", "model.vocab_multiple=1", "train.steps=4", name="old", runs_dir=runs_dir)
+    config = run.path / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "vocab_multiple" not in line))
+    assert load_config("lm/tiny").model.vocab_multiple == 64
+    assert run.config.model.vocab_multiple == 1 and run.model().tok_embeddings.num_embeddings == 257
+    result = cli("eval", run.path, "--json")
+    assert result.exit_code == 0, result.output
+    result = cli("resume", run.path, "train.steps=6", "-q")
+    assert result.exit_code == 0, result.output
+    assert run.status == "finished" and run.checkpoints()[-1] == 6
+    assert run.config.model.vocab_multiple == 1 and "vocab_multiple: 1" in config.read_text()
+
+
 def test_prefix_lm_scores_no_prefix_token_and_attends_both_ways_over_it():
     task = task_for("task.prefix_len=6")
     plain = task_for()
@@ -228,6 +249,7 @@ def test_prefix_lm_scores_no_prefix_token_and_attends_both_ways_over_it():
     (["model.vocab_size=100"], "error: model.vocab_size=100 is below the tokenizer's 257 ids (data.tokenizer=bytes): "
                                "raise it, or 0 to take the tokenizer's"),
     (["data.seq_len=128"], "error: model.max_len=64 must be >= data.seq_len=128"),
+    (["model.vocab_multiple=0"], "error: model.vocab_multiple must be >= 1 (got 0)"),
     (["data.valid_fraction=0"], "error: the held-out set is empty: raise data.valid_fraction or set "
                                 "data.valid_sources"),
     (["checkpoint.metric=test/exact_match"], "error: checkpoint.metric must be a metric of an evaluated split "

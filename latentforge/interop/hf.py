@@ -8,6 +8,7 @@ permutation: both we and transformers' Llama rotate the two halves of each head 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,6 +39,8 @@ GPT2_TOP = {"tok_embeddings": "transformer.wte", "pos_embeddings": "transformer.
 GPT2_LAYER = {"attention.wo": "attn.c_proj", "feed_forward.w1": "mlp.c_fc", "feed_forward.w2": "mlp.c_proj",
               "attention_norm": "ln_1", "ffn_norm": "ln_2"}
 GPT2_QKV = ("attention.wq", "attention.wk", "attention.wv")
+# Our tensors with a row per token id: padded to cfg.padded_vocab rows here, exactly vocab_size in transformers.
+VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")
 
 
 def hf_family(cfg: LMConfig) -> str:
@@ -73,13 +77,16 @@ def _hf_name(name: str, family: str) -> tuple[str, bool]:
 
 
 def to_hf_state(cfg: LMConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> the transformers model's (a tied output head is stored once, as the embedding)."""
+    """Our state dict -> the transformers model's (a tied output head is stored once, as the embedding;
+    the padded vocabulary rows are left out)."""
     family = hf_family(cfg)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         index, module, param = _split(name)
         if name == "output.weight" and cfg.tie_embeddings:
             continue
+        if name in VOCAB_ROWS:
+            tensor = tensor[: cfg.vocab_size]
         if family == "gpt2" and module in GPT2_QKV:
             if module == "attention.wq":
                 fused = torch.cat([state[f"layers.{index}.{m}.{param}"] for m in GPT2_QKV])
@@ -91,7 +98,9 @@ def to_hf_state(cfg: LMConfig, state: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def from_hf_state(cfg: LMConfig, hf: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """The transformers model's state dict -> ours, checked name by name and shape by shape against LM(cfg)."""
+    """The transformers model's state dict -> ours, checked name by name and shape by shape against LM(cfg).
+    The vocabulary rows get zero rows up to cfg.padded_vocab: no input reads them and their logits are
+    sliced off."""
     family = hf_family(cfg)
     with torch.device("meta"):
         expected = LM(cfg).state_dict()
@@ -116,6 +125,8 @@ def from_hf_state(cfg: LMConfig, hf: dict[str, torch.Tensor], source: Path) -> d
         else:
             key, transposed = _hf_name(name, family)
             tensor = fetch(key).t() if transposed else fetch(key)
+        if name in VOCAB_ROWS and tensor.shape[0] == cfg.vocab_size:
+            tensor = F.pad(tensor, (0, 0, 0, cfg.padded_vocab - cfg.vocab_size))
         if tensor.shape != reference.shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config says "
                                   f"{tuple(reference.shape)}")
@@ -282,12 +293,15 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{directory} has no weights ({', '.join(WEIGHT_FILES)})")
 
 
-def load_hf(directory: str | Path) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+def load_hf(directory: str | Path, vocab_multiple: int = LMConfig.vocab_multiple
+            ) -> tuple[LMConfig, dict[str, torch.Tensor]]:
     """Our config and state dict for a local transformers Llama or GPT-2 checkpoint directory; the tensors
-    keep their stored dtype (load_state_dict casts them to the model's)."""
+    keep their stored dtype (load_state_dict casts them to the model's). The checkpoint has no padded
+    vocabulary rows: vocab_multiple is the padding of the model the state is for."""
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a transformers checkpoint: config.json and "
                               "weights)")
     cfg = config_from_hf(_read_json(path / "config.json"), path / "config.json")
+    cfg = dataclasses.replace(cfg, vocab_multiple=vocab_multiple)
     return cfg, from_hf_state(cfg, read_hf_weights(path), path)

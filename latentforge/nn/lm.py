@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ class LMConfig(ModelBase):
 
     # 0: the task sets it from its tokenizer.
     vocab_size: int = 0
+    # The embedding and output rows are padded to a multiple of this (a faster head matmul: GPT-2's 50,257
+    # becomes 50,304); the logits are sliced back to vocab_size, so the padded ids never score.
+    vocab_multiple: int = 64
     n_layer: int = 4
     n_head: int = 4
     # Key/value heads: 0 means n_head (multi-head attention); fewer gives grouped-query attention.
@@ -46,6 +49,9 @@ class LMConfig(ModelBase):
     tie_embeddings: bool = True
     dropout: float = 0.0
 
+    # Runs saved before vocab_multiple existed had unpadded embeddings.
+    old_run_values: ClassVar[dict[str, Any]] = {"vocab_multiple": 1}
+
     @classmethod
     def gpt2(cls, **kwargs) -> LMConfig:
         """The GPT-2 family: LayerNorm, GELU MLP, learned positions, biases."""
@@ -53,6 +59,7 @@ class LMConfig(ModelBase):
 
     def validate(self) -> None:
         require(self.vocab_size >= 0, "vocab_size", f"must be >= 0 (got {self.vocab_size})")
+        require(self.vocab_multiple >= 1, "vocab_multiple", f"must be >= 1 (got {self.vocab_multiple})")
         for key in ("n_layer", "n_head", "d_model", "max_len"):
             require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
         require(self.d_model % self.n_head == 0, "d_model", f"must be divisible by n_head={self.n_head} "
@@ -64,6 +71,11 @@ class LMConfig(ModelBase):
         require(self.norm_eps > 0, "norm_eps", f"must be > 0 (got {self.norm_eps})")
         require(self.rope_theta > 0, "rope_theta", f"must be > 0 (got {self.rope_theta})")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and output: vocab_size rounded up to a multiple of vocab_multiple."""
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
     @property
     def kv_heads(self) -> int:
@@ -85,7 +97,9 @@ class LMConfig(ModelBase):
 def forward_flops(cfg: LMConfig, seq_len: int) -> float:
     """Forward FLOPs over one sequence of seq_len tokens: 2 per weight of every matrix product (the output
     head included, embedding lookups not) per token, plus the attention scores and their weighted sum over
-    the full seq_len x seq_len square (as PaLM counts it). Training costs 3x: 6N + 12 L d T per token."""
+    the full seq_len x seq_len square (as PaLM counts it). Training costs 3x: 6N + 12 L d T per token.
+    The head counts vocab_size rows, not the padded ones the matmul also computes: MFU counts model FLOPs
+    by convention, so padding shows as a faster step, not as more FLOPs."""
     d, attn = cfg.d_model, cfg.n_head * cfg.head_dim
     per_layer = d * attn + 2 * d * cfg.kv_heads * cfg.head_dim + attn * d
     per_layer += (3 if cfg.mlp == "swiglu" else 2) * d * cfg.hidden
@@ -179,19 +193,20 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size); the embedding and output have
+    cfg.padded_vocab rows, and the padded rows' logits are sliced off."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("LMConfig.vocab_size must be set (>= 1) before building the model")
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_embeddings = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if cfg.positions == "rope":
@@ -243,4 +258,4 @@ class LM(nn.Module):
             x = block(x, rope, mask, cache, layer)
         if cache is not None:
             cache.advance(T)
-        return self.output(self.norm(x))
+        return self.output(self.norm(x))[..., : self.cfg.vocab_size]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,12 @@ class TransformerShape:
     max_len: int = 256
     rope_base: float = 10000.0
     tie_embeddings: bool = True
+    vocab_multiple: int = 1
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
 
 def check_width(d_model: int, n_head: int, mlp_ratio: float, dropout: float, rope_axes: int = 1) -> None:
@@ -50,15 +57,20 @@ class TransformerConfig(ModelBase):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     tie_embeddings: bool = True
+    # Pad the embedding and head rows to a multiple of this (64: a faster head matmul for a vocabulary
+    # like GPT-2's 50,257); the logits are sliced back to the vocabulary, so the padded ids never score.
+    vocab_multiple: int = 1
 
     def validate(self) -> None:
         require(self.n_layer >= 1, "n_layer", f"must be >= 1 (got {self.n_layer})")
+        require(self.vocab_multiple >= 1, "vocab_multiple", f"must be >= 1 (got {self.vocab_multiple})")
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout)
 
     def shape(self, vocab_size: int, max_len: int) -> TransformerShape:
         return TransformerShape(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
                                 d_model=self.d_model, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
-                                max_len=max_len, tie_embeddings=self.tie_embeddings)
+                                max_len=max_len, tie_embeddings=self.tie_embeddings,
+                                vocab_multiple=self.vocab_multiple)
 
 
 class SelfAttention(nn.Module):
@@ -107,16 +119,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab)."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size); the embedding and head have
+    shape.padded_vocab rows, and the padded rows' logits are sliced off in `logits`."""
 
     def __init__(self, shape: TransformerShape):
         super().__init__()
         self.shape = shape
-        self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.embed = nn.Embedding(shape.padded_vocab, shape.d_model)
         self.drop = nn.Dropout(shape.dropout)
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
         self.norm = nn.LayerNorm(shape.d_model)
-        self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        self.head = nn.Linear(shape.d_model, shape.padded_vocab, bias=False)
         if shape.tie_embeddings:
             self.head.weight = self.embed.weight
         cos, sin = rope_tables(shape.max_len, shape.d_model // shape.n_head, shape.rope_base)
@@ -147,5 +160,10 @@ class Transformer(nn.Module):
                 kept[layer] = x
         return self.norm(x), kept
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., vocab_size): the head, without the padded rows, so that
+        no softmax ever sees them."""
+        return self.head(h)[..., : self.shape.vocab_size]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.hidden(self.embed(tokens))[0])
+        return self.logits(self.hidden(self.embed(tokens))[0])

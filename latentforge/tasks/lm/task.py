@@ -184,7 +184,7 @@ class LMTask(Task):
         directory = Path(path).expanduser()
         if not (directory / "config.json").is_file():
             return False
-        theirs, state = load_hf(directory)
+        theirs, state = load_hf(directory, self.lm_config.vocab_multiple)
         settings = hf_mismatch(self.lm_config, theirs)
         if settings:
             hint = " and data.tokenizer to its tokenizer" if any("vocab_size" in s for s in settings) else ""

@@ -47,7 +47,7 @@ class DecoderLM(nn.Module):
         """Logits (B, T, vocab); with_probes: and each probe's prediction (B, T) at every position.
         One forward method for both: DDP hooks (and compiles, under DDP) `forward` and no other."""
         h, kept = self.transformer.hidden(self.embeddings(tokens), self.probe_layers if with_probes else ())
-        logits = self.transformer.head(h)
+        logits = self.transformer.logits(h)
         if not with_probes:
             return logits
         return logits, {layer: self.probes[str(layer)](kept[layer]).squeeze(-1) for layer in self.probe_layers}
@@ -61,7 +61,7 @@ class DecoderLM(nn.Module):
         ended = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         for i in range(max_new):
             h, _ = self.transformer.hidden(x)
-            token = self.transformer.head(h[:, -1]).argmax(-1)
+            token = self.transformer.logits(h[:, -1]).argmax(-1)
             new[:, i] = token.masked_fill(ended, PAD)
             ended |= token == END
             if bool(ended.all()):

@@ -233,6 +233,8 @@ class Multiply(Task):
                 if owner != variant and getattr(getattr(cfg, section), key) != getattr(defaults[section], key):
                     raise ConfigError(f"{section}.{key} applies to task.variant={owner} only "
                                       f"(this run is {variant}); remove it")
+        require(variant != "latent" or m.vocab_multiple == 1, "model.vocab_multiple",
+                "does not apply to task.variant=latent (its model has a head of its own); remove it")
         if variant == "pause":
             require(m.thoughts >= 1, "model.thoughts", "must be >= 1 for task.variant=pause")
         if variant == "aux-probe":

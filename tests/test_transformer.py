@@ -1,0 +1,78 @@
+"""The engine's transformer (nn/transformer.py) with a padded vocabulary: the logits, loss and gradients of
+the unpadded model, in the model itself and in the multiply decoder that reads its head."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import snapshot
+
+from latentforge.nn.transformer import Transformer, TransformerShape
+from latentforge.tasks.multiply.decoder import DecoderLM
+
+SHAPE = TransformerShape(vocab_size=19, n_layer=2, n_head=2, d_model=32, max_len=16)
+VOCAB_ROWS = ("embed.weight", "head.weight")
+
+
+def padded_and_plain(tie: bool) -> tuple[Transformer, Transformer]:
+    """A model with 19 ids padded to 64 rows, whose padded rows are large enough to win every argmax and
+    swamp every softmax they entered, and the unpadded model holding its first 19 rows."""
+    torch.manual_seed(0)
+    padded = Transformer(dataclasses.replace(SHAPE, tie_embeddings=tie, vocab_multiple=64))
+    with torch.no_grad():
+        for name in VOCAB_ROWS:
+            getattr(padded, name.split(".")[0]).weight[19:] *= 1000
+    plain = Transformer(dataclasses.replace(SHAPE, tie_embeddings=tie))
+    plain.load_state_dict({k: v[:19] if k in VOCAB_ROWS else v for k, v in padded.state_dict().items()})
+    return padded, plain
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(tie):
+    padded, plain = padded_and_plain(tie)
+    assert padded.embed.num_embeddings == padded.head.out_features == 64 and plain.embed.num_embeddings == 19
+    tokens = torch.randint(0, 19, (3, 10), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, model in (("padded", padded), ("plain", plain)):
+        logits = model(tokens)
+        assert logits.shape == (3, 10, 19)
+        losses[name] = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        losses[name].backward()
+    torch.testing.assert_close(losses["padded"], losses["plain"])
+    grads = dict(plain.named_parameters())
+    for name, p in padded.named_parameters():
+        rows = 19 if name in VOCAB_ROWS else None
+        torch.testing.assert_close(p.grad[:rows], grads[name].grad, msg=name)
+        if rows:  # no input reads the padded rows and no logit of theirs is scored
+            assert torch.count_nonzero(p.grad[19:]) == 0, name
+
+
+def test_the_multiply_decoder_scores_and_generates_over_the_vocabulary_only():
+    padded, plain = padded_and_plain(tie=True)
+    decoders = []
+    for transformer in (padded, plain):
+        decoder = DecoderLM(transformer.shape, probe_layers=(1,)).eval()
+        decoder.transformer = transformer.eval()
+        decoders.append(decoder)
+    tokens = torch.randint(0, 19, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        (logits, probes), (plain_logits, _) = (d(tokens, with_probes=True) for d in decoders)
+        assert logits.shape == (2, 6, 19) and probes[1].shape == (2, 6)
+        torch.testing.assert_close(logits, plain_logits)
+        # Greedy decoding picks among the 19 ids: the padded rows would win every argmax.
+        assert torch.equal(decoders[0].generate(tokens, 5), decoders[1].generate(tokens, 5))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.vocab_multiple=0"], "error: model.vocab_multiple must be >= 1 (got 0)"),
+    (["task.variant=latent", "model.vocab_multiple=64"],
+     "error: model.vocab_multiple does not apply to task.variant=latent (its model has a head of its own); "
+     "remove it"),
+])
+def test_bad_vocab_multiple_is_one_line_and_leaves_nothing(cli, runs_dir, overrides, message):
+    before = snapshot(runs_dir)
+    result = cli("train", "multiply/tiny", *overrides, "--runs-dir", runs_dir, "--name", "bad")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [message]
+    assert snapshot(runs_dir) == before
