@@ -171,7 +171,23 @@ def test_public_sets_are_evaluated_and_never_trained_on():
 
 def test_public_sets_need_a_matching_size(cli, runs_dir):
     result = cli("train", "multiply/tiny", "data.icot_sets=[test]", "--runs-dir", runs_dir)
-    assert result.exit_code == 2 and "data.icot_sets needs digits_a = digits_b = [N, N]" in result.output
+    assert result.exit_code == 2 and "data.icot_sets needs digits_a and digits_b up to the same N" in result.output
+    result = cli("train", "multiply/tiny", "data.icot_sets=[test]", "data.digits_a=[1,4]", "data.digits_b=[4,5]",
+                 "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "up to the same N" in result.output
+
+
+def test_a_mix_of_lengths_up_to_n_is_evaluated_on_the_public_n_by_n_set(runs_dir):
+    """digits [1, 4] x [1, 4]: shorter products in training, the public 4 x 4 test set as a split, never trained on."""
+    run = latentforge.train("multiply/tiny", "data.digits_a=[1,4]", "data.digits_b=[1,4]", "data.icot_sets=[test]",
+                            "data.eval_splits=[icot_test]", "checkpoint.metric=icot_test/exact_match",
+                            "model.max_len=32", "train.steps=2", "train.eval_every=2", "checkpoint.every=2",
+                            "data.test_size=100", "data.train_eval_size=100", "train.batch_size=8",
+                            name="mixed", runs_dir=runs_dir)
+    assert run.status == "finished" and run.info["last_eval"]["icot_test/examples"] == 1000
+    task = task_for("data.digits_a=[1,4]", "data.digits_b=[1,4]", "data.icot_sets=[test]", "model.max_len=32")
+    a, b = task.train_batches().pairs(0, 8)
+    assert len(set(map(len, map(str, a.tolist())))) == 4  # every length of 1..4 digits is trained on
 
 
 @pytest.mark.parametrize("variant", ["icot-si", "latent"])

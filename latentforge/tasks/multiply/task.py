@@ -139,7 +139,8 @@ class MultiplyDataConfig:
     # Splits evaluated during training; `train` is a sample of the training pairs.
     eval_splits: list[str] = field(default_factory=lambda: ["test"])
     train_eval_size: int = 1000
-    # The public implicit-CoT sets of this run's N x N (valid, test): splits icot_valid, icot_test.
+    # The public implicit-CoT sets of this run's N x N (valid, test): splits icot_valid, icot_test. N is the
+    # operands' largest digit count, so [1, N] x [1, N] (a mix of shorter products) is evaluated on them too.
     icot_sets: list[str] = field(default_factory=list)
     # Extra evaluation sets from implicit-CoT files: {split name: path}.
     eval_files: dict[str, str] = field(default_factory=dict)
@@ -171,8 +172,8 @@ class MultiplyDataConfig:
             require(name in ("valid", "test"), "icot_sets", f"items must be valid or test (got {name!r})")
         if self.icot_sets:
             n = self.digits_a[1]
-            require(self.digits_a == self.digits_b == (n, n) and n in ICOT_SIZES, "icot_sets",
-                    f"needs digits_a = digits_b = [N, N] with N in {list(ICOT_SIZES)}, the sizes of the public "
+            require(self.digits_a[1] == self.digits_b[1] == n and n in ICOT_SIZES, "icot_sets",
+                    f"needs digits_a and digits_b up to the same N in {list(ICOT_SIZES)}, the sizes of the public "
                     f"sets (got {list(self.digits_a)}, {list(self.digits_b)}); set data.icot_sets=[] otherwise")
         for name in self.eval_files:
             require(name not in ("test", "train") and not name.startswith("icot_") and "/" not in name,
