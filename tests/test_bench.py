@@ -83,3 +83,18 @@ def test_train_speed_runs_every_path_on_the_cpu(tmp_path: Path):
     assert extra["ckpt_save_blocked_s"] > 0 and extra["ckpt_restore_s"] > 0 and extra["ckpt_gib"] > 0
     assert extra["ckpt_write_s"] >= extra["ckpt_save_blocked_s"] and extra["ckpt_sync_save_s"] > 0
     assert "an asynchronous save blocks train_step" in result.stdout
+
+
+def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
+    """bench/dvae/capacity.py: patch slots give every code 8 canvas cells; grid slots give small grids fewer,
+    and the fractions grow to every grid."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.dvae.capacity import main
+    finally:
+        sys.path.remove(str(REPO))
+    main([])
+    rows = [line.split("|")[1:4] for line in capsys.readouterr().out.splitlines() if line.startswith("| <=")]
+    patch = [float(p) for _, p, _ in rows]
+    grid = [float(g) for _, _, g in rows]
+    assert patch == [0.0] * 7 + [1.0] and grid == sorted(grid) and 0.4 < grid[0] < 0.6 and grid[-1] == 1.0

@@ -1,0 +1,41 @@
+"""How many cells each code must carry on the held-out ARC grids, with patch slots and with grid slots.
+
+    python -m bench.dvae.capacity [key=value ...]     # overrides of the dvae/arc-vq preset
+
+One code of K is log2(K) bits; n cells of 10 colours need n * log2(10) bits when nothing about the grid
+is assumed. So a code can hold any run of floor(log2(K) / log2(10)) cells exactly (2 for K = 512); past
+that, exact reconstruction needs the grid's structure. Patch slots give every code its patch of the
+canvas (4 x 2 cells for 128 slots on 32 x 32) whatever the grid's size; grid slots (model.grid_slots)
+give the N - 2 slots the grid's own cells, ceil(h * w / (N - 2)) per slot.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from latentforge.config import load_config
+from latentforge.tasks.dvae.task import DVAE
+
+
+def main(overrides: list[str]) -> None:
+    cfg = load_config("dvae/arc-vq", ["train.device=cpu", *overrides])
+    m = cfg.model
+    shapes = DVAE(cfg, torch.device("cpu")).grids("test").shapes.long()
+    cells = shapes[:, 0] * shapes[:, 1]
+    free = int(math.log2(m.codebook_size) // math.log2(10))
+    per_patch = cfg.data.grid_size**2 // m.latents
+    per_slot = (cells + m.latents - 3) // (m.latents - 2)
+    print(f"{len(cells)} held-out grids (median {int(cells.median())} cells); {m.latents} codes of "
+          f"{m.codebook_size}: a code holds any {free} cells")
+    print("| cells per code | patch slots | grid slots |")
+    print("|---|---|---|")
+    for n in range(1, int(per_slot.max()) + 1):
+        patch = 1.0 if per_patch <= n else 0.0
+        print(f"| <= {n} | {patch:.3f} | {float((per_slot <= n).float().mean()):.3f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
