@@ -9,6 +9,8 @@ fake cluster, the one stand-in in these tests.
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +19,9 @@ import torch
 from conftest import TINY, interrupt_at, losses, snapshot
 from test_sweep import FAST, invoke, ok, refused, sweep_file
 
+import latentforge
 from latentforge import api
-from latentforge.launch.slurm import launch_slurm, parse_time
+from latentforge.launch.slurm import launch_slurm, parse_time, snapshot_code
 
 FAKE_SBATCH = """#!/bin/sh
 # Records its arguments and the script, answers like sbatch.
@@ -146,6 +149,17 @@ def test_launch_slurm_writes_the_sbatch_script_into_the_run(cli, runs_dir, fake_
     assert record["status"] == "queued" and record["slurm"]["job_id"] == "4242"
     assert record["slurm"]["log"] == str((run / "slurm" / "4242_0_log.out").absolute())
     assert (run / "config.yaml").is_file() and list((run / "slurm").glob("4242_submitted.pkl"))
+    # The job imports a snapshot of the code, not the live source tree that may change while it waits.
+    code = Path(record["slurm"]["code"])
+    assert code.parent == (run / "slurm" / "code").resolve() and f"export PYTHONPATH={code}:" in script
+    source = Path(latentforge.__file__).parent
+    assert (code / "latentforge" / "engine" / "loop.py").read_text() == (source / "engine" / "loop.py").read_text()
+    # The script's environment lines, then Python started in this checkout, whose latentforge/ it would
+    # otherwise import first.
+    setup = "".join(line + "; " for line in script.splitlines() if line.startswith("export "))
+    command = f"{setup}{sys.executable} -c 'import latentforge; print(latentforge.__file__)'"
+    imported = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, cwd=source.parent)
+    assert Path(imported.stdout.strip()).is_relative_to(code)
     assert "big" in ok(cli("runs", "--runs-dir", runs_dir)).output and "queued" in ok(cli("runs", "--runs-dir",
                                                                                           runs_dir)).output
 
@@ -236,3 +250,9 @@ def test_sweep_slurm_bad_input(tmp_path, runs_dir, fake_slurm):
     assert not runs_dir.exists() and sbatch_calls(fake_slurm) == []
     dry = ok(invoke("sweep", f, "--slurm", "time=5", "--dry-run", "--runs-dir", runs_dir))
     assert "000-seed=0  (train)" in dry.output and "nothing submitted" in dry.output and not runs_dir.exists()
+
+
+def test_code_snapshots_are_shared_by_equal_code_and_made_whole(tmp_path):
+    first, again = snapshot_code(tmp_path), snapshot_code(tmp_path)
+    assert first == again and [p.name for p in (tmp_path / "code").iterdir()] == [first.name]
+    assert not list(first.rglob("__pycache__")) and (first / "latentforge" / "cli.py").is_file()

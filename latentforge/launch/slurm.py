@@ -13,6 +13,12 @@ and returns; only then does the job hand the signal to submitit, whose handler c
 (this same job again) and requeues it: no checkpoint is ever written from inside a signal handler.
 SIGTERM, which is what scancel sends, checkpoints and ends the job without requeueing it, so a cancelled
 job stays cancelled; when Slurm preempts a job it requeues it itself (the script says --requeue).
+
+Code snapshot: a job can wait in the queue for hours while its author edits the code. Each submission copies
+the latentforge package into the slurm folder (`code/<content hash>/latentforge`, shared by submissions of
+the same code) and the sbatch script puts it first on PYTHONPATH, so a job, and every requeue of it, runs
+the code it was submitted with (on Python 3.10, whose interpreter puts the working directory first
+regardless, only when the job is not submitted from a latentforge checkout).
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import difflib
 import getpass
+import hashlib
 import io
 import math
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,6 +42,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.helpers import Checkpointable, TorchDistributedEnvironment
 
+import latentforge
 from latentforge import api
 from latentforge.config import load_config
 from latentforge.engine.checkpoint import list_checkpoints
@@ -168,12 +177,34 @@ class Submitted:
     job: submitit.Job
 
 
+def snapshot_code(folder: Path) -> Path:
+    """The latentforge package as it is now, copied to `folder/code/<hash of its files>/` (kept if that copy
+    exists already); returns the folder to put on the jobs' PYTHONPATH."""
+    package = Path(latentforge.__file__).parent
+    files = sorted(f for f in package.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes() + b"\0")
+    code = folder / "code" / digest.hexdigest()[:12]
+    if not (code / "latentforge").is_dir():
+        partial = code.with_name(code.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(package, partial / "latentforge", ignore=shutil.ignore_patterns("__pycache__"))
+        partial.rename(code)  # a folder is there whole or not at all
+    return code
+
+
 def submit(runs: list[Path], folder: Path, params: dict[str, Any], cluster: str) -> list[Submitted]:
-    """One job per run directory, all in one submission (a job array when there are several); each
-    run.json records its job."""
+    """One job per run directory, all in one submission (a job array when there are several), running a
+    snapshot of the code; each run.json records its job."""
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_REQUEUES,
                                      local_max_num_timeout=MAX_REQUEUES)
-    executor.update_parameters(**params)
+    code = snapshot_code(folder)
+    # The snapshot before the working directory, which stays importable (tasks of your own) but no longer
+    # comes first (PYTHONSAFEPATH, Python >= 3.11): a source checkout there would shadow the snapshot.
+    path = f"{shlex.quote(str(code.resolve()))}:{shlex.quote(str(Path.cwd()))}"
+    executor.update_parameters(**params, slurm_setup=["export PYTHONSAFEPATH=1",
+                                                      f"export PYTHONPATH={path}${{PYTHONPATH:+:$PYTHONPATH}}"])
     try:
         # submitit prints sbatch's stderr when it fails; its last line becomes our one line instead.
         with contextlib.redirect_stderr(io.StringIO()), executor.batch():
@@ -185,7 +216,8 @@ def submit(runs: list[Path], folder: Path, params: dict[str, Any], cluster: str)
     for run, job in zip(runs, jobs):
         done = Submitted(run, job.job_id, job.paths.submission_file, job.paths.stdout, job)
         # Milliseconds after sbatch returned: seconds before the job can start and write run.json itself.
-        RunDir(run).update_info(slurm={"job_id": done.job_id, "script": str(done.script), "log": str(done.log)})
+        RunDir(run).update_info(slurm={"job_id": done.job_id, "script": str(done.script), "log": str(done.log),
+                                       "code": str(code.resolve())})
         submitted.append(done)
     return submitted
 
