@@ -53,7 +53,7 @@ def test_a_pattern_that_matches_nothing_is_one_error_line(cli, runs_dir):
 
 
 def test_freezing_everything_or_nothing():
-    model = LM(LMConfig(vocab_size=10, n_layer=1, n_head=2, d_model=8))
+    model = LM(LMConfig(vocab_size=10, vocab_multiple=1, n_layer=1, n_head=2, d_model=8))
     with pytest.raises(ConfigError, match="freezes every parameter"):
         freeze(model, ["*"])
     assert freeze(model, []) == 0 and all(p.requires_grad for p in model.parameters())
