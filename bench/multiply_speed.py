@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import statistics
 import tempfile
 
@@ -26,6 +27,11 @@ SETTINGS = {
     "bf16 + compile": ["train.precision=bf16", "train.compile=true"],
     "bf16 + compile, guard off": ["train.precision=bf16", "train.compile=true", "train.guard.enabled=false"],
 }
+
+
+def split_overrides(spec: str) -> list[str]:
+    """`a=1,b=[5,5]` -> ["a=1", "b=[5,5]"]: commas inside brackets or braces belong to the value."""
+    return [o for o in re.split(r",(?![^\[{]*[\]}])", spec) if o]
 
 
 def measure(preset: str, device: str, steps: int, overrides: list[str], runs_dir: str, name: str) -> dict[str, float]:
@@ -53,7 +59,7 @@ def main() -> None:
         settings = {}
         for setting in args.setting:
             label, _, spec = setting.partition("=")
-            settings[label] = [o for o in spec.split(",") if o]
+            settings[label] = split_overrides(spec)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     sha = git_sha() or "(not a git checkout: see the commit this tree came from)"
     print(f"device: {device_name}; torch {torch.__version__}; date {datetime.date.today()}; commit {sha}")

@@ -98,3 +98,13 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     patch = [float(p) for _, p, _ in rows]
     grid = [float(g) for _, _, g in rows]
     assert patch == [0.0] * 7 + [1.0] and grid == sorted(grid) and 0.4 < grid[0] < 0.6 and grid[-1] == 1.0
+
+
+def test_multiply_speed_settings_keep_list_values_whole():
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.multiply_speed import split_overrides
+    finally:
+        sys.path.remove(str(REPO))
+    assert split_overrides("data.digits_a=[5,5],train.compile=true,x={a: 1, b: 2},") == [
+        "data.digits_a=[5,5]", "train.compile=true", "x={a: 1, b: 2}"]
