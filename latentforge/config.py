@@ -328,6 +328,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
+        if hasattr(tp, "number") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = tp.number(value)  # a schedule given as a number: that constant
         if not isinstance(value, dict):
             raise bad
         return build_dataclass(tp, value, key)

@@ -139,3 +139,12 @@ def test_every_preset_loads_and_builds_its_task(preset):
     variant = getattr(cfg.task, "variant", None)
     if variant and preset.count("/") and preset.split("/")[1] != "tiny":
         assert preset.split("/")[1] == variant  # multiply/cot trains the cot variant
+
+
+def test_a_number_for_a_schedule_is_that_constant():
+    cfg = load_config("dvae/tiny", ["task.weights.usage=0.25", "task.temperature=0.5"])
+    usage, temperature = cfg.task.weights.usage, cfg.task.temperature
+    assert (usage.kind, usage.value(0), usage.value(10**6)) == ("constant", 0.25, 0.25)
+    assert temperature.value(123) == 0.5
+    with pytest.raises(ConfigError, match="task.weights.usage must be a mapping"):
+        load_config("dvae/tiny", ["task.weights.usage=true"])

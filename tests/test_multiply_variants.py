@@ -21,6 +21,8 @@ VARIANTS = {
     "pause": ["task.variant=pause", "model.thoughts=2"],
     "pause-continuous": ["task.variant=pause", "model.thoughts=2", "model.continuous=true"],
     "aux-probe": ["task.variant=aux-probe", "model.probe_layers=[1]"],
+    "aux-probe-scheduled": ["task.variant=aux-probe", "model.probe_layers=[1]",
+                            "task.probe_weight={kind: linear, start: 10.0, end: 1.0, end_step: 9}"],
     "latent": ["task.variant=latent", "model.latents=3", "model.encoder_layers=1", "model.latent_layers=1",
                "task.teacher_forcing.kind=linear", "task.teacher_forcing.end=0.5", "task.teacher_forcing.end_step=8"],
 }
@@ -132,6 +134,27 @@ def test_scheduled_sampling_is_logged_per_step(runs_dir):
     assert logged == {s: pytest.approx(schedule.value(s - 1)) for s in range(1, 13)}
 
 
+def test_probe_weight_is_a_number_or_a_schedule(runs_dir, cli):
+    """A number is that constant weight (the loss reads it from the config); a schedule's value travels in
+    each step's batch, and the run logs it as train/probe_weight."""
+    constant = task_for("task.variant=aux-probe", "model.probe_layers=[1]", "task.probe_weight=0.5")
+    assert constant.cfg.task.probe_weight.value(1000) == 0.5
+    examples = Examples.from_ints(torch.tensor([12, 34, 5]), torch.tensor([56, 7, 89]), 2, 2).fixed_width()
+    assert "probe_weight" not in constant.make_batch(examples, 0)
+    overrides = ["task.variant=aux-probe", "model.probe_layers=[1]",
+                 "task.probe_weight={kind: linear, start: 10.0, end: 1.0, end_step: 9}"]
+    scheduled = task_for(*overrides)
+    assert [float(scheduled.make_batch(examples, s)["probe_weight"]) for s in (0, 3, 9, 20)] == [10.0, 7.0, 1.0, 1.0]
+    run = latentforge.train("multiply/tiny", *TINY, *overrides, name="scheduled", runs_dir=runs_dir)
+    logged = {r["step"]: r["train/probe_weight"] for r in run.metrics if "train/probe_weight" in r}
+    assert logged == {s: pytest.approx(run.config.task.probe_weight.value(s - 1)) for s in range(1, 13)}
+    for bad, message in (("task.probe_weight=-1", "task.probe_weight must be >= 0"),
+                         ("task.probe_weight=heavy", "task.probe_weight must be a mapping")):
+        result = cli("train", "multiply/tiny", "task.variant=aux-probe", "model.probe_layers=[1]", bad,
+                     "--runs-dir", runs_dir)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_probe_targets_sit_where_each_answer_digit_is_predicted():
     task = task_for("task.variant=aux-probe", "model.probe_layers=[1]")
     ex = Examples.from_ints(torch.tensor([99]), torch.tensor([99]), 2, 2).fixed_width()
@@ -190,7 +213,7 @@ def test_a_mix_of_lengths_up_to_n_is_evaluated_on_the_public_n_by_n_set(runs_dir
     assert len(set(map(len, map(str, a.tolist())))) == 4  # every length of 1..4 digits is trained on
 
 
-@pytest.mark.parametrize("variant", ["icot-si", "latent"])
+@pytest.mark.parametrize("variant", ["icot-si", "latent", "aux-probe-scheduled"])
 def test_variant_resumes_exactly(runs_dir, monkeypatch, variant):
     """Removal smoothing, optimizer resets and scheduled sampling all draw on state the
     checkpoint restores: N steps, SIGTERM, resume == 2N straight."""

@@ -1,7 +1,8 @@
 """Scalar schedules for any hyper-parameter (teacher forcing, temperature, loss weights).
 
 A schedule is a pure function of the step, so it resumes exactly from the step alone; tasks
-declare one as a config field of type ScalarSchedule and call `value(step)`.
+declare one as a config field of type ScalarSchedule and call `value(step)`. In a config, a plain
+number for such a field is that constant.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class ScalarSchedule:
     end_step: int = 0
     gamma: float = 0.5
     step_size: int = 1000
+
+    @staticmethod
+    def number(value: float) -> dict[str, object]:
+        """What a plain number given for a schedule means (`task.weights.usage=0.1`): that constant."""
+        return {"kind": "constant", "start": value, "end": value}
 
     def validate(self) -> None:
         require(self.start_step >= 0, "start_step", f"must be >= 0 (got {self.start_step})")

@@ -84,12 +84,13 @@ class MultiplyTaskConfig(TaskConfig):
     internalize: InternalizeConfig = field(default_factory=lambda: InternalizeConfig(stage_steps=1000))
     # latent: probability of feeding the true previous answer digit to the decoder (scheduled sampling).
     teacher_forcing: ScalarSchedule = field(default_factory=ScalarSchedule)
-    # aux-probe: weight of the probes' mean squared error in the loss.
-    probe_weight: float = 1.0
+    # aux-probe: weight of the probes' mean squared error in the loss (a number, or a schedule over the steps).
+    probe_weight: ScalarSchedule = field(default_factory=lambda: ScalarSchedule(start=1.0, end=1.0))
 
     def validate(self) -> None:
         super().validate()
-        require(self.probe_weight >= 0, "probe_weight", f"must be >= 0 (got {self.probe_weight})")
+        pw = self.probe_weight
+        require(pw.start >= 0 and pw.end >= 0, "probe_weight", f"must be >= 0 (got {pw.start}, {pw.end})")
         tf = self.teacher_forcing
         require(0 <= tf.start <= 1 and 0 <= tf.end <= 1, "teacher_forcing",
                 f"start and end are probabilities in [0, 1] (got {tf.start}, {tf.end})")
@@ -297,8 +298,10 @@ class Multiply(Task):
     # ------------------------------------------------------------------ batches
     def train_batches(self) -> MultiplyBatches:
         d = self.cfg.data
-        # icot-si draws its removal smoothing and latent its teacher forcing per step; the rest do not.
-        stepless = self.variant in ("nocot", "cot", "pause", "aux-probe")
+        # icot-si draws its removal smoothing, latent its teacher forcing and aux-probe a scheduled probe
+        # weight per step; the rest do not.
+        stepless = self.variant in ("nocot", "cot", "pause") or (
+            self.variant == "aux-probe" and self.cfg.task.probe_weight.kind == "constant")
         self.stream = MultiplyBatches(self.data, self.cfg.train.batch_size, d.fixed_width,
                                       lambda ex, index: self.make_batch(ex, index // self.cfg.train.grad_accum),
                                       self.device, d.chunk_batches, stepless)
@@ -325,6 +328,9 @@ class Multiply(Task):
             batch["removed"] = removed.float().mean()
         if self.variant == "aux-probe":
             batch["probe_targets"] = self._probe_targets(ex, seqs.prompt_len, inputs.shape[1])
+            if self.cfg.task.probe_weight.kind != "constant":
+                # A fill, not a copy from the host: no sync, and a CUDA graph replays it from the batch.
+                batch["probe_weight"] = torch.full((), self.cfg.task.probe_weight.value(step), device=self.device)
         return batch
 
     def _latent_batch(self, ex: Examples, tokens: torch.Tensor, step: int) -> dict[str, Any]:
@@ -380,7 +386,10 @@ class Multiply(Task):
             errors = [((p.float() - target.nan_to_num()) ** 2 * known).sum() / known.sum() for p in probes.values()]
             mse = torch.stack(errors).mean()
             metrics["token_loss"], metrics["probe_mse"] = loss.detach(), mse.detach()
-            loss = loss + self.cfg.task.probe_weight * mse
+            weight = batch.get("probe_weight", self.cfg.task.probe_weight.start)
+            if "probe_weight" in batch:
+                metrics["probe_weight"] = weight
+            loss = loss + weight * mse
         return loss, metrics
 
     def loss_weight(self, batch: dict[str, Any]) -> torch.Tensor:
