@@ -63,7 +63,7 @@ class ModelBase:
 
     # Keys added with a new default after runs were saved, and the value those runs were built with: a
     # run's config.yaml holds every key its code knew, so one it lacks takes this value (build_config
-    # with saved=True), and the run resumes and loads as it was trained.
+    # with saved=True), and the run resumes and loads as it was trained. Any section's class may say so.
     old_run_values: ClassVar[dict[str, Any]] = {}
 
 
@@ -487,7 +487,7 @@ def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any], saved: bool = False) -> Config:
     """Validate a merged mapping into a Config with the task's own section types; `saved`: the mapping is a
-    run's config.yaml, whose model section lacks the keys added since (ModelBase.old_run_values)."""
+    run's config.yaml, whose sections lack the keys added since (their classes' old_run_values)."""
     from latentforge.tasks import get_task
 
     raw = dict(raw)
@@ -501,8 +501,6 @@ def build_config(raw: dict[str, Any], saved: bool = False) -> Config:
     if not task_name:
         raise ConfigError("task.name is not set: start from a preset or set task.name in your YAML")
     task_cls = get_task(task_name)
-    if saved and isinstance(raw.get("model"), dict):
-        raw["model"] = {**task_cls.ModelConfig.old_run_values, **raw["model"]}
     sections = {
         "task": task_cls.TaskConfig, "model": task_cls.ModelConfig, "data": task_cls.DataConfig,
         "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "track": TrackConfig,
@@ -513,6 +511,8 @@ def build_config(raw: dict[str, Any], saved: bool = False) -> Config:
         value = raw.get(name) or {}
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping of keys (got {value!r})")
+        if saved:
+            value = {**getattr(cls, "old_run_values", {}), **value}
         built[name] = build_dataclass(cls, value, name)
     cfg = Config(**built)
     if cfg.checkpoint.metric.startswith("ema_") and not cfg.train.ema_decay:

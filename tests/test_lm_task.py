@@ -207,14 +207,17 @@ def test_init_from_path_names_the_keys_to_set_when_shapes_differ(tmp_path):
 
 
 def test_a_run_saved_before_vocab_multiple_existed_loads_evaluates_and_resumes_unpadded(cli, runs_dir):
-    """A run's config.yaml holds every key its code knew: an lm run saved before model.vocab_multiple lacks
-    it, and was trained unpadded, so it reads back as 1 (not the default 64, whose 320 rows would not fit
-    its 257-row checkpoint)."""
-    run = latentforge.train("lm/tiny", "model.vocab_multiple=1", "train.steps=4", name="old", runs_dir=runs_dir)
+    """A run's config.yaml holds every key its code knew: an lm run saved before model.vocab_multiple and
+    data.lanes lacks them, and was trained unpadded with one lane, so it reads back as 1 and 1 (not the
+    default 64, whose 320 rows would not fit its 257-row checkpoint, nor the preset's 8 lanes, which its
+    data position does not hold)."""
+    run = latentforge.train("lm/tiny", "model.vocab_multiple=1", "data.lanes=1", "train.steps=4", name="old",
+                            runs_dir=runs_dir)
     config = run.path / "config.yaml"
     config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
-                              if "vocab_multiple" not in line))
-    assert load_config("lm/tiny").model.vocab_multiple == 64
+                              if "vocab_multiple" not in line and "lanes" not in line))
+    assert load_config("lm/tiny").model.vocab_multiple == 64 and load_config("lm/tiny").data.lanes == 8
+    assert run.config.data.lanes == 1  # the dataclass's default, which the preset raises
     assert run.config.model.vocab_multiple == 1 and run.model().tok_embeddings.num_embeddings == 257
     result = cli("eval", run.path, "--json")
     assert result.exit_code == 0, result.output

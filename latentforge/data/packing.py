@@ -1,10 +1,13 @@
 """Rows of tokens from a weighted mixture of sources, with exact, resumable positions.
 
-Every loader worker of every rank is one *reader* among R = world_size * workers. Reader r reads
-visits r, r + R, r + 2R ... of each source's endless sequence of shard visits (a fresh permutation
-of the shards per pass), so within a pass no two readers, and no two ranks, read the same shard.
-A reader's whole position is, per source, (visit, document, token offset) plus its row count: the
-stream after `load_state_dict` is the stream that never stopped, mid-shard and mid-document.
+Every loader worker of every rank is one *reader* among R = world_size * workers, and each reader
+reads through L *lanes* (data.lanes), so there are V = R * L lane cursors per source. Lane l of reader
+r reads visits v, v + V, v + 2V ... (v = r * L + l) of each source's endless sequence of shard visits
+(a fresh permutation of the shards per pass), so within a pass no two lanes, readers or ranks read the
+same shard (while V is at most the shard count). Row i of a reader comes from its lane i mod L: with
+L > 1 the rows of a batch are text from L different places, not L consecutive pieces of one document.
+A reader's whole position is, per source and lane, (visit, document, token offset) plus its row count:
+the stream after `load_state_dict` is the stream that never stopped, mid-shard and mid-document.
 
 A row holds seq_len tokens. Packed, it is filled with consecutive documents (a document that does
 not fit continues at the start of the next row); unpacked, it holds one document (or the next piece
@@ -128,9 +131,9 @@ class MixtureStream(IterableDataset):
     source of every row is drawn from the weights by a generator keyed on (seed, reader, row)."""
 
     def __init__(self, sources: list[Source], seq_len: int, rows: int, pack: bool, seed: int, rank: int,
-                 world_size: int):
+                 world_size: int, lanes: int = 1):
         self.sources, self.seq_len, self.rows, self.pack = sources, seq_len, rows, pack
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.lanes = seed, rank, world_size, lanes
         weights = np.array([s.spec.weight for s in sources])
         self.cumulative = np.cumsum(weights / weights.sum())
         # The position after the last batch yielded (None: the start); what state_dict saves.
@@ -154,20 +157,25 @@ class MixtureStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, readers = self.readers()
+        L = self.lanes
         pos = self.position or {"reader": reader, "readers": readers, "row": 0,
-                                "cursors": [[0, 0, 0] for _ in self.sources]}
-        if (pos["reader"], pos["readers"]) != (reader, readers) or len(pos["cursors"]) != len(self.sources):
+                                "cursors": [[[0, 0, 0]] * L for _ in self.sources]}
+        # A position saved before lanes existed holds one [visit, doc, offset] per source: one lane.
+        saved = [c if isinstance(c[0], list) else [c] for c in pos["cursors"]]
+        if ((pos["reader"], pos["readers"]) != (reader, readers) or len(saved) != len(self.sources)
+                or any(len(lanes) != L for lanes in saved)):
             raise ConfigError(f"the saved data position is reader {pos['reader']} of {pos['readers']} with "
-                              f"{len(pos['cursors'])} sources; resume with the same data.workers, number of "
-                              f"processes and data.sources")
-        cursors = [Cursor(s, reader, readers, *c) for s, c in zip(self.sources, pos["cursors"])]
+                              f"{len(saved)} sources of {len(saved[0])} lanes; resume with the same data.workers, "
+                              f"number of processes, data.sources and data.lanes")
+        cursors = [[Cursor(s, reader * L + lane, readers * L, *c) for lane, c in enumerate(lanes)]
+                   for s, lanes in zip(self.sources, saved)]
         row = pos["row"]
         while True:
             batch = []
             for _ in range(self.rows):
-                cursor = cursors[self.source_of(reader, row)]
+                cursor = cursors[self.source_of(reader, row)][row % L]
                 batch.append(fill_row(cursor.piece, self.seq_len, self.pack, self.sources[0].eos_id))
                 row += 1
             self.position = {"reader": reader, "readers": readers, "row": row,
-                             "cursors": [c.state() for c in cursors]}
-            yield {**stack(batch), "reader": reader, "visits": [c.visit for c in cursors]}
+                             "cursors": [[c.state() for c in lanes] for lanes in cursors]}
+            yield {**stack(batch), "reader": reader, "visits": [[c.visit for c in lanes] for lanes in cursors]}

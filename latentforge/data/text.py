@@ -54,6 +54,10 @@ class TextDataConfig:
     eval_rows: int = 64
     # Batches each worker prepares ahead.
     prefetch: int = 2
+    # Places each reader reads from at once, per source: row i of a batch comes from lane i mod lanes,
+    # so a batch mixes text from `lanes` shards instead of holding consecutive rows of one document
+    # (each shard is still read once a pass while readers x lanes is at most a source's shard count).
+    lanes: int = 1
 
     def validate(self) -> None:
         require(bool(self.sources), "sources", "must list at least one source: [{path: DIR_OR_FILE, weight: 1}]")
@@ -66,6 +70,7 @@ class TextDataConfig:
         require(0 <= self.valid_fraction < 1, "valid_fraction", f"must be in [0, 1) (got {self.valid_fraction})")
         require(self.eval_rows >= 1, "eval_rows", f"must be >= 1 (got {self.eval_rows})")
         require(self.prefetch >= 1, "prefetch", f"must be >= 1 (got {self.prefetch})")
+        require(self.lanes >= 1, "lanes", f"must be >= 1 (got {self.lanes})")
 
 
 def open_sources(cfg: TextDataConfig, held_out: bool = False) -> list[Source]:
@@ -109,8 +114,8 @@ class TextBatches:
                                              # from the global RNG would shift dropout after a resume.
                                              generator=torch.Generator())
         self.iterator: Iterator[dict[str, Any]] | None = None
-        # Reader index -> finished shard visits per source, as of the last batch handed out.
-        self.visits: dict[int, list[int]] = {}
+        # Reader index -> finished shard visits per source and lane, as of the last batch handed out.
+        self.visits: dict[int, list[list[int]]] = {}
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.iterator is None:
@@ -119,17 +124,20 @@ class TextBatches:
             item = next(self.iterator)
         except LatentforgeError as e:
             raise _one_line(e) from None
-        self.visits[int(item.pop("reader"))] = [int(v) for v in item.pop("visits")]
+        self.visits[int(item.pop("reader"))] = [[int(v) for v in lanes] for lanes in item.pop("visits")]
         return {k: v.to(self.device, non_blocking=True) for k, v in item.items()}
 
     def consumed_shards(self) -> dict[str, dict[str, int]]:
         """For every source, how many times each shard has been read to the end."""
-        readers = self.env.world_size * max(1, self.loader.num_workers)
+        L = self.stream.lanes
+        cursors = self.env.world_size * max(1, self.loader.num_workers) * L
         consumed: dict[str, Counter] = {s.spec.path: Counter() for s in self.stream.sources}
         for reader, visits in self.visits.items():
-            for source, done in zip(self.stream.sources, visits):
-                for k in range(done):
-                    consumed[source.spec.path][source.names[source.shard_at(reader + k * readers)[1]]] += 1
+            for source, lanes in zip(self.stream.sources, visits):
+                for lane, done in enumerate(lanes):
+                    for k in range(done):
+                        shard = source.shard_at(reader * L + lane + k * cursors)[1]
+                        consumed[source.spec.path][source.names[shard]] += 1
         return {path: dict(sorted(counts.items())) for path, counts in consumed.items()}
 
     def _own_state(self) -> dict[str, Any]:
@@ -152,7 +160,9 @@ class TextBatches:
                                   f"{saved} to continue its exact data order")
             state = state["ranks"][self.env.rank]
         self.loader.load_state_dict(state["loader"])
-        self.visits = {int(k): list(v) for k, v in state["visits"].items()}
+        # A state saved before lanes existed holds one count per source: one lane.
+        self.visits = {int(k): [lanes if isinstance(lanes, list) else [lanes] for lanes in v]
+                       for k, v in state["visits"].items()}
         self.iterator = None
 
 
@@ -170,7 +180,7 @@ def text_batches(cfg: TextDataConfig, batch_size: int, device: torch.device, dis
     if batch_size % dist.world_size:
         raise ConfigError(f"the batch size {batch_size} must divide evenly over {dist.world_size} processes")
     stream = MixtureStream(open_sources(cfg), cfg.seq_len, batch_size // dist.world_size, cfg.pack, cfg.seed,
-                           dist.rank, dist.world_size)
+                           dist.rank, dist.world_size, cfg.lanes)
     return TextBatches(stream, cfg.workers, cfg.prefetch, device, dist)
 
 
