@@ -207,7 +207,8 @@ def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "lates
     items = _override_list(overrides, kw_overrides)
     cfg = apply_overrides(read_config(run), items)
     trained = float(info.get("train_seconds", 0.0))
-    if cfg.train.time_limit and trained >= cfg.train.time_limit:
+    # A run that the limit ended needs a higher one; a run stopped otherwise just past it ends at its next step.
+    if info.get("stopped_by") == "time_limit" and cfg.train.time_limit and trained >= cfg.train.time_limit:
         raise ConfigError(f"run {run.id} has trained {trained:.0f} s, its train.time_limit={cfg.train.time_limit:g}: "
                           f"raise it to go on (latentforge resume {run.id} train.time_limit=SECONDS; 0: no limit)")
     path = resolve_checkpoint(run.checkpoints, checkpoint, (info.get("best") or {}).get("step"))

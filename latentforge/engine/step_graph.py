@@ -16,8 +16,9 @@ goes on without new graphs and warns once.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -68,20 +69,36 @@ class StepGraph:
         for k, v in batch.items():
             if isinstance(v, torch.Tensor):
                 self.static[k].copy_(v, non_blocking=True)
+        self.lr.fill_(lr)
         if self.graph is None:
             if self.eager_steps < self.warmup or self.recordings >= MAX_RECORDINGS:
                 self.eager_steps += 1
                 return self._eager(self.static)
             self._record()
-        self.lr.fill_(lr)
         self.graph.replay()
         return self.outputs
+
+    @contextlib.contextmanager
+    def _device_lr(self) -> Iterator[None]:
+        """The optimizers read the learning rate from the device tensor, in the eager steps as in the recorded
+        ones: both then do the same arithmetic (BatchedMuon's decay and update round differently with a float
+        LR), so a run whose graph is recorded anew, as after a resume, takes the same steps."""
+        groups = [g for o in self.optimizers for g in o.param_groups]
+        floats = [g["lr"] for g in groups]
+        for g in groups:
+            # `capturable` only gates the optimizer's graph check: the fused kernel is the same either way.
+            g["lr"], g["capturable"] = self.lr, True
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, floats):
+                g["lr"], g["capturable"] = lr, False
 
     def _eager(self, batch: dict[str, Any]) -> Any:
         """An eager update on a side stream (CUDA's recipe before recording: lazy initialisations happen
         outside the recorded stream)."""
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), self._device_lr():
             outputs = self.update(batch)
         torch.cuda.current_stream().wait_stream(self.stream)
         return outputs
@@ -91,16 +108,7 @@ class StepGraph:
         if self.recordings == MAX_RECORDINGS:
             warnings.warn(f"train.cuda_graph: the batches changed shape or host values {MAX_RECORDINGS} times; "
                           "training goes on without recording new graphs", RuntimeWarning, stacklevel=2)
-        groups = [g for o in self.optimizers for g in o.param_groups]
-        floats = [g["lr"] for g in groups]
-        for g in groups:
-            # `capturable` only gates the optimizer's graph check: the fused kernel is the same either way.
-            g["lr"], g["capturable"] = self.lr, True
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.update(self.static)
-        finally:
-            for g, lr in zip(groups, floats):
-                g["lr"], g["capturable"] = lr, False
+        with self._device_lr(), torch.cuda.graph(self.graph):
+            self.outputs = self.update(self.static)
