@@ -485,6 +485,43 @@ def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
         raise ConfigError(f"cannot combine config: {str(e).splitlines()[0]}") from None
 
 
+def section_types(task_cls: Any) -> dict[str, type]:
+    return {
+        "task": task_cls.TaskConfig, "model": task_cls.ModelConfig, "data": task_cls.DataConfig,
+        "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "track": TrackConfig,
+        "dist": DistConfig,
+    }
+
+
+def _schedule_numbers(value: Any, tp: Any) -> Any:
+    """`value` for the dataclass type `tp`, with every number given for a schedule written as its mapping."""
+    if not isinstance(value, dict) or not dataclasses.is_dataclass(tp):
+        return value
+    hints = typing.get_type_hints(tp)
+    out = {}
+    for key, item in value.items():
+        hint = hints.get(key)
+        if (dataclasses.is_dataclass(hint) and hasattr(hint, "number") and isinstance(item, (int, float))
+                and not isinstance(item, bool)):
+            item = hint.number(item)
+        out[key] = _schedule_numbers(item, hint)
+    return out
+
+
+def merge_schedule_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge config layers, a number given for a schedule (`task.weights.kl=0.3`) first made the mapping it
+    means: a later layer that sets one of the schedule's keys (`task.weights.kl.kind=linear`) then changes
+    that key, and the number stays the start and end."""
+    from latentforge.tasks import get_task
+
+    task = merge_layers(layers).get("task")
+    name = task.get("name") if isinstance(task, dict) else None
+    if not name:
+        return merge_layers(layers)  # build_config says what is missing
+    sections = section_types(get_task(name))
+    return merge_layers([{k: _schedule_numbers(v, sections.get(k)) for k, v in layer.items()} for layer in layers])
+
+
 def build_config(raw: dict[str, Any], saved: bool = False) -> Config:
     """Validate a merged mapping into a Config with the task's own section types; `saved`: the mapping is a
     run's config.yaml, whose sections lack the keys added since (their classes' old_run_values)."""
@@ -501,11 +538,7 @@ def build_config(raw: dict[str, Any], saved: bool = False) -> Config:
     if not task_name:
         raise ConfigError("task.name is not set: start from a preset or set task.name in your YAML")
     task_cls = get_task(task_name)
-    sections = {
-        "task": task_cls.TaskConfig, "model": task_cls.ModelConfig, "data": task_cls.DataConfig,
-        "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "track": TrackConfig,
-        "dist": DistConfig,
-    }
+    sections = section_types(task_cls)
     built = {}
     for name, cls in sections.items():
         value = raw.get(name) or {}
@@ -523,11 +556,10 @@ def build_config(raw: dict[str, Any], saved: bool = False) -> Config:
 
 def load_config(source: str | Path, overrides: list[str] | None = None) -> Config:
     """Resolve a preset name or YAML file plus `key=value` overrides into a validated Config."""
-    layers = _load_layers(str(source))
-    layers.append(parse_overrides(list(overrides or [])))
-    return build_config(merge_layers(layers))
+    layers = _load_layers(str(source)) + [parse_overrides([item]) for item in overrides or []]
+    return build_config(merge_schedule_layers(layers))
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """A validated copy of `cfg` with `key=value` overrides applied (used by resume)."""
-    return build_config(merge_layers([cfg.to_dict(), parse_overrides(overrides)]))
+    return build_config(merge_schedule_layers([cfg.to_dict()] + [parse_overrides([item]) for item in overrides]))

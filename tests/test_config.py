@@ -148,3 +148,18 @@ def test_a_number_for_a_schedule_is_that_constant():
     assert temperature.value(123) == 0.5
     with pytest.raises(ConfigError, match="task.weights.usage must be a mapping"):
         load_config("dvae/tiny", ["task.weights.usage=true"])
+
+
+def test_a_schedule_number_stays_when_a_later_layer_sets_its_keys(tmp_path):
+    """`kl=0.3` then `kl.kind=linear ...` is a linear schedule from 0.3, not from the class default."""
+    kl = load_config("dvae/tiny", ["task.weights.kl=0.3", "task.weights.kl.kind=linear", "task.weights.kl.end=0",
+                                   "task.weights.kl.end_step=100"]).task.weights.kl
+    assert (kl.kind, kl.start, kl.end, kl.value(50)) == ("linear", 0.3, 0.0, pytest.approx(0.15))
+    preset = tmp_path / "pw.yaml"
+    preset.write_text("base: multiply/aux-probe\ntask: {probe_weight: 5.0}\n")
+    pw = load_config(preset, ["task.probe_weight.kind=linear", "task.probe_weight.end=0",
+                              "task.probe_weight.end_step=1000"]).task.probe_weight
+    assert (pw.start, pw.end) == (5.0, 0.0)
+    resumed = apply_overrides(load_config(preset), ["task.probe_weight=2", "task.probe_weight.kind=cosine",
+                                                    "task.probe_weight.end_step=10"]).task.probe_weight
+    assert (resumed.kind, resumed.start, resumed.end) == ("cosine", 2.0, 2.0)
