@@ -253,6 +253,20 @@ def test_sweep_slurm_bad_input(tmp_path, runs_dir, fake_slurm):
 
 
 def test_code_snapshots_are_shared_by_equal_code_and_made_whole(tmp_path):
-    first, again = snapshot_code(tmp_path), snapshot_code(tmp_path)
-    assert first == again and [p.name for p in (tmp_path / "code").iterdir()] == [first.name]
+    """Submissions at the same time share one whole copy, which names the commit it was taken from: a job
+    that imports it records that commit, not the checkout's HEAD when the job starts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from latentforge.track.rundir import git_sha
+
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: snapshot_code(tmp_path), range(4)))
+    first = copies[0]
+    assert set(copies) == {first} and [p.name for p in (tmp_path / "code").iterdir()] == [first.name]
     assert not list(first.rglob("__pycache__")) and (first / "latentforge" / "cli.py").is_file()
+    assert (first / "GIT_SHA").read_text().strip() == (git_sha() or "")
+    (first / "GIT_SHA").write_text("abc123-dirty\n")
+    recorded = subprocess.run([sys.executable, "-c", "from latentforge.track.rundir import git_sha; print(git_sha())"],
+                              env={**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(first)}, cwd=tmp_path,
+                              capture_output=True, text=True, check=True)
+    assert recorded.stdout.strip() == "abc123-dirty"

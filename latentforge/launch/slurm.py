@@ -34,6 +34,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from latentforge.engine.checkpoint import list_checkpoints
 from latentforge.errors import ConfigError, RunError
 from latentforge.launch.local import BUSY, RESUME, RETRAIN, TRAIN, Job, plan_sweep, prepare
 from latentforge.launch.sweep import Sweep
-from latentforge.track.rundir import RunDir, new_run_id
+from latentforge.track.rundir import SNAPSHOT_SHA, RunDir, git_sha, new_run_id
 
 # What one writes after --slurm -> submitit's AutoExecutor parameter.
 SLURM_KEYS = {
@@ -178,19 +179,30 @@ class Submitted:
 
 
 def snapshot_code(folder: Path) -> Path:
-    """The latentforge package as it is now, copied to `folder/code/<hash of its files>/` (kept if that copy
-    exists already); returns the folder to put on the jobs' PYTHONPATH."""
+    """The latentforge package as it is now, copied to `folder/code/<hash of its files>/` with the commit it
+    comes from (kept if that copy exists already); returns the folder to put on the jobs' PYTHONPATH."""
     package = Path(latentforge.__file__).parent
     files = sorted(f for f in package.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     digest = hashlib.sha256()
     for f in files:
         digest.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes() + b"\0")
     code = folder / "code" / digest.hexdigest()[:12]
-    if not (code / "latentforge").is_dir():
-        partial = code.with_name(code.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+    if (code / SNAPSHOT_SHA).is_file():
+        return code
+    code.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=code.parent, prefix=f".{code.name}-"))
+    try:
         shutil.copytree(package, partial / "latentforge", ignore=shutil.ignore_patterns("__pycache__"))
-        partial.rename(code)  # a folder is there whole or not at all
+        (partial / SNAPSHOT_SHA).write_text(f"{git_sha() or ''}\n")  # written last: the copy is whole
+        try:
+            partial.rename(code)
+        except OSError:
+            if not (code / SNAPSHOT_SHA).is_file():  # not another submission's finished copy: a real failure
+                raise
+    except OSError as e:
+        raise RunError(f"cannot copy the code for the job into {code}: {e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return code
 
 

@@ -38,9 +38,16 @@ def new_run_id(label: str) -> str:
     return f"{label.replace('/', '-')}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
+# A code snapshot (launch/slurm.py) holds its checkout's commit in this file, beside the package.
+SNAPSHOT_SHA = "GIT_SHA"
+
+
 def git_sha() -> str | None:
-    """The commit of the latentforge checkout this code runs from, with -dirty if modified."""
+    """The commit of the latentforge checkout this code runs from, with -dirty if modified (for a snapshot
+    of the code, the commit it was taken from)."""
     root = Path(__file__).resolve().parents[2]
+    if (root / SNAPSHOT_SHA).is_file():
+        return (root / SNAPSHOT_SHA).read_text().strip() or None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
