@@ -152,13 +152,22 @@ def test_patch_slots_tile_the_grid(cli, runs_dir):
 def test_grid_slots_split_the_grid_itself_in_reading_order():
     from latentforge.tasks.dvae.model import grid_slot_layout
 
-    slot, offset = grid_slot_layout(torch.tensor([[2, 3], [4, 4]]), grid_size=4, slots=3)
-    canvas = slot.view(2, 4, 4)
+    slot, offset = grid_slot_layout(torch.tensor([[2, 3], [4, 4], [1, 2]]), grid_size=4, slots=3)
+    canvas = slot.view(3, 4, 4)
     # 2 x 3 = 6 cells over 3 slots: runs of 2 in reading order; outside the grid: slot 3.
     assert canvas[0].tolist() == [[0, 0, 1, 3], [1, 2, 2, 3], [3, 3, 3, 3], [3, 3, 3, 3]]
-    assert offset.view(2, 4, 4)[0, :2].tolist() == [[0, 1, 0, 0], [1, 0, 1, 0]]
-    # 16 cells over 3 slots: runs of 6, the last slot holds what is left.
-    assert canvas[1].flatten().bincount().tolist() == [6, 6, 4]
+    assert offset.view(3, 4, 4)[0, :2].tolist() == [[0, 1, 0, 0], [1, 0, 1, 0]]
+    # 16 cells over 3 slots: runs as even as can be, 6, 5 and 5, each offset counting from its run's start.
+    assert canvas[1].flatten().bincount().tolist() == [6, 5, 5]
+    assert offset.view(3, 16)[1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    # Fewer cells than slots: one cell a slot, spread over the slots.
+    assert canvas[2, 0, :2].tolist() == [0, 1] and (offset.view(3, 16)[2] == 0).all()
+    # Every slot is used once a grid has as many cells, and no run is longer than it must be.
+    for h in range(1, 5):
+        for w in range(1, 5):
+            s, _ = grid_slot_layout(torch.tensor([[h, w]]), grid_size=4, slots=3)
+            runs = s[s < 3].bincount(minlength=3)
+            assert (runs > 0).sum() == min(3, h * w) and runs.max() == -(-h * w // 3)
 
 
 def test_grid_slots_store_the_shape_and_pin_padding():

@@ -10,9 +10,9 @@ gives each cell's logits. The code is the only path from input to output.
 Slots can be tied to cells, so that each code carries its own cells from the start:
 - patch_slots: slot k to the k-th fixed patch of the S x S canvas (4 x 2 cells for 128 slots on 32 x 32);
 - grid_slots: the first two codes are the grid's height - 1 and width - 1, and the other N - 2 slots
-  split the grid's own cells, in reading order, into runs of ceil(h * w / (N - 2)) cells. A 10 x 10
-  grid then has one slot per cell rather than the 15 slots of canvas patches that it covers, and the
-  decoder knows which cells are padding, so it never spends capacity on them.
+  split the grid's own cells, in reading order, into even runs (at most ceil(h * w / (N - 2)) cells). A
+  10 x 10 grid then has one slot per cell rather than the 15 slots of canvas patches that it covers, and
+  the decoder knows which cells are padding, so it never spends capacity on them.
 """
 
 from __future__ import annotations
@@ -170,15 +170,17 @@ PINNED_LOGIT = -1e4
 
 def grid_slot_layout(shapes: Tensor, grid_size: int, slots: int) -> tuple[Tensor, Tensor]:
     """For (B, 2) grid shapes: the slot of each canvas cell, (B, S*S), with `slots` for cells outside the
-    grid, and each cell's offset within its slot's run. Slots take runs of ceil(h * w / slots) cells of
-    the grid in reading order."""
+    grid, and each cell's offset within its slot's run. The h * w cells of a grid, in reading order, are
+    split into `slots` runs as even as can be (floor or ceil of h * w / slots cells; one or none per slot
+    when the grid has fewer cells than slots): every code carries a share, none more than it must."""
     rows, cols = grid_positions(grid_size, grid_size, shapes.device)
     heights, widths = shapes[:, :1], shapes[:, 1:]
     inside = (rows < heights) & (cols < widths)
+    cells = heights * widths
     index = rows * widths + cols  # the cell's place in the grid's reading order
-    run = (heights * widths + slots - 1) // slots
-    slot = torch.where(inside, index // run, slots)
-    return slot, torch.where(inside, index % run, 0)
+    slot = index * slots // cells
+    first = (slot * cells + slots - 1) // slots  # the first cell of that slot's run
+    return torch.where(inside, slot, slots), torch.where(inside, index - first, 0)
 
 
 def patch_slot_map(grid_size: int, slots: int) -> Tensor:
