@@ -528,15 +528,18 @@ class Trainer:
             return contextlib.nullcontext()
         return distributed.no_gradient_sync(self.loss_module)
 
-    def _stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether any rank was asked to stop: all ranks must checkpoint and leave together."""
+    def _stops_agreed(self, stop: StopRequest) -> tuple[bool, bool]:
+        """Whether any rank was asked to stop, and whether train.time_limit is reached on any rank's clock:
+        all ranks must end at the same step (one all-reduce for both)."""
+        limit = self.cfg.train.time_limit
+        asked, up = stop.signal_name is not None, bool(limit) and self._train_seconds() >= limit
         if not self.dist.enabled:
-            return stop.signal_name is not None
-        flag = torch.tensor(float(stop.signal_name is not None), device=self.device)
-        if distributed.all_reduce_sum(flag, self.dist).item() > 0:
+            return asked, up
+        flags = torch.tensor([float(asked), float(up)], device=self.device)
+        asked, up = (v > 0 for v in distributed.all_reduce_sum(flags, self.dist).tolist())
+        if asked:
             stop.signal_name = stop.signal_name or "SIGTERM"
-            return True
-        return False
+        return asked, up
 
     # ------------------------------------------------------------------ the loop
     def fit(self, run: RunDir) -> str:
@@ -613,7 +616,8 @@ class Trainer:
                     if reason is not None:
                         self._on_bad_step(reason, logger, progress)
                     done = self.step == t.steps
-                    if not done and self._time_up():
+                    asked, time_up = (False, False) if done else self._stops_agreed(stop)
+                    if time_up:
                         done, stopped_by = True, "time_limit"
                         progress.print(f"train.time_limit={t.time_limit:g} s reached at step {self.step}: "
                                        f"evaluating and saving as the last step")
@@ -634,7 +638,7 @@ class Trainer:
                         self.timer = None
                     if done:
                         break
-                    if self._stop_agreed(stop):
+                    if asked:
                         self.save("interrupt")
                         progress.print(f"{stop.signal_name}: checkpoint saved at step {self.step}; "
                                        f"continue with: latentforge resume {self.run.path}")
@@ -675,18 +679,6 @@ class Trainer:
 
     def _train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.fit_start
-
-    def _time_up(self) -> bool:
-        """Whether train.time_limit is reached; with several ranks, on any rank's clock, so that all of them
-        end at the same step."""
-        limit = self.cfg.train.time_limit
-        if not limit:
-            return False
-        up = self._train_seconds() >= limit
-        if not self.dist.enabled:
-            return up
-        flag = torch.tensor(float(up), device=self.device)
-        return distributed.all_reduce_sum(flag, self.dist).item() > 0
 
     def _log_window(self, logger: MetricsLogger, progress: TrainProgress, elapsed: float) -> None:
         if self.dist.enabled:
