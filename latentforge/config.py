@@ -328,8 +328,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
-        if hasattr(tp, "number") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = tp.number(value)  # a schedule given as a number: that constant
         if not isinstance(value, dict):
             raise bad
         return build_dataclass(tp, value, key)
@@ -514,11 +512,11 @@ def merge_schedule_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     that key, and the number stays the start and end."""
     from latentforge.tasks import get_task
 
-    task = merge_layers(layers).get("task")
-    name = task.get("name") if isinstance(task, dict) else None
-    if not name:
+    tasks = [layer["task"] for layer in layers if isinstance(layer.get("task"), dict)]
+    names = [task["name"] for task in tasks if task.get("name")]
+    if not names:
         return merge_layers(layers)  # build_config says what is missing
-    sections = section_types(get_task(name))
+    sections = section_types(get_task(names[-1]))
     return merge_layers([{k: _schedule_numbers(v, sections.get(k)) for k, v in layer.items()} for layer in layers])
 
 

@@ -52,6 +52,15 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def train_refused(cli, runs_dir: Path, preset: str, overrides: list[str], message: str) -> None:
+    """`latentforge train PRESET OVERRIDES` exits 2 with `message` as its one line and changes nothing on disk."""
+    before = snapshot(runs_dir)
+    result = cli("train", preset, *overrides, "--runs-dir", runs_dir, "--name", "bad")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [message]
+    assert snapshot(runs_dir) == before
+
+
 def interrupt_at(monkeypatch, step: int) -> None:
     """Send this process a real SIGTERM right after `step` finishes."""
     original = Trainer.train_step

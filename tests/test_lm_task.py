@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import interrupt_at, latentforge_process, losses, snapshot
+from conftest import interrupt_at, latentforge_process, losses, train_refused
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import latentforge
@@ -260,8 +260,4 @@ def test_prefix_lm_scores_no_prefix_token_and_attends_both_ways_over_it():
     (["data.sources=[{path: /no/such/corpus}]"], "error: data source /no/such/corpus does not exist"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(cli, runs_dir, overrides, message):
-    before = snapshot(runs_dir)
-    result = cli("train", "lm/tiny", *overrides, "--runs-dir", runs_dir, "--name", "bad")
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [message]
-    assert snapshot(runs_dir) == before
+    train_refused(cli, runs_dir, "lm/tiny", overrides, message)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import snapshot
+from conftest import train_refused
 
 from latentforge.nn.transformer import Transformer, TransformerShape
 from latentforge.tasks.multiply.decoder import DecoderLM
@@ -71,8 +71,4 @@ def test_the_multiply_decoder_scores_and_generates_over_the_vocabulary_only():
      "remove it"),
 ])
 def test_bad_vocab_multiple_is_one_line_and_leaves_nothing(cli, runs_dir, overrides, message):
-    before = snapshot(runs_dir)
-    result = cli("train", "multiply/tiny", *overrides, "--runs-dir", runs_dir, "--name", "bad")
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [message]
-    assert snapshot(runs_dir) == before
+    train_refused(cli, runs_dir, "multiply/tiny", overrides, message)

@@ -20,6 +20,7 @@ from torch import nn
 from latentforge.config import ModelBase, require
 from latentforge.nn.kv_cache import KVCache
 from latentforge.nn.rope import apply_rope, rope_tables
+from latentforge.nn.transformer import padded_vocab
 
 
 @dataclass
@@ -74,8 +75,7 @@ class LMConfig(ModelBase):
 
     @property
     def padded_vocab(self) -> int:
-        """Rows of the embedding and output: vocab_size rounded up to a multiple of vocab_multiple."""
-        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+        return padded_vocab(self.vocab_size, self.vocab_multiple)
 
     @property
     def kv_heads(self) -> int:

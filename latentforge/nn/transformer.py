@@ -28,8 +28,13 @@ class TransformerShape:
 
     @property
     def padded_vocab(self) -> int:
-        """Rows of the embedding and the head: vocab_size rounded up to a multiple of vocab_multiple."""
-        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+        return padded_vocab(self.vocab_size, self.vocab_multiple)
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """Rows of an embedding and output head: vocab_size rounded up to a multiple of `multiple` (a matmul of
+    that width runs faster); the logits of the rows past vocab_size are sliced off."""
+    return math.ceil(vocab_size / multiple) * multiple
 
 
 def check_width(d_model: int, n_head: int, mlp_ratio: float, dropout: float, rope_axes: int = 1) -> None:

@@ -107,8 +107,10 @@ class GridDVAE(nn.Module):
         real = grids != self.pad_id
         return torch.stack([real[:, :, 0].sum(1), real[:, 0, :].sum(1)], 1)
 
-    def encode(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
-        """Token grids (B, S, S) -> the codebook's output for the slots it fills."""
+    def encode(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0,
+               shapes: Tensor | None = None) -> CodebookOutput:
+        """Token grids (B, S, S) -> the codebook's output for the slots it fills (grid_slots: given the grids'
+        (B, 2) shapes)."""
         x = self.embed(grids.flatten(1)) + self.cell_positions
         for block in self.encoder:
             x = block(x, self.rope_cos, self.rope_sin)
@@ -116,7 +118,7 @@ class GridDVAE(nn.Module):
         h = self.latent_queries.expand(len(grids), -1, -1)
         if self.grid_slots:
             # Each slot starts from the mean of its own cells, then pools the whole grid.
-            slot, _ = grid_slot_layout(self.grid_shapes(grids), self.grid_size, h.shape[1])
+            slot, _ = grid_slot_layout(shapes, self.grid_size, h.shape[1])
             members = F.one_hot(slot, h.shape[1] + 1)[..., :-1].to(x.dtype)  # (B, cells, slots)
             h = h + members.transpose(1, 2) @ x / members.sum(1).clamp(min=1).unsqueeze(-1)
         for block in self.pool:
@@ -147,8 +149,9 @@ class GridDVAE(nn.Module):
         return logits
 
     def forward(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0) -> tuple[Tensor, CodebookOutput]:
-        out = self.encode(grids, temperature, hardness)
-        return self.decode(out.z, self.grid_shapes(grids) if self.grid_slots else None), out
+        shapes = self.grid_shapes(grids) if self.grid_slots else None
+        out = self.encode(grids, temperature, hardness, shapes)
+        return self.decode(out.z, shapes), out
 
     def code_sequence(self, grids: Tensor, codes: Tensor) -> Tensor:
         """What stores each grid: its N codes (with grid_slots, height - 1 and width - 1 first)."""
