@@ -29,6 +29,9 @@ SETTINGS = {
 }
 
 
+LOG_EVERY = 100
+
+
 def split_overrides(spec: str) -> list[str]:
     """`a=1,b=[5,5]` -> ["a=1", "b=[5,5]"]: commas inside brackets or braces belong to the value."""
     return [o for o in re.split(r",(?![^\[{]*[\]}])", spec) if o]
@@ -36,7 +39,7 @@ def split_overrides(spec: str) -> list[str]:
 
 def measure(preset: str, device: str, steps: int, overrides: list[str], runs_dir: str, name: str) -> dict[str, float]:
     run = latentforge.train(preset, *overrides, f"train.device={device}", f"train.steps={steps}",
-                            "train.log_every=100", f"train.eval_every={steps}", f"checkpoint.every={steps}",
+                            f"train.log_every={LOG_EVERY}", f"train.eval_every={steps}", f"checkpoint.every={steps}",
                             name=name, runs_dir=runs_dir)
     records = [r for r in run.metrics if "train/tokens_per_s" in r][1:]
     t = run.config.train
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=key=value,...",
                         help="a setting to measure instead of the default ones (repeatable)")
     args = parser.parse_args()
+    if args.steps < 3 * LOG_EVERY:
+        parser.error(f"--steps must be at least {3 * LOG_EVERY}: the rate is the median of the {LOG_EVERY}-step "
+                     "log windows after the first")
     settings = SETTINGS
     if args.setting:
         settings = {}

@@ -85,6 +85,27 @@ def test_train_speed_runs_every_path_on_the_cpu(tmp_path: Path):
     assert "an asynchronous save blocks train_step" in result.stdout
 
 
+@pytest.mark.parametrize("spec", sorted((REPO / "bench").glob("*/*.txt")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_spec_line_is_a_valid_config(spec: Path):
+    """The spec files behind docs/results: each run's preset and overrides load (a typo in a key fails here,
+    not minutes into a device call)."""
+    lines = [line.split() for line in spec.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert lines
+    for name, preset, *overrides in lines:
+        assert load_config(preset, overrides).task.name, name
+
+
+def test_train_speed_without_peers_runs_latentforge_alone(tmp_path: Path):
+    out = tmp_path / "speed.json"
+    result = subprocess.run([sys.executable, "-m", "bench.train_speed", "--device", "cpu", "--no-compile",
+                             "--shape", "small", "--no-peers", "--steps", "1", "--warmup", "1", "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["shapes"]["small"]["rows"]
+    assert [r["name"] for r in rows] == ["latentforge"] and rows[0]["steps_per_s"] > 0
+
+
 def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     """bench/dvae/capacity.py: patch slots give every code 8 canvas cells; grid slots give small grids fewer,
     and the fractions grow to every grid."""

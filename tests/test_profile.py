@@ -16,12 +16,15 @@ def test_profile_writes_a_trace_and_step_timings(runs_dir):
     run = latentforge.train("multiply/tiny", *TINY, "train.profile=3", name="prof", runs_dir=runs_dir)
     assert run.status == "finished"
     # One step waits and one warms up: steps 3, 4 and 5 are traced.
-    (trace,) = (run.path / "profile").iterdir()
-    assert trace.name == "steps3-5.pt.trace.json"
+    assert sorted(p.name for p in (run.path / "profile").iterdir()) == ["steps3-5.pt.trace.json", "steps3-5.txt"]
+    trace = run.path / "profile" / "steps3-5.pt.trace.json"
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e.get("name") for e in events}
     assert set(PHASES) <= names  # each phase is a named range in the trace
     assert any(str(name).startswith("aten::") for name in names)
+    # The table of operators by their own time: a header, then aten ops with their counts.
+    table = (run.path / "profile" / "steps3-5.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table and "# of Calls" in table
     records = read_jsonl(run.path / "profile.jsonl")
     assert [r["step"] for r in records] == [3, 4, 5]
     for record in records:
@@ -39,11 +42,11 @@ def test_profile_window_cut_short_and_after_resume(runs_dir):
     """A window longer than the run is still written; a resumed run profiles its own first steps."""
     run = latentforge.train("multiply/tiny", *TINY, "train.steps=4", "train.profile=5", name="short",
                             runs_dir=runs_dir)
-    assert [p.name for p in (run.path / "profile").iterdir()] == ["steps3-4.pt.trace.json"]
+    assert sorted(p.name for p in (run.path / "profile").iterdir()) == ["steps3-4.pt.trace.json", "steps3-4.txt"]
     assert [r["step"] for r in read_jsonl(run.path / "profile.jsonl")] == [3, 4]
     resumed = latentforge.resume("short", "train.steps=9", "train.profile=2", runs_dir=runs_dir)
-    assert sorted(p.name for p in (resumed.path / "profile").iterdir()) == ["steps3-4.pt.trace.json",
-                                                                          "steps7-8.pt.trace.json"]
+    assert sorted(p.name for p in (resumed.path / "profile").glob("*.pt.trace.json")) == [
+        "steps3-4.pt.trace.json", "steps7-8.pt.trace.json"]
     assert [r["step"] for r in read_jsonl(run.path / "profile.jsonl")] == [3, 4, 7, 8]
 
 

@@ -8,6 +8,9 @@ in the trace and is timed into `<run>/profile.jsonl`, one line per step:
 
     {"step": 7, "data": s, "forward_backward": s, "optimizer": s, "logging": s, "total": s}
 
+Beside the trace, `stepsA-B.txt` is the table of operators and kernels by their own time on the
+device (on the CPU by CPU time): the first place to look for where a step's time goes.
+
 `logging` is everything after the update: metrics, evaluation, checkpoints. The device is
 synchronized at each phase boundary while profiling only, so the times are the device's and not
 just the launches'; outside the window nothing is timed and nothing synchronizes.
@@ -26,6 +29,7 @@ from latentforge.track.rundir import RunDir
 
 PHASES = ("data", "forward_backward", "optimizer", "logging")
 WAIT, WARMUP = 1, 1
+TABLE_ROWS = 40
 
 
 class StepProfiler:
@@ -104,7 +108,8 @@ class StepProfiler:
             return f"profile: training ended before the {WAIT + WARMUP} steps of warm-up; nothing traced"
         means = {p: sum(r[p] for r in self.records) / len(self.records) for p in (*PHASES, "total")}
         return (f"profile: trace in {self.trace} (open in https://ui.perfetto.dev, or tensorboard --logdir "
-                f"{self.dir.parent}); step timings in {self.jsonl}; mean s/step: "
+                f"{self.dir.parent}); the top operators in {self.table.name} beside it; "
+                f"step timings in {self.jsonl}; mean s/step: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
 
     def _export(self, profiler: torch.profiler.profile) -> None:
@@ -115,3 +120,8 @@ class StepProfiler:
         profiler.export_chrome_trace(str(tmp))
         os.replace(tmp, path)
         self.trace = path
+        sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        self.table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
+        tmp = self.table.with_name(f".{self.table.name}.tmp")
+        tmp.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS) + "\n")
+        os.replace(tmp, self.table)
