@@ -95,6 +95,28 @@ def test_every_spec_line_is_a_valid_config(spec: Path):
         assert load_config(preset, overrides).task.name, name
 
 
+def test_lm_head_loss_variants_agree_in_loss_and_gradients():
+    """bench/lm_head_loss.py times ways of writing the head and cross-entropy that must be the same
+    function: the padded columns masked, a head without padding, the rows in chunks."""
+    sys.path.insert(0, str(REPO))
+    from bench.lm_head_loss import VARIANTS
+
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 16), torch.randn(128, 16)  # 128 head rows for a vocabulary of 100
+    targets = torch.randint(0, 100, (40,))
+    results = []
+    for fn in VARIANTS.values():
+        hidden, weight = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = fn(hidden, weight, targets, 100)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+    for loss, grad_h, grad_w in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        torch.testing.assert_close(grad_h, results[0][1])
+        torch.testing.assert_close(grad_w, results[0][2])
+    assert results[0][2][100:].abs().max() == 0  # the padded rows get no gradient
+
+
 def test_train_speed_without_peers_runs_latentforge_alone(tmp_path: Path):
     out = tmp_path / "speed.json"
     result = subprocess.run([sys.executable, "-m", "bench.train_speed", "--device", "cpu", "--no-compile",
