@@ -77,7 +77,7 @@ class RandomLM(Task):
         return RandomTokenBatches(self.cfg.train.batch_size, d.seq_len, m.vocab_size, d.seed, self.device)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return lm_loss(model(batch["inputs"]), batch["targets"]), {}
+        return lm_loss(model(batch["inputs"], padded=True), batch["targets"]), {}
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["inputs"].numel()

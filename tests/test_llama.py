@@ -181,10 +181,12 @@ def test_forward_flops_match_the_flop_counter(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tie", [True, False])
-def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(family, tie):
+@pytest.mark.parametrize("loss_logits", ["sliced", "padded"])
+def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(family, tie, loss_logits):
     """vocab_multiple pads the embedding and output rows (61 -> 64): the logits are the vocab_size ones, and
     the loss and every gradient equal those of the unpadded model holding the first 61 rows; the padded
-    rows get no gradient, tied or not (no input reads them, no logit of theirs is scored)."""
+    rows get no gradient, tied or not (no input reads them, no logit of theirs is scored). The same with
+    padded=True, what the lm loss reads: all 64 rows, the padded ones at -inf."""
     padded = build(dataclasses.replace(FAMILIES[family], tie_embeddings=tie, vocab_multiple=64)).train()
     plain = LM(dataclasses.replace(FAMILIES[family], tie_embeddings=tie, vocab_multiple=1)).train()
     assert padded.tok_embeddings.num_embeddings == padded.output.out_features == 64
@@ -194,8 +196,11 @@ def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(family, tie):
     ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = {}
     for name, model in (("padded", padded), ("plain", plain)):
-        logits = model(ids)
-        assert logits.shape == (2, 12, 61)
+        logits = model(ids, padded=loss_logits == "padded")
+        if name == "padded" and loss_logits == "padded":
+            assert logits.shape == (2, 12, 64) and torch.isneginf(logits[..., 61:]).all()
+        else:
+            assert logits.shape == (2, 12, 61)
         losses[name], _ = lm_loss(logits, ids.roll(-1, dims=1))
         losses[name].backward()
     torch.testing.assert_close(losses["padded"], losses["plain"])

@@ -29,14 +29,21 @@ def padded_and_plain(tie: bool) -> tuple[Transformer, Transformer]:
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(tie):
+@pytest.mark.parametrize("loss_logits", ["sliced", "padded"])
+def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(tie, loss_logits):
+    """The loss over the sliced logits, and over all 64 rows with the padded ones at -inf (padded=True, what
+    the losses use), equal the unpadded model's, gradients too."""
     padded, plain = padded_and_plain(tie)
     assert padded.embed.num_embeddings == padded.head.out_features == 64 and plain.embed.num_embeddings == 19
     tokens = torch.randint(0, 19, (3, 10), generator=torch.Generator().manual_seed(1))
     losses = {}
     for name, model in (("padded", padded), ("plain", plain)):
-        logits = model(tokens)
-        assert logits.shape == (3, 10, 19)
+        logits = model(tokens, padded=loss_logits == "padded")
+        if name == "padded" and loss_logits == "padded":
+            assert logits.shape == (3, 10, 64) and torch.isneginf(logits[..., 19:]).all()
+            torch.testing.assert_close(logits[..., :19], model(tokens))
+        else:
+            assert logits.shape == (3, 10, 19)
         losses[name] = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
         losses[name].backward()
     torch.testing.assert_close(losses["padded"], losses["plain"])

@@ -20,7 +20,7 @@ from torch import nn
 from latentforge.config import ModelBase, require
 from latentforge.nn.kv_cache import KVCache
 from latentforge.nn.rope import apply_rope, rope_tables
-from latentforge.nn.transformer import padded_vocab
+from latentforge.nn.transformer import padded_vocab, vocab_logits
 
 
 @dataclass
@@ -231,10 +231,11 @@ class LM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, padded: bool = False) -> torch.Tensor:
         """input_ids (B, T); doc_ids (B, T): attention stays within equal ids; positions (B, T): each token's
         position (default: its index, after the cached ones); prefix_len (B,) or int: bidirectional attention
-        over the first prefix_len tokens; cache: keys and values of the tokens before these (generation)."""
+        over the first prefix_len tokens; cache: keys and values of the tokens before these (generation).
+        Logits (B, T, vocab_size); padded=True (for losses): every head row, the padded ones at -inf."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_len:
@@ -258,4 +259,4 @@ class LM(nn.Module):
             x = block(x, rope, mask, cache, layer)
         if cache is not None:
             cache.advance(T)
-        return self.output(self.norm(x))[..., : self.cfg.vocab_size]
+        return vocab_logits(self.output(self.norm(x)), self.cfg.vocab_size, padded)

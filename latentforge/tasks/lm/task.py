@@ -123,12 +123,14 @@ class LMTask(Task):
         labels[:, : n - 1] = IGNORE
         return labels
 
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], padded: bool = False) -> torch.Tensor:
+        """padded=True for the loss: every head row, the padded ones at -inf (nn.transformer.vocab_logits)."""
         prefix = self.cfg.task.prefix_len or None
-        return model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"], prefix_len=prefix)
+        return model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"], prefix_len=prefix,
+                     padded=padded)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, metrics = lm_loss(self.logits(model, batch), self.labels(batch), self.cfg.task.z_loss)
+        loss, metrics = lm_loss(self.logits(model, batch, padded=True), self.labels(batch), self.cfg.task.z_loss)
         return loss, {"ce_loss": metrics["ce_loss"], "z_loss": metrics["z_loss"]}
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
