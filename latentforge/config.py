@@ -169,6 +169,9 @@ class TrainConfig:
     # which spend their time launching kernels; shapes must repeat), max-autotune also searches kernels (and
     # records CUDA graphs too), max-autotune-no-cudagraphs searches kernels only (the one to pair with cuda_graph).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # Inductor settings passed to torch.compile as its `options` (torch takes these or a mode, not both), e.g.
+    # {coordinate_descent_tuning: true}: each pointwise and reduction kernel's block sizes searched at compile.
+    compile_options: dict[str, Any] = field(default_factory=dict)
     # Record the whole update (forward, backward, clipping, guard, optimizer step) as one CUDA graph and
     # replay it, for small models whose step is launch-bound. Needs one CUDA process, optim.name=adamw or muon,
     # grad_accum=1, no fp16, EMA or adaptive clipping, and batches whose shapes repeat
@@ -209,6 +212,8 @@ class TrainConfig:
         require(not (self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")),
                 "cuda_graph", f"records the whole step itself: use it with train.compile_mode=default or "
                 f"max-autotune-no-cudagraphs ({self.compile_mode} records graphs of its own)")
+        require(not (self.compile_options and self.compile_mode != "default"), "compile_options",
+                f"replaces the mode in torch.compile: use it with train.compile_mode=default (got {self.compile_mode})")
         require(self.clip_adaptive >= 0, "clip_adaptive", f"must be >= 0 (got {self.clip_adaptive})")
         require(0 <= self.clip_adaptive_beta < 1, "clip_adaptive_beta",
                 f"must be in [0, 1) (got {self.clip_adaptive_beta})")

@@ -206,9 +206,14 @@ def test_compile_matches_eager(runs_dir):
     eager = latentforge.train("multiply/tiny", *TINY, "train.steps=4", name="eager", runs_dir=runs_dir)
     compiled = latentforge.train("multiply/tiny", *TINY, "train.steps=4", "train.compile=true",
                                  name="compiled", runs_dir=runs_dir)
-    le, lc = losses(eager.path), losses(compiled.path)
+    # train.compile_options go to torch.compile in place of the mode (a kernel search: a GPU one, none here).
+    tuned = latentforge.train("multiply/tiny", *TINY, "train.steps=4", "train.compile=true",
+                              "train.compile_options={coordinate_descent_tuning: true}", name="tuned",
+                              runs_dir=runs_dir)
+    le, lc, lt = losses(eager.path), losses(compiled.path), losses(tuned.path)
     for step in le:
         assert lc[step] == pytest.approx(le[step], rel=1e-4)
+        assert lt[step] == pytest.approx(le[step], rel=1e-4)
 
 
 def test_load_run_gives_config_metrics_and_model(runs_dir):

@@ -240,7 +240,7 @@ class Trainer:
         self.flops_per_example = self.task.flops_per_example(self.model) if self.step == 0 else None
         # train.compile: one process compiles the task's whole loss, so the model's last layer and the loss
         # fuse (a cross-entropy never materialises float32 logits); under DDP/FSDP the model alone is compiled.
-        self.compiled_loss = (compiled(distributed.LossModule(self.model, self.task), t.compile_mode)
+        self.compiled_loss = (compiled(distributed.LossModule(self.model, self.task), t.compile_mode, t.compile_options)
                               if t.compile and not self.dist.enabled else None)
         if self.dist.enabled:
             self._wrap(resume_from)
@@ -258,7 +258,8 @@ class Trainer:
         if fsdp and resume_from is not None and not is_sharded(resume_from):
             full_state = get_optimizer_state_dict(plain, optimizers_of(self.optimizer),
                                                   options=StateDictOptions(full_state_dict=True))
-        model = compiled(self.model, self.cfg.train.compile_mode) if self.cfg.train.compile else self.model
+        t = self.cfg.train
+        model = compiled(self.model, t.compile_mode, t.compile_options) if t.compile else self.model
         self.loss_module = distributed.wrap(distributed.LossModule(model, self.task),
                                             self.cfg.dist.strategy, self.device)
         if fsdp:
