@@ -11,7 +11,9 @@ head matmul and the loss, compiled, for each way of writing them, on hidden stat
 - masked:   logits over the padded rows, the padded columns set to -inf, cross-entropy over all of them
             (the same loss and gradients: a padded id gets probability 0);
 - unpadded: a head of exactly 50,257 rows (what HF does);
-- chunked:  `sliced` over 8 slices of the rows, so the float32 logits of only one slice exist at a time.
+- chunked:  `sliced` over 8 slices of the rows, so the float32 logits of only one slice exist at a time;
+- fused:    nn.fused_ce, where Triton runs (CUDA): one pass per row writes the gradient over the logits, and
+            the head's gradient matmuls run in the forward (not compiled: it is Triton and matmuls).
 
 Each row: milliseconds per forward + backward (median of the timed calls, CUDA events), peak memory,
 and the loss, which must agree across rows. On the CPU it runs tiny dims to check that every variant
@@ -28,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from latentforge.nn.fused_ce import fused_available, linear_cross_entropy
 from latentforge.nn.transformer import padded_vocab
 
 VOCAB, D_MODEL, ROWS, CHUNKS = 50257, 768, 16 * 1024, 8
@@ -50,6 +53,10 @@ def unpadded(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int
 def chunked(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
     losses = [sliced(hc, w, tc, vocab) * len(tc) for hc, tc in zip(h.chunk(CHUNKS), targets.chunk(CHUNKS))]
     return torch.stack(losses).sum() / len(targets)
+
+
+def fused(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    return linear_cross_entropy(h, w, targets, vocab)[0]
 
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {"sliced": sliced, "masked": masked, "unpadded": unpadded,
@@ -116,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
           f"compile {'on' if args.compile else 'off'}\n")
     print("| variant | ms per forward + backward | peak memory (GiB) | loss |\n|---|---|---|---|")
     results = {}
-    for name, fn in VARIANTS.items():
-        compiled = torch.compile(fn, dynamic=False) if args.compile else fn
+    variants = {**VARIANTS, "fused": fused} if fused_available(device) else VARIANTS
+    for name, fn in variants.items():
+        compiled = torch.compile(fn, dynamic=False) if args.compile and name != "fused" else fn
         results[name] = time_variant(compiled, h, w, targets, vocab, device, warmup=3, steps=args.steps)
         ms, peak, loss = results[name]
         print(f"| {name} | {ms:.3f} | {peak:.2f} | {loss:.5f} |", flush=True)

@@ -15,12 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.config import require
+from latentforge.config import Config, TaskConfig, require
 from latentforge.data.stream import IndexedStream
 from latentforge.engine.task import Task
+from latentforge.errors import ConfigError
+from latentforge.nn.fused_ce import fused_available, linear_cross_entropy
 from latentforge.nn.transformer import Transformer, TransformerConfig
 
 IGNORE = -100
+
+
+@dataclass
+class RandomLMTaskConfig(TaskConfig):
+    # The loss through nn.fused_ce (Triton, CUDA): the gradient made in the same pass over the logits as the
+    # log-sum-exp; one process or DDP.
+    fused_loss: bool = False
 
 
 @dataclass
@@ -65,8 +74,20 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class RandomLM(Task):
     name = "random_lm"
+    TaskConfig = RandomLMTaskConfig
     ModelConfig = RandomLMModelConfig
     DataConfig = RandomLMDataConfig
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        if cfg.task.fused_loss and not fused_available(device):
+            raise ConfigError(f"task.fused_loss needs Triton and a CUDA device (this run trains on {device.type})")
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        if cfg.task.fused_loss and cfg.dist.strategy == "fsdp":
+            raise ConfigError("task.fused_loss reads the head's weight outside the model's forward, which FSDP "
+                              "shards; use dist.strategy=ddp or task.fused_loss=false")
 
     def build_model(self) -> nn.Module:
         m, d = self.cfg.model, self.cfg.data
@@ -77,6 +98,11 @@ class RandomLM(Task):
         return RandomTokenBatches(self.cfg.train.batch_size, d.seq_len, m.vocab_size, d.seed, self.device)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.cfg.task.fused_loss:
+            head = getattr(model, "_orig_mod", model).head  # the compiled model's own module
+            loss, _ = linear_cross_entropy(model(batch["inputs"], hidden=True), head.weight, batch["targets"],
+                                           self.cfg.model.vocab_size)
+            return loss, {}
         return lm_loss(model(batch["inputs"], padded=True), batch["targets"]), {}
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:

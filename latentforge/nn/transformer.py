@@ -184,5 +184,8 @@ class Transformer(nn.Module):
         vocab_logits)."""
         return vocab_logits(self.head(h), self.shape.vocab_size, padded)
 
-    def forward(self, tokens: torch.Tensor, padded: bool = False) -> torch.Tensor:
-        return self.logits(self.hidden(self.embed(tokens))[0], padded)
+    def forward(self, tokens: torch.Tensor, padded: bool = False, hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab_size); padded=True: over every head row (see logits); hidden=True: the final
+        normed hidden states (B, T, C) instead, for a loss that applies the head itself (nn.fused_ce)."""
+        h = self.hidden(self.embed(tokens))[0]
+        return h if hidden else self.logits(h, padded)

@@ -1,0 +1,98 @@
+"""nn.fused_ce: the Triton cross-entropy over a linear head gives lm_loss's loss, metrics and gradients.
+
+On a CUDA GPU the real kernel runs; without one, where Triton is installed, Triton's interpreter runs the same
+kernel on the CPU (in a subprocess: TRITON_INTERPRET is read when the kernel is defined). The refusals
+need neither."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, losses, train_refused
+
+import latentforge
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# Loss, metrics and both gradients against lm_loss over the padded, masked logits: ignored labels, padded head
+# rows (which get no gradient), with and without the z-loss, and an outer gradient that is not 1.
+CHECK = """
+import torch
+from latentforge.nn.fused_ce import IGNORE, linear_cross_entropy
+from latentforge.nn.lm_loss import lm_loss
+from latentforge.nn.transformer import vocab_logits
+
+device, dtype, (N, C, R, V), tol = {device!r}, {dtype}, {dims}, {tol}
+torch.manual_seed(0)
+for z in (0.0, 1e-2):
+    h, w = torch.randn(N, C, device=device), torch.randn(R, C, device=device) * C**-0.5
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[::7] = IGNORE
+    out = {{}}
+    for name in ("fused", "reference"):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            if name == "fused":
+                loss, m = linear_cross_entropy(hh, ww, labels, V, z)
+            else:
+                loss, m = lm_loss(vocab_logits(hh @ ww.t(), V, padded=True), labels, z)
+        (loss * 2.5).backward()
+        out[name] = (loss.detach(), m["ce_loss"], m["z_loss"], m["tokens"], hh.grad, ww.grad)
+    for a, b in zip(out["fused"], out["reference"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    assert out["fused"][5][V:].abs().max() == 0
+print("agree")
+"""
+
+
+def run_check(device: str, dtype: str, dims: tuple[int, int, int, int], tol: float, interpret: bool) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    script = CHECK.format(device=device, dtype=dtype, dims=dims, tol=tol)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and "agree" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs Triton (and no GPU: there the real "
+                                                                         "kernel is tested)")
+def test_fused_cross_entropy_matches_lm_loss_in_the_interpreter():
+    run_check("cpu", "torch.float32", (40, 16, 128, 100), 1e-5, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and Triton")
+def test_fused_cross_entropy_matches_lm_loss_on_cuda():
+    """GPT-2's vocabulary and padding (50,257 of 50,304 rows, more than one block per row), in float32 and in
+    bf16 autocast (the bench's precision; bf16 logits in both, so the tolerance is bf16's)."""
+    run_check("cuda", "torch.float32", (512, 64, 50304, 50257), 1e-4, interpret=False)
+    run_check("cuda", "torch.bfloat16", (512, 64, 50304, 50257), 2e-2, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and Triton")
+def test_fused_loss_trains_the_gpt2_bench_compiled_in_a_cuda_graph(runs_dir):
+    common = ("model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.vocab_size=1000", "data.seq_len=64",
+              "train.batch_size=8", "train.steps=20", "train.log_every=1", "train.device=cuda", "train.compile=true",
+              "train.cuda_graph=true")
+    plain = latentforge.train("bench/configs/gpt2-small.yaml", *common, name="plain", runs_dir=runs_dir)
+    fused = latentforge.train("bench/configs/gpt2-small.yaml", *common, "task.fused_loss=true", name="fused",
+                              runs_dir=runs_dir)
+    a, b = losses(plain.path), losses(fused.path)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-2, abs=2e-2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.fused_loss=true", "train.device=cpu"],
+     "error: task.fused_loss needs Triton and a CUDA device (this run trains on cpu)"),
+    (["task.fused_loss=true", "dist.strategy=fsdp"],
+     "error: task.fused_loss reads the head's weight outside the model's forward, which FSDP shards; use "
+     "dist.strategy=ddp or task.fused_loss=false"),
+])
+def test_fused_loss_refusals_are_one_line_and_leave_nothing(cli, runs_dir, overrides, message):
+    train_refused(cli, runs_dir, str(REPO / "bench" / "configs" / "gpt2-small.yaml"), overrides, message)
