@@ -136,11 +136,19 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
         from bench.dvae.capacity import main
     finally:
         sys.path.remove(str(REPO))
+    from bench.dvae.capacity import fewest_runs
+
     main([])
-    rows = [line.split("|")[1:4] for line in capsys.readouterr().out.splitlines() if line.startswith("| <=")]
+    cells, runs = capsys.readouterr().out.split("runs of one colour")
+    rows = [line.split("|")[1:4] for line in cells.splitlines() if line.startswith("| <=")]
     patch = [float(p) for _, p, _ in rows]
     grid = [float(g) for _, _, g in rows]
     assert patch == [0.0] * 7 + [1.0] and grid == sorted(grid) and 0.4 < grid[0] < 0.6 and grid[-1] == 1.0
+    by_runs = [float(line.split("|")[2]) for line in runs.splitlines() if line.startswith("| <=")]
+    assert len(by_runs) == 3 and by_runs == sorted(by_runs) and 0.5 < by_runs[1] < 1.0
+    # Two rows of one colour each: 2 runs along the rows, 3 along the columns of the 2 x 3 grid.
+    assert fewest_runs(torch.tensor([[1, 1, 1], [2, 2, 2]])) == 2
+    assert fewest_runs(torch.tensor([[1, 2, 1], [1, 2, 1]])) == 3
 
 
 def test_multiply_speed_settings_keep_list_values_whole():

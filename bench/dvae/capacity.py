@@ -7,6 +7,10 @@ is assumed. So a code can hold any run of floor(log2(K) / log2(10)) cells exactl
 that, exact reconstruction needs the grid's structure. Patch slots give every code its patch of the
 canvas (4 x 2 cells for 128 slots on 32 x 32) whatever the grid's size; grid slots (model.grid_slots)
 give the N - 2 slots the grid's own cells, ceil(h * w / (N - 2)) per slot.
+
+A second count is the grids' structure along one axis: the runs of one colour along the rows (or the
+columns, whichever has fewer). One code can name a run (10 colours x 30 lengths < 512), so a grid with at
+most N - 2 runs fits one run per code; more than that needs structure across rows.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from latentforge.tasks.dvae.task import DVAE
 def main(overrides: list[str]) -> None:
     cfg = load_config("dvae/arc-vq", ["train.device=cpu", *overrides])
     m = cfg.model
-    shapes = DVAE(cfg, torch.device("cpu")).grids("test").shapes.long()
+    grids = DVAE(cfg, torch.device("cpu")).grids("test")
+    shapes = grids.shapes.long()
     cells = shapes[:, 0] * shapes[:, 1]
     free = int(math.log2(m.codebook_size) // math.log2(10))
     per_patch = cfg.data.grid_size**2 // m.latents
@@ -35,6 +40,20 @@ def main(overrides: list[str]) -> None:
     for n in range(1, int(per_slot.max()) + 1):
         patch = 1.0 if per_patch <= n else 0.0
         print(f"| <= {n} | {patch:.3f} | {float((per_slot <= n).float().mean()):.3f} |")
+    runs = torch.tensor([fewest_runs(t[:h, :w]) for t, (h, w) in zip(grids.tokens, shapes.tolist())])
+    slots = m.latents - 2
+    print(f"\nruns of one colour along the rows or the columns (the fewer; median {int(runs.median())}):")
+    print("| runs per grid | grids |")
+    print("|---|---|")
+    for n in (slots // 2, slots, 2 * slots):
+        print(f"| <= {n} | {float((runs <= n).float().mean()):.3f} |")
+
+
+def fewest_runs(grid: torch.Tensor) -> int:
+    """Runs of one colour along the rows or along the columns of a grid (h, w), whichever are fewer."""
+    along_rows = int((grid[:, 1:] != grid[:, :-1]).sum()) + grid.shape[0]
+    along_cols = int((grid[1:, :] != grid[:-1, :]).sum()) + grid.shape[1]
+    return min(along_rows, along_cols)
 
 
 if __name__ == "__main__":
