@@ -85,6 +85,9 @@ class RandomLM(Task):
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
+        if cfg.task.fused_loss and cfg.train.precision == "fp16":
+            raise ConfigError("task.fused_loss makes its gradients in the forward, before fp16's loss scale could "
+                              "keep them from underflowing; use train.precision=bf16 or fp32")
         if cfg.task.fused_loss and cfg.dist.strategy == "fsdp":
             raise ConfigError("task.fused_loss reads the head's weight outside the model's forward, which FSDP "
                               "shards; use dist.strategy=ddp or task.fused_loss=false")

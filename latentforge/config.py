@@ -212,6 +212,9 @@ class TrainConfig:
         require(not (self.cuda_graph and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")),
                 "cuda_graph", f"records the whole step itself: use it with train.compile_mode=default or "
                 f"max-autotune-no-cudagraphs ({self.compile_mode} records graphs of its own)")
+        require(not (self.cuda_graph and self.compile and self.compile_options.get("triton.cudagraphs")),
+                "cuda_graph", "records the whole step itself: leave triton.cudagraphs out of train.compile_options "
+                "(it records graphs of its own)")
         require(not (self.compile_options and self.compile_mode != "default"), "compile_options",
                 f"replaces the mode in torch.compile: use it with train.compile_mode=default (got {self.compile_mode})")
         require(self.clip_adaptive >= 0, "clip_adaptive", f"must be >= 0 (got {self.clip_adaptive})")

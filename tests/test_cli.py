@@ -144,6 +144,8 @@ def test_resume_from_a_chosen_checkpoint(cli, runs_dir, trained):
      "train.compile_options: unexpected optimization option coordinate_descent_tunin"),
     (["train", "multiply/tiny", "train.compile=true", "train.compile_mode=reduce-overhead",
       "train.compile_options={coordinate_descent_tuning: true}"], "train.compile_options replaces the mode"),
+    (["train", "multiply/tiny", "train.cuda_graph=true", "train.compile=true",
+      "train.compile_options={triton.cudagraphs: true}"], "leave triton.cudagraphs out of train.compile_options"),
     (["resume", "no-such-run"], "no run 'no-such-run'"),
     (["eval", "no-such-run"], "no run 'no-such-run'"),
     (["runs", "show", "no-such-run"], "no run 'no-such-run'"),

@@ -29,7 +29,7 @@ device, dtype, (N, C, R, V), tol = {device!r}, {dtype}, {dims}, {tol}
 torch.manual_seed(0)
 for z in (0.0, 1e-2):
     h, w = torch.randn(N, C, device=device), torch.randn(R, C, device=device) * C**-0.5
-    labels = torch.randint(0, V, (N,), device=device)
+    labels = torch.randint(0, V, (N, 2), device=device)[:, 0]  # a strided view, as a sliced batch gives
     labels[::7] = IGNORE
     out = {{}}
     for name in ("fused", "reference"):
@@ -90,6 +90,9 @@ def test_fused_loss_trains_the_gpt2_bench_compiled_in_a_cuda_graph(runs_dir):
 @pytest.mark.parametrize("overrides, message", [
     (["task.fused_loss=true", "train.device=cpu"],
      "error: task.fused_loss needs Triton and a CUDA device (this run trains on cpu)"),
+    (["task.fused_loss=true", "train.precision=fp16"],
+     "error: task.fused_loss makes its gradients in the forward, before fp16's loss scale could keep them from "
+     "underflowing; use train.precision=bf16 or fp32"),
     (["task.fused_loss=true", "dist.strategy=fsdp"],
      "error: task.fused_loss reads the head's weight outside the model's forward, which FSDP shards; use "
      "dist.strategy=ddp or task.fused_loss=false"),

@@ -23,7 +23,7 @@ IGNORE = -100
 # Columns a program handles at once, and its warps: 32 warps leave room for about two rows per SM, so the
 # ~260 rows in flight (~26 MB of GPT-2's bf16 logits) stay in the 50-60 MB of L2 for the second pass
 # (Liger-Kernel's choice too; not yet tuned on a GPU here).
-BLOCK, WARPS = 8192, 32
+BLOCK, WARPS = 8192, 16 if torch.version.hip else 32  # a ROCm program has at most 1,024 threads: 16 wavefronts
 
 if importlib.util.find_spec("triton") is not None:
     import triton
@@ -101,7 +101,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                          z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """h (..., C) hidden states, weight (R, C) the head (R >= vocab_size rows: the padded ones never score),
     labels (...) with IGNORE for unscored tokens -> (mean loss over the scored tokens, metrics), as lm_loss
-    gives them: ce_loss, z_loss (unweighted) and tokens, device tensors."""
-    loss, ce, z, tokens = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1),
-                                                    vocab_size, z_loss)
+    gives them: ce_loss, z_loss (unweighted) and tokens, device tensors. Not for fp16: the gradients are made
+    in the forward, before a grad scaler's factor could keep them above fp16's smallest value."""
+    loss, ce, z, tokens = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight,
+                                                    labels.reshape(-1).contiguous(), vocab_size, z_loss)
     return loss, {"ce_loss": ce, "z_loss": z, "tokens": tokens.float()}

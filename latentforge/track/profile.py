@@ -43,6 +43,7 @@ class StepProfiler:
         self.seen = 0
         self.records: list[dict[str, float]] = []
         self.trace: Path | None = None
+        self.table: Path | None = None
         self.range: torch.profiler.record_function | None = None
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -119,9 +120,9 @@ class StepProfiler:
         tmp = path.with_name(f".{path.name}.tmp")
         profiler.export_chrome_trace(str(tmp))
         os.replace(tmp, path)
-        self.trace = path
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        self.table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
-        tmp = self.table.with_name(f".{self.table.name}.tmp")
+        table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
+        tmp = table.with_name(f".{table.name}.tmp")
         tmp.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS) + "\n")
-        os.replace(tmp, self.table)
+        os.replace(tmp, table)
+        self.trace, self.table = path, table
