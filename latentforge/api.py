@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from latentforge.config import Config, apply_overrides, build_config, load_config
+from latentforge.config import Config, apply_overrides, load_config, read_config
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from latentforge.engine.distributed import env_from_environ, on_main, run_torchrun, under_torchrun_needed
 from latentforge.engine.ema import PREFIX as EMA_PREFIX
@@ -49,18 +48,6 @@ def _override_list(overrides: tuple[str, ...] | list[str], kw: dict[str, Any]) -
     return list(overrides) + [f"{key.replace('__', '.')}={json.dumps(value)}" for key, value in kw.items()]
 
 
-def read_config(run: RunDir) -> Config:
-    try:
-        raw = yaml.safe_load(run.config_path.read_text())
-    except OSError as e:
-        raise RunError(f"cannot read {run.config_path}: {e.strerror}") from None
-    except yaml.YAMLError:
-        raise RunError(f"{run.config_path} is not valid YAML; the run's config is damaged") from None
-    if not isinstance(raw, dict):
-        raise RunError(f"{run.config_path} does not hold a config")
-    return build_config(raw, saved=True)
-
-
 class Run:
     """A run directory read back: its record, config, metrics and checkpoints."""
 
@@ -87,7 +74,7 @@ class Run:
 
     @property
     def config(self) -> Config:
-        return read_config(self.dir)
+        return read_config(self.dir.config_path)
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -186,7 +173,7 @@ def fit_run(run_spec: str | Path, runs_dir: str | Path | None = None, quiet: boo
     step 0. What a launched job runs, so that a requeued job resumes by itself."""
     run = RunDir.find(run_spec, runs_dir)
     checkpoint = resolve_checkpoint(run.checkpoints, "latest", None) if list_checkpoints(run.checkpoints) else None
-    trainer = Trainer(read_config(run), quiet=quiet, resume_from=checkpoint, runs_dir=runs_dir)
+    trainer = Trainer(read_config(run.config_path), quiet=quiet, resume_from=checkpoint, runs_dir=runs_dir)
     trainer.fit(run)
     return trainer
 
@@ -205,7 +192,7 @@ def resume(run_spec: str | Path, *overrides: str, checkpoint: str | int = "lates
     if effective_status(info) == "running" and info.get("host") == RunDir.host():
         raise RunError(f"run {run.id} is still running (pid {info.get('pid')}); stop it before resuming")
     items = _override_list(overrides, kw_overrides)
-    cfg = apply_overrides(read_config(run), items)
+    cfg = apply_overrides(read_config(run.config_path), items)
     trained = float(info.get("train_seconds", 0.0))
     # A run that the limit ended needs a higher one; a run stopped otherwise just past it ends at its next step.
     if info.get("stopped_by") == "time_limit" and cfg.train.time_limit and trained >= cfg.train.time_limit:

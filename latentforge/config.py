@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from latentforge.errors import ConfigError
+from latentforge.errors import ConfigError, RunError
 
 PRESET_ROOT = Path(__file__).parent / "tasks"
 
@@ -526,6 +526,19 @@ def merge_schedule_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
         return merge_layers(layers)  # build_config says what is missing
     sections = section_types(get_task(names[-1]))
     return merge_layers([{k: _schedule_numbers(v, sections.get(k)) for k, v in layer.items()} for layer in layers])
+
+
+def read_config(path: Path) -> Config:
+    """A run's config.yaml read back as the run was trained (build_config's `saved`); RunError if damaged."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RunError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError:
+        raise RunError(f"{path} is not valid YAML; the run's config is damaged") from None
+    if not isinstance(raw, dict):
+        raise RunError(f"{path} does not hold a config")
+    return build_config(raw, saved=True)
 
 
 def build_config(raw: dict[str, Any], saved: bool = False) -> Config:

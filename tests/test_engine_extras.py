@@ -71,6 +71,8 @@ def test_init_from_refuses_a_mismatch_unless_told_and_lists_the_keys(cli, runs_d
     assert result.exit_code == 2
     line = error_line(result)
     assert "missing keys: transformer.blocks.1." in line and "model.init_strict=false" in line
+    # The keys whose values differ are named, so the way to a whole load is plain.
+    assert line.endswith("; the source run was trained with model.n_layer=1 (here 2)"), line
     assert snapshot(runs_dir) == before  # nothing created
 
     result = cli("train", "multiply/tiny", *TINY, "train.steps=2", "model.n_layer=2", "model.init_strict=false",

@@ -7,6 +7,7 @@ latest checkpoint is used. Checkpoints written by one process or by several (`dc
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from latentforge.config import Config
+from latentforge.config import Config, read_config
 from latentforge.engine.checkpoint import SHARDED_DIR, is_sharded, load_checkpoint, load_sharded, resolve_checkpoint
 from latentforge.engine.task import Task
-from latentforge.errors import CheckpointError, ConfigError
+from latentforge.errors import CheckpointError, ConfigError, LatentforgeError
 from latentforge.track.rundir import RunDir, default_runs_dir
 
 SELECTOR = re.compile(r"^(latest|best|\d+)$")
@@ -84,6 +85,19 @@ def load_fitting(model: nn.Module, weights: dict[str, torch.Tensor], strict: boo
     return [f"{source}: {len(keys)} {kind}: {_names(keys)}" for kind, keys in problems.items() if keys]
 
 
+def model_differences(cfg: Config, run: RunDir) -> str:
+    """The `model` keys whose values differ between the source run and this config (why shapes differ), as
+    the tail of an error line; empty when the source's config cannot be read or nothing differs."""
+    try:
+        theirs = dataclasses.asdict(read_config(run.config_path).model)
+    except LatentforgeError:
+        return ""
+    mine = dataclasses.asdict(cfg.model)
+    differ = [f"model.{key}={theirs[key]!r} (here {value!r})" for key, value in mine.items()
+              if key not in ("init_from", "init_strict") and key in theirs and theirs[key] != value]
+    return f"; the source run was trained with {', '.join(differ)}" if differ else ""
+
+
 def init_model(cfg: Config, task: Task, model: nn.Module,
                runs_dir: str | Path | None) -> tuple[dict[str, Any], list[str]]:
     """Load cfg.model.init_from into `model`; returns what run.json records of the source, and the
@@ -103,6 +117,9 @@ def init_model(cfg: Config, task: Task, model: nn.Module,
         path = resolve_checkpoint(run.checkpoints, which, best)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    lines = load_fitting(model, checkpoint_weights(path), cfg.model.init_strict, source)
+    try:
+        lines = load_fitting(model, checkpoint_weights(path), cfg.model.init_strict, source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{model_differences(cfg, run)}") from None
     return {"run": str(run.path.resolve()), "step": int(path.name.removeprefix("step_")),
             "checkpoint": str(path.resolve())}, lines
