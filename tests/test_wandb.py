@@ -4,6 +4,7 @@ own transaction log (the .wandb file of each offline run)."""
 import json
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,21 @@ def wandb_offline(tmp_path: Path, monkeypatch) -> Iterator[Path]:
     wandb.teardown()  # wandb reads its environment once per process: the next test starts afresh
 
 
-def wandb_records(sync_dir: Path) -> list[Any]:
-    """The records of an offline run's .wandb file: a 7-byte header (":W&B", magic, version), then
-    protobuf Records in LevelDB log framing (32 KiB blocks; chunks with a crc32, length, type header)."""
+def wandb_records(sync_dir: Path, wait: float = 20.0) -> list[Any]:
+    """The records of an offline run's .wandb file, once its writer has written the last one (the run's exit
+    record: W&B's service process writes the file, and on a loaded machine it can trail `finish()`), or after
+    `wait` seconds with what is there."""
+    deadline = time.monotonic() + wait
+    while True:
+        records = read_records(sync_dir)
+        if of_type(records, "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def read_records(sync_dir: Path) -> list[Any]:
+    """An offline run's .wandb file as it is: a 7-byte header (":W&B", magic, version), then protobuf Records
+    in LevelDB log framing (32 KiB blocks; chunks with a crc32, length, type header)."""
     (path,) = Path(sync_dir).glob("run-*.wandb")
     data = path.read_bytes()
     assert data[:4] == b":W&B"
@@ -43,6 +56,8 @@ def wandb_records(sync_dir: Path) -> list[Any]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
