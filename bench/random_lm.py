@@ -17,9 +17,9 @@ from torch import nn
 
 from latentforge.config import Config, TaskConfig, require
 from latentforge.data.stream import IndexedStream
+from latentforge.engine.fused_loss import check_fused_config, check_fused_device, unwrapped
 from latentforge.engine.task import Task
-from latentforge.errors import ConfigError
-from latentforge.nn.fused_ce import fused_available, linear_cross_entropy
+from latentforge.nn.fused_ce import linear_cross_entropy
 from latentforge.nn.transformer import Transformer, TransformerConfig
 
 IGNORE = -100
@@ -80,17 +80,11 @@ class RandomLM(Task):
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
-        if cfg.task.fused_loss and not fused_available(device):
-            raise ConfigError(f"task.fused_loss needs Triton and a CUDA device (this run trains on {device.type})")
+        check_fused_device(cfg, device)
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        if cfg.task.fused_loss and cfg.train.precision == "fp16":
-            raise ConfigError("task.fused_loss makes its gradients in the forward, before fp16's loss scale could "
-                              "keep them from underflowing; use train.precision=bf16 or fp32")
-        if cfg.task.fused_loss and cfg.dist.strategy == "fsdp":
-            raise ConfigError("task.fused_loss reads the head's weight outside the model's forward, which FSDP "
-                              "shards; use dist.strategy=ddp or task.fused_loss=false")
+        check_fused_config(cfg)
 
     def build_model(self) -> nn.Module:
         m, d = self.cfg.model, self.cfg.data
@@ -102,9 +96,8 @@ class RandomLM(Task):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cfg.task.fused_loss:
-            head = getattr(model, "_orig_mod", model).head  # the compiled model's own module
-            loss, _ = linear_cross_entropy(model(batch["inputs"], hidden=True), head.weight, batch["targets"],
-                                           self.cfg.model.vocab_size)
+            loss, _ = linear_cross_entropy(model(batch["inputs"], hidden=True), unwrapped(model).head.weight,
+                                           batch["targets"], self.cfg.model.vocab_size)
             return loss, {}
         return lm_loss(model(batch["inputs"], padded=True), batch["targets"]), {}
 

@@ -63,6 +63,43 @@ def test_fused_cross_entropy_matches_lm_loss_in_the_interpreter():
     run_check("cpu", "torch.float32", (40, 16, 128, 100), 1e-5, interpret=True)
 
 
+# Both tasks that offer task.fused_loss train the same losses with it (three steps, the lm task with a z-loss and
+# prefix tokens left unscored), through the whole engine.
+TASKS = """
+import latentforge
+common = {{"bench/configs/gpt2-small.yaml": ["model.n_layer=1", "model.d_model=32", "model.n_head=2",
+                                            "model.vocab_size=100", "data.seq_len=16", "train.batch_size=2"],
+          "lm/tiny": ["task.z_loss=0.01", "task.prefix_len=3", "train.batch_size=2"]}}
+for preset, overrides in common.items():
+    losses = {{}}
+    for fused in ("false", "true"):
+        run = latentforge.train(preset, *overrides, "train.steps=3", "train.log_every=1", "train.guard.enabled=false",
+                                {device_args}, f"task.fused_loss={{fused}}", name=f"fused-{{fused}}",
+                                runs_dir={runs!r} + "/" + preset.replace("/", "_"))
+        losses[fused] = [m["train/loss"] for m in run.metrics if "train/loss" in m]
+    assert len(losses["true"]) == 3, losses
+    for a, b in zip(losses["true"], losses["false"]):
+        assert abs(a - b) <= {tol} * abs(b), (preset, losses)
+print("agree")
+"""
+
+
+def run_tasks(device_args: str, tol: float, runs: str, interpret: bool) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    script = TASKS.format(device_args=device_args, tol=tol, runs=runs)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900,
+                            cwd=REPO)
+    assert result.returncode == 0 and "agree" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs Triton (and no GPU: there the real "
+                                                                         "kernel is tested)")
+def test_fused_loss_trains_both_tasks_as_the_plain_loss_in_the_interpreter(tmp_path):
+    run_tasks('"train.device=cpu", "train.precision=fp32"', 1e-5, str(tmp_path), interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and Triton")
 def test_fused_cross_entropy_matches_lm_loss_on_cuda():
@@ -70,6 +107,13 @@ def test_fused_cross_entropy_matches_lm_loss_on_cuda():
     bf16 autocast (the bench's precision; bf16 logits in both, so the tolerance is bf16's)."""
     run_check("cuda", "torch.float32", (512, 64, 50304, 50257), 1e-4, interpret=False)
     run_check("cuda", "torch.bfloat16", (512, 64, 50304, 50257), 2e-2, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and Triton")
+def test_fused_loss_trains_both_tasks_as_the_plain_loss_compiled_on_cuda(tmp_path):
+    run_tasks('"train.device=cuda", "train.precision=bf16", "train.compile=true"', 2e-2, str(tmp_path),
+              interpret=False)
 
 
 @pytest.mark.gpu
@@ -97,5 +141,6 @@ def test_fused_loss_trains_the_gpt2_bench_compiled_in_a_cuda_graph(runs_dir):
      "error: task.fused_loss reads the head's weight outside the model's forward, which FSDP shards; use "
      "dist.strategy=ddp or task.fused_loss=false"),
 ])
-def test_fused_loss_refusals_are_one_line_and_leave_nothing(cli, runs_dir, overrides, message):
-    train_refused(cli, runs_dir, str(REPO / "bench" / "configs" / "gpt2-small.yaml"), overrides, message)
+@pytest.mark.parametrize("preset", ["bench/configs/gpt2-small.yaml", "lm/tiny"])
+def test_fused_loss_refusals_are_one_line_and_leave_nothing(cli, runs_dir, overrides, message, preset):
+    train_refused(cli, runs_dir, str(REPO / preset) if preset.endswith(".yaml") else preset, overrides, message)

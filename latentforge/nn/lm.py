@@ -231,11 +231,12 @@ class LM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
-                cache: KVCache | None = None, padded: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, padded: bool = False, hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T); doc_ids (B, T): attention stays within equal ids; positions (B, T): each token's
         position (default: its index, after the cached ones); prefix_len (B,) or int: bidirectional attention
         over the first prefix_len tokens; cache: keys and values of the tokens before these (generation).
-        Logits (B, T, vocab_size); padded=True (for losses): every head row, the padded ones at -inf."""
+        Logits (B, T, vocab_size); padded=True (for losses): every head row, the padded ones at -inf;
+        hidden=True: the final normed hidden states (B, T, C) instead, for a loss that applies the head itself."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_len:
@@ -259,4 +260,5 @@ class LM(nn.Module):
             x = block(x, rope, mask, cache, layer)
         if cache is not None:
             cache.advance(T)
-        return vocab_logits(self.output(self.norm(x)), self.cfg.vocab_size, padded)
+        h = self.norm(x)
+        return h if hidden else vocab_logits(self.output(h), self.cfg.vocab_size, padded)

@@ -25,9 +25,11 @@ from torch import nn
 from latentforge.config import Config, TaskConfig, require, require_evaluated_metric
 from latentforge.data.text import TextBatches, TextDataConfig, eval_batches, load_tokenizer, text_batches
 from latentforge.engine.distributed import env_from_environ
+from latentforge.engine.fused_loss import check_fused_config, check_fused_device, unwrapped
 from latentforge.engine.task import Task
 from latentforge.errors import CheckpointError, ConfigError
 from latentforge.interop.hf import export_hf, load_hf
+from latentforge.nn.fused_ce import linear_cross_entropy
 from latentforge.nn.generate import generate
 from latentforge.nn.lm import LM, LMConfig, forward_flops
 from latentforge.nn.lm_loss import IGNORE, lm_loss
@@ -44,6 +46,9 @@ class LMTaskConfig(TaskConfig):
     # Prefix-LM: the first prefix_len tokens of every row attend to each other both ways and are not
     # predicted (0: a plain causal LM).
     prefix_len: int = 0
+    # The loss through nn.fused_ce (Triton, CUDA): the gradient made in the same pass over the logits as the
+    # log-sum-exp, the head's gradient matmuls in the forward. One process or DDP, bf16 or fp32.
+    fused_loss: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +86,7 @@ class LMTask(Task):
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
+        check_fused_device(cfg, device)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
@@ -93,6 +99,7 @@ class LMTask(Task):
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
         require_evaluated_metric(cfg.checkpoint.metric, [SPLIT], "valid/loss")
+        check_fused_config(cfg)
         if cfg.model.max_len < cfg.data.seq_len:
             raise ConfigError(f"model.max_len={cfg.model.max_len} must be >= data.seq_len={cfg.data.seq_len}")
         if cfg.task.prefix_len >= cfg.data.seq_len:
@@ -123,14 +130,19 @@ class LMTask(Task):
         labels[:, : n - 1] = IGNORE
         return labels
 
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], padded: bool = False) -> torch.Tensor:
-        """padded=True for the loss: every head row, the padded ones at -inf (nn.transformer.vocab_logits)."""
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], **how: bool) -> torch.Tensor:
+        """`how`: the model's padded=True (for the loss: every head row, the padded ones at -inf) or hidden=True
+        (the final hidden states, for the fused loss)."""
         prefix = self.cfg.task.prefix_len or None
         return model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"], prefix_len=prefix,
-                     padded=padded)
+                     **how)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, metrics = lm_loss(self.logits(model, batch, padded=True), self.labels(batch), self.cfg.task.z_loss)
+        if self.cfg.task.fused_loss:
+            loss, metrics = linear_cross_entropy(self.logits(model, batch, hidden=True), unwrapped(model).output.weight,
+                                                 self.labels(batch), self.lm_config.vocab_size, self.cfg.task.z_loss)
+        else:
+            loss, metrics = lm_loss(self.logits(model, batch, padded=True), self.labels(batch), self.cfg.task.z_loss)
         return loss, {"ce_loss": metrics["ce_loss"], "z_loss": metrics["z_loss"]}
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
