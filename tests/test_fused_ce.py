@@ -4,7 +4,6 @@ On a CUDA GPU the real kernel runs; without one, where Triton is installed, Trit
 kernel on the CPU (in a subprocess: TRITON_INTERPRET is read when the kernel is defined). The refusals
 need neither."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,8 +13,7 @@ import torch
 from conftest import REPO, losses, train_refused
 
 import latentforge
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from latentforge.nn.fused_ce import HAS_TRITON
 
 # Loss, metrics and both gradients against lm_loss over the padded, masked logits: ignored labels, padded head
 # rows (which get no gradient), with and without the z-loss, and an outer gradient that is not 1.
@@ -48,13 +46,19 @@ print("agree")
 """
 
 
-def run_check(device: str, dtype: str, dims: tuple[int, int, int, int], tol: float, interpret: bool) -> None:
+def run_agreeing(script: str, interpret: bool) -> None:
+    """Run `script` in a fresh interpreter from the repository (TRITON_INTERPRET is read when the kernel is
+    defined); it prints "agree" when its checks hold."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    script = CHECK.format(device=device, dtype=dtype, dims=dims, tol=tol)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900,
+                            cwd=REPO)
     assert result.returncode == 0 and "agree" in result.stdout, result.stdout + result.stderr
+
+
+def run_check(device: str, dtype: str, dims: tuple[int, int, int, int], tol: float, interpret: bool) -> None:
+    run_agreeing(CHECK.format(device=device, dtype=dtype, dims=dims, tol=tol), interpret)
 
 
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs Triton (and no GPU: there the real "
@@ -85,13 +89,7 @@ print("agree")
 
 
 def run_tasks(device_args: str, tol: float, runs: str, interpret: bool) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    script = TASKS.format(device_args=device_args, tol=tol, runs=runs)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900,
-                            cwd=REPO)
-    assert result.returncode == 0 and "agree" in result.stdout, result.stdout + result.stderr
+    run_agreeing(TASKS.format(device_args=device_args, tol=tol, runs=runs), interpret)
 
 
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs Triton (and no GPU: there the real "

@@ -25,7 +25,9 @@ IGNORE = -100
 # (Liger-Kernel's choice too; not yet tuned on a GPU here).
 BLOCK, WARPS = 8192, 16 if torch.version.hip else 32  # a ROCm program has at most 1,024 threads: 16 wavefronts
 
-if importlib.util.find_spec("triton") is not None:
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -63,9 +65,7 @@ if importlib.util.find_spec("triton") is not None:
 
 def fused_available(device: torch.device) -> bool:
     """Whether linear_cross_entropy can run on `device`: Triton on a CUDA device (or its interpreter)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
