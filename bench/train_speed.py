@@ -1,7 +1,8 @@
 """Training speed of latentforge against its peers, in one process, on the same architecture and batches.
 
     python -m bench.train_speed [--shape small|gpt2|all] [--steps N] [--warmup N] [--device cuda|cpu]
-                                [--compile/--no-compile] [--tiny] [--no-peers] [--json OUT] [--lf KEY=VALUE ...]
+                                [--compile/--no-compile] [--tiny] [--no-peers] [--no-eager] [--json OUT]
+                                [--lf KEY=VALUE ...]
 
 Rows, per shape:
 - latentforge: its Transformer trained by the engine's `Trainer.train_step` (bf16 autocast, fused
@@ -368,10 +369,10 @@ def guarded(name: str, fn: Callable[[], Row], device: torch.device) -> Row:
 
 
 def bench_shape(shape: Shape, device: torch.device, compile: bool, ceiling: float,
-                overrides: list[str], peers: bool = True) -> list[Row]:
+                overrides: list[str], peers: bool = True, eager: bool = True) -> list[Row]:
     first = "latentforge compiled" if compile else "latentforge"
     rows = [guarded(first, lambda: run_latentforge(shape, device, compile, overrides, shape.name == "gpt2"), device)]
-    if compile:
+    if compile and eager:
         rows.append(guarded("latentforge", lambda: run_latentforge(shape, device, False, overrides, False), device))
     if peers:
         rows.append(guarded("hf eager", lambda: run_hf(shape, device, False), device))
@@ -438,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="a config override for the latentforge rows, e.g. train.guard.enabled=false")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="the HF and Lightning rows (--no-peers: latentforge's alone, to compare its settings)")
+    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="latentforge's uncompiled row beside the compiled one (--no-eager: compiled alone)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -460,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"device": name, "torch": torch.__version__, "date": str(datetime.date.today()),
                                "commit": git_sha(), "command": command, "ceiling_flops": ceiling, "shapes": {}}
     for shape in chosen:
-        rows = bench_shape(shape, device, compile, ceiling, args.lf, args.peers)
+        rows = bench_shape(shape, device, compile, ceiling, args.lf, args.peers, args.eager)
         print(f"\n{describe(shape)}\n\n{table(shape, rows)}", flush=True)
         results["shapes"][shape.name] = {"shape": asdict(shape), "rows": [asdict(r) for r in rows]}
     if args.json:

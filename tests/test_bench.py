@@ -128,6 +128,21 @@ def test_train_speed_without_peers_runs_latentforge_alone(tmp_path: Path):
     assert [r["name"] for r in rows] == ["latentforge"] and rows[0]["steps_per_s"] > 0
 
 
+def test_train_speed_no_eager_leaves_out_the_uncompiled_row(monkeypatch):
+    """--no-eager: the compiled latentforge row alone (the rows' training itself is the test above)."""
+    from bench import train_speed
+
+    compiled = []
+    monkeypatch.setattr(train_speed, "run_latentforge",
+                        lambda shape, device, compile, overrides, extras: compiled.append(compile) or
+                        train_speed.Row(name="", steps_per_s=1.0))
+    shape = train_speed.shapes(tiny=True)["small"]
+    for eager, expected in ((True, [True, False]), (False, [True])):
+        compiled.clear()
+        rows = train_speed.bench_shape(shape, torch.device("cpu"), True, 1e12, [], peers=False, eager=eager)
+        assert compiled == expected and len(rows) == len(expected)
+
+
 def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     """bench/dvae/capacity.py: patch slots give every code 8 canvas cells; grid slots give small grids fewer,
     and the fractions grow to every grid."""

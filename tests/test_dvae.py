@@ -119,6 +119,26 @@ def test_model_shapes_on_arc_sized_grids():
     assert logits.shape == (3, 64, task.vocab_size) and out.codes.shape == (3, 4)
 
 
+def test_batches_carry_their_steps_schedules_and_the_loss_reads_them():
+    """A compiled loss takes the temperature, hardness, mask fraction and loss weights as tensors of the batch,
+    so it compiles once instead of once per value."""
+    cfg = load_config("dvae/tiny", ["model.codebook=softmax", "train.grad_accum=2", "train.steps=40",
+                                    "task.temperature={kind: linear, start: 1.0, end: 0.1, end_step: 30}",
+                                    "task.weights.kl={kind: linear, start: 0.0, end: 2.0, end_step: 30}"])
+    task = DVAE(cfg, CPU)
+    batch = task.train_batches().batch(14)  # micro-batch 14 of accumulation 2: step 7
+    assert float(batch["temperature"]) == pytest.approx(cfg.task.temperature.value(7))
+    assert float(batch["weight_kl"]) == pytest.approx(cfg.task.weights.kl.value(7))
+    assert batch["temperature"].dim() == 0 and batch["temperature"].device == CPU
+    model = task.build_model()
+    loss, metrics = task.loss(model, batch)
+    assert float(metrics["temperature"]) == float(batch["temperature"])
+    assert float(task.loss(model, {**batch, "weight_kl": torch.tensor(0.0)})[0]) != float(loss)
+    assert float(task.loss(model, {**batch, "temperature": torch.tensor(0.5)})[0]) != float(loss)
+    plain = {k: batch[k] for k in ("inputs", "targets", "shapes")}  # not from the stream: the last step's values
+    assert float(task.loss(model, plain)[1]["temperature"]) == pytest.approx(cfg.task.temperature.value(39))
+
+
 def test_encode_and_decode_an_arc_grid(cli, runs_dir, tmp_path):
     run = latentforge.train("dvae/tiny", "data.dataset=arc", "train.steps=2", "train.eval_every=2",
                             "data.eval_grids=16", "train.batch_size=4", name="arc", runs_dir=runs_dir)

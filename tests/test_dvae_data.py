@@ -174,7 +174,8 @@ def test_masking_hits_the_fraction_of_non_pad_cells_only(arc):
 
 def stream(grids: Grids, seed: int = 5) -> GridBatches:
     return GridBatches(grids, batch_size=64, seed=seed, device=torch.device("cpu"), augment=True,
-                       colors="keep_background", mask_fraction=lambda step: 0.1 + 0.01 * step, mask_id=11)
+                       colors="keep_background", schedules=lambda index: {"mask_fraction": 0.1 + 0.01 * index},
+                       mask_id=11)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -192,6 +193,8 @@ def test_grid_batches_are_a_pure_function_of_seed_and_index(arc):
     masked = batch["inputs"] == 11
     assert torch.equal(batch["inputs"][~masked], batch["targets"][~masked]) and masked.any()
     assert not (batch["targets"][masked] == PAD_ID).any()
+    # Each batch carries its scheduled scalars as 0-d tensors (the loss reads them; compiled, without recompiling).
+    assert [float(b["mask_fraction"]) for b in batches[:3]] == pytest.approx([0.1, 0.11, 0.12])
 
     resumed = stream(grids)
     resumed.load_state_dict(first.state_dict())

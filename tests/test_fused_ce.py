@@ -61,6 +61,24 @@ def run_check(device: str, dtype: str, dims: tuple[int, int, int, int], tol: flo
     run_agreeing(CHECK.format(device=device, dtype=dtype, dims=dims, tol=tol), interpret)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_fused_kernel_compiles_for_a_hopper_gpu():
+    """The interpreter runs what the compiler refuses (a global read that is not constexpr, say): compile the
+    kernel to a cubin for sm_90, which needs no GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from latentforge.nn.fused_ce import BLOCK, WARPS, _ce_rows
+
+    signature = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
+                 "lse_ptr": "*fp32", "stride": "i64", "vocab": "i32", "cols": "i32", "z_weight": "fp32",
+                 "BLOCK": "constexpr"}
+    source = ASTSource(fn=_ce_rows, signature=signature, constexprs={"BLOCK": BLOCK})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
+    assert kernel.asm["cubin"]
+
+
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs Triton (and no GPU: there the real "
                                                                          "kernel is tested)")
 def test_fused_cross_entropy_matches_lm_loss_in_the_interpreter():

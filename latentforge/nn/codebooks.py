@@ -145,6 +145,9 @@ class VQCodebook(Codebook):
                                  commitment_weight=commitment_weight, kmeans_init=True, kmeans_iters=kmeans_iters,
                                  threshold_ema_dead_code=threshold_ema_dead_code, rotation_trick=rotation_trick)
 
+    # The package's k-means start and dead-code resets are data-dependent in-place updates that inductor fails
+    # to partition, so under train.compile the lookup runs eagerly between the compiled encoder and decoder.
+    @torch.compiler.disable
     def forward(self, h: torch.Tensor, temperature: float = 1.0, hardness: float = 1.0) -> CodebookOutput:
         with _float32(h):
             z, codes, loss = self.vq(h.float())

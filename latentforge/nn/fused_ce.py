@@ -31,6 +31,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    _IGNORE = tl.constexpr(IGNORE)  # a compiled kernel reads only constexpr globals
+
     @triton.jit
     def _ce_rows(logits_ptr, labels_ptr, scale_ptr, loss_ptr, lse_ptr, stride, vocab, cols, z_weight,
                  BLOCK: tl.constexpr):
@@ -39,7 +41,7 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         label = tl.load(labels_ptr + row)
-        scored = label != IGNORE
+        scored = label != _IGNORE
         target = tl.where(scored, label, 0)
         # Online log-sum-exp over the vocabulary's columns (the padded ones are not part of the softmax).
         m = tl.full((), float("-inf"), tl.float32)

@@ -222,19 +222,22 @@ def batch_generator(seed: int, index: int) -> torch.Generator:
 
 
 class GridBatches(IndexedStream):
-    """Training batches {inputs, targets, shapes}: epochs over a finite set of grids, each batch
-    augmented (dihedral transform, colour permutation) and masked afresh. Batch i is a pure function
-    of (seed, i), so the state is the batch index alone."""
+    """Training batches {inputs, targets, shapes, and the batch's scheduled scalars}: epochs over a finite set
+    of grids, each batch augmented (dihedral transform, colour permutation) and masked afresh. Batch i is a
+    pure function of (seed, i), so the state is the batch index alone.
+
+    `schedules(i)` gives batch i's scalars by name (its `mask_fraction` masks the inputs); each is put in the
+    batch as a 0-d device tensor, so a compiled loss reads them as inputs instead of recompiling for each value."""
 
     def __init__(self, grids: Grids, batch_size: int, seed: int, device: torch.device, augment: bool, colors: str,
-                 mask_fraction: Callable[[int], float], mask_id: int):
+                 schedules: Callable[[int], dict[str, float]], mask_id: int):
         if colors not in COLOR_MODES:
             raise ConfigError(f"unknown colour augmentation {colors!r}: choose from {', '.join(COLOR_MODES)}")
         if batch_size < 1 or len(grids) == 0:
             raise ConfigError(f"need a batch size >= 1 and at least one grid (got {batch_size}, {len(grids)} grids)")
         self.grids = grids.to(device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
-        self.augment, self.colors, self.mask_fraction, self.mask_id = augment, colors, mask_fraction, mask_id
+        self.augment, self.colors, self.schedules, self.mask_id = augment, colors, schedules, mask_id
         self.colours = grids.vocab_size - (grids.pad_id is not None)
         self.sampler = EpochSampler(len(grids), batch_size, seed, device)
 
@@ -248,7 +251,9 @@ class GridBatches(IndexedStream):
         if self.colors != "none":
             permutation = random_color_permutations(len(tokens), self.colours, self.colors == "keep_background", g)
             tokens = permute_colors(tokens, permutation)
-        fraction = self.mask_fraction(index)
+        values = self.schedules(index)
+        fraction = values.get("mask_fraction", 0.0)
         inputs = mask_cells(tokens, fraction, self.mask_id, g, grids.pad_id) if fraction > 0 else tokens
-        return {"inputs": inputs, "targets": tokens, "shapes": shapes}
+        scalars = {name: torch.full((), value, device=self.device) for name, value in values.items()}
+        return {"inputs": inputs, "targets": tokens, "shapes": shapes, **scalars}
 

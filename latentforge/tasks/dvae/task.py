@@ -151,7 +151,6 @@ class DVAE(Task):
         self.pad_id = self.train_grids.pad_id
         self.mask_id = self.vocab_size
         self.grid_size = self.train_grids.tokens.shape[-1]
-        self.stream: GridBatches | None = None
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
@@ -183,22 +182,23 @@ class DVAE(Task):
     # ------------------------------------------------------------------ training
     def train_batches(self) -> GridBatches:
         d, t = self.cfg.data, self.cfg.train
-        self.stream = GridBatches(
-            self.train_grids, t.batch_size, d.seed, self.device, d.augment, d.colors,
-            lambda index: self.cfg.task.mask_fraction.value(index // t.grad_accum), self.mask_id)
-        return self.stream
+        return GridBatches(self.train_grids, t.batch_size, d.seed, self.device, d.augment, d.colors,
+                           lambda index: self.scheduled(index // t.grad_accum), self.mask_id)
 
-    def current_step(self) -> int:
-        if self.stream is None or self.stream.index == 0:
-            return max(self.cfg.train.steps - 1, 0)
-        return (self.stream.index - 1) // self.cfg.train.grad_accum
+    def scheduled(self, step: int) -> dict[str, float]:
+        """The scheduled scalars of `step`: temperature, hardness, mask fraction and each loss weight."""
+        task = self.cfg.task
+        values = {key: getattr(task, key).value(step) for key in ("temperature", "hardness", "mask_fraction")}
+        return values | {f"weight_{key}": getattr(task.weights, key).value(step) for key in vars(task.weights)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        task, step = self.cfg.task, self.current_step()
-        temperature, hardness = task.temperature.value(step), task.hardness.value(step)
+        # A batch from the training stream carries its step's values; any other (the last step's) gets them here.
+        values = {key: batch.get(key, value) for key, value in self.scheduled(max(self.cfg.train.steps - 1, 0)).items()}
+        temperature, hardness = values["temperature"], values["hardness"]
         logits, out = model(batch["inputs"], temperature, hardness)
         targets = batch["targets"].flatten(1)
-        w = {key: getattr(task.weights, key).value(step) for key in vars(task.weights)}
+        task = self.cfg.task
+        w = {key: values[f"weight_{key}"] for key in vars(task.weights)}
         terms = {"recon": reconstruction(logits, targets, self.pad_id, task.pad_weight, task.focal_gamma),
                  "commitment": out.loss.float()}
         if out.logits is not None:
@@ -212,9 +212,8 @@ class DVAE(Task):
         metrics["token_acc"] = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
         counts = torch.bincount(out.codes.flatten(), minlength=model.codebook.size).float()
         metrics["batch_perplexity"] = _perplexity(counts)
-        for key, value in (("temperature", temperature), ("hardness", hardness),
-                           ("mask_fraction", task.mask_fraction.value(step))):
-            metrics[key] = torch.tensor(value, device=self.device)
+        for key in ("temperature", "hardness", "mask_fraction"):
+            metrics[key] = torch.as_tensor(values[key], device=self.device)
         return loss, metrics
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
