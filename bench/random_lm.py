@@ -116,8 +116,10 @@ class RandomLM(Task):
 
     def flops_per_example(self, model: nn.Module) -> float:
         """Forward FLOPs of one row: 2 per weight per token plus causal attention counted in full. Model
-        FLOPs: the padded vocabulary rows (model.vocab_multiple) are not counted."""
+        FLOPs: the padded vocabulary rows (model.vocab_multiple) are not counted, nor learned positions (a
+        lookup, no matmul)."""
         m, d = self.cfg.model, self.cfg.data
         padding = (m.shape(m.vocab_size, d.seq_len).padded_vocab - m.vocab_size) * m.d_model
-        weights = sum(p.numel() for p in model.parameters()) - padding * (1 if m.tie_embeddings else 2)
+        positions = model.pos_embed.weight.numel() if model.pos_embed is not None else 0
+        weights = sum(p.numel() for p in model.parameters()) - padding * (1 if m.tie_embeddings else 2) - positions
         return float(d.seq_len * (2 * weights + 4 * m.n_layer * m.d_model * d.seq_len))

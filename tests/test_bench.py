@@ -38,7 +38,8 @@ def test_gpt2_bench_pads_the_head_and_counts_the_true_vocabulary():
     model = task.build_model()
     assert model.embed.num_embeddings == model.head.out_features == 50304
     assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 50257)
-    weights = sum(p.numel() for p in model.parameters()) - (50304 - 50257) * 16
+    assert model.pos_embed.weight.shape == (8, 16)  # GPT-2's learned positions, as the peers have them
+    weights = sum(p.numel() for p in model.parameters()) - (50304 - 50257) * 16 - 8 * 16
     assert task.flops_per_example(model) == 8 * (2 * weights + 4 * 1 * 16 * 8)
 
 

@@ -55,6 +55,25 @@ def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(tie, loss_logit
             assert torch.count_nonzero(p.grad[19:]) == 0, name
 
 
+def test_learned_positions_are_the_only_positions_the_model_sees():
+    """positions=learned (GPT-2's): one embedding row per position added to the input, and no RoPE. With the
+    rows zeroed, a run of one token gives the same output at every position; with them, it does not."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(SHAPE, positions="learned"))
+    assert model.pos_embed.weight.shape == (16, 32) and model.rope_cos is None
+    tokens = torch.full((1, 10), 3)
+    logits = model(tokens)
+    assert not torch.allclose(logits[0, 0], logits[0, -1], atol=1e-4)
+    logits.sum().backward()
+    assert model.pos_embed.weight.grad[:10].abs().sum(1).gt(0).all() and model.pos_embed.weight.grad[10:].eq(0).all()
+    with torch.no_grad():
+        model.pos_embed.weight.zero_()
+    flat = model(tokens)
+    torch.testing.assert_close(flat[0, :1].expand(10, -1), flat[0])
+    with pytest.raises(ValueError, match="longer than model.max_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
 def test_the_multiply_decoder_scores_and_generates_over_the_vocabulary_only():
     padded, plain = padded_and_plain(tie=True)
     decoders = []
@@ -76,6 +95,9 @@ def test_the_multiply_decoder_scores_and_generates_over_the_vocabulary_only():
     (["task.variant=latent", "model.vocab_multiple=64"],
      "error: model.vocab_multiple does not apply to task.variant=latent (its model has a head of its own); "
      "remove it"),
+    (["task.variant=latent", "model.positions=learned"],
+     "error: model.positions does not apply to task.variant=latent (its encoder-decoder has RoPE only); remove it"),
+    (["model.positions=absolute"], "error: model.positions must be one of 'rope', 'learned' (got 'absolute')"),
 ])
-def test_bad_vocab_multiple_is_one_line_and_leaves_nothing(cli, runs_dir, overrides, message):
+def test_bad_model_options_are_one_line_and_leave_nothing(cli, runs_dir, overrides, message):
     train_refused(cli, runs_dir, "multiply/tiny", overrides, message)

@@ -1,9 +1,11 @@
-"""A decoder-only transformer: pre-norm blocks, rotary positions, SDPA attention, optional tying."""
+"""A decoder-only transformer: pre-norm blocks, rotary (or GPT-2's learned) positions, SDPA attention, optional
+tying."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ class TransformerShape:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     vocab_multiple: int = 1
+    positions: Literal["rope", "learned"] = "rope"
 
     @property
     def padded_vocab(self) -> int:
@@ -78,6 +81,9 @@ class TransformerConfig(ModelBase):
     # Pad the embedding and head rows to a multiple of this (64: a faster head matmul for a vocabulary
     # like GPT-2's 50,257); the logits are sliced back to the vocabulary, so the padded ids never score.
     vocab_multiple: int = 1
+    # rope: rotary positions in every attention layer. learned: one embedding per position added to the input,
+    # as GPT-2 has it (the benchmarks' GPT-2 shape uses it, to train the architecture the peers train).
+    positions: Literal["rope", "learned"] = "rope"
 
     def validate(self) -> None:
         require(self.n_layer >= 1, "n_layer", f"must be >= 1 (got {self.n_layer})")
@@ -88,7 +94,7 @@ class TransformerConfig(ModelBase):
         return TransformerShape(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
                                 d_model=self.d_model, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                                 max_len=max_len, tie_embeddings=self.tie_embeddings,
-                                vocab_multiple=self.vocab_multiple)
+                                vocab_multiple=self.vocab_multiple, positions=self.positions)
 
 
 class SelfAttention(nn.Module):
@@ -101,10 +107,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(shape.d_model, shape.d_model, bias=False)
         self.dropout = shape.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        """cos and sin are the RoPE tables, or None where the positions are in the input (learned)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
@@ -131,7 +139,7 @@ class Block(nn.Module):
         self.mlp = MLP(shape)
         self.drop = nn.Dropout(shape.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), cos, sin))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -150,7 +158,9 @@ class Transformer(nn.Module):
         self.head = nn.Linear(shape.d_model, shape.padded_vocab, bias=False)
         if shape.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rope_tables(shape.max_len, shape.d_model // shape.n_head, shape.rope_base)
+        self.pos_embed = nn.Embedding(shape.max_len, shape.d_model) if shape.positions == "learned" else None
+        cos, sin = (None, None) if self.pos_embed is not None else rope_tables(
+            shape.max_len, shape.d_model // shape.n_head, shape.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -171,6 +181,8 @@ class Transformer(nn.Module):
         if T > self.shape.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_len={self.shape.max_len}")
         kept = {}
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.weight[:T]
         x = self.drop(x)
         for layer, block in enumerate(self.blocks, 1):
             x = block(x, self.rope_cos, self.rope_sin)

@@ -237,6 +237,8 @@ class Multiply(Task):
                                       f"(this run is {variant}); remove it")
         require(variant != "latent" or m.vocab_multiple == 1, "model.vocab_multiple",
                 "does not apply to task.variant=latent (its model has a head of its own); remove it")
+        require(variant != "latent" or m.positions == "rope", "model.positions",
+                "does not apply to task.variant=latent (its encoder-decoder has RoPE only); remove it")
         if variant == "pause":
             require(m.thoughts >= 1, "model.thoughts", "must be >= 1 for task.variant=pause")
         if variant == "aux-probe":
