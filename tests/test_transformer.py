@@ -57,19 +57,25 @@ def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(tie, loss_logit
 
 def test_learned_positions_are_the_only_positions_the_model_sees():
     """positions=learned (GPT-2's): one embedding row per position added to the input, and no RoPE. With the
-    rows zeroed, a run of one token gives the same output at every position; with them, it does not."""
+    rows zeroed, one layer of causal attention sees its prefix as a set: reordering the tokens before the last
+    leaves the last output as it is (RoPE would change it); with the rows, it does not."""
     torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(SHAPE, positions="learned"))
+    one_layer = dataclasses.replace(SHAPE, n_layer=1)
+    model = Transformer(dataclasses.replace(one_layer, positions="learned"))
     assert model.pos_embed.weight.shape == (16, 32) and model.rope_cos is None
-    tokens = torch.full((1, 10), 3)
+    tokens = torch.randperm(19)[:10][None]
+    reordered = torch.cat([tokens[:, :9].flip(1), tokens[:, 9:]], 1)
     logits = model(tokens)
-    assert not torch.allclose(logits[0, 0], logits[0, -1], atol=1e-4)
+    assert not torch.allclose(logits[0, -1], model(reordered)[0, -1], atol=1e-4)
+    _, kept = model.hidden(model.embed(tokens), keep=(0,))  # the first block's input: what a layer-0 probe reads
+    torch.testing.assert_close(kept[0], model.embed(tokens) + model.pos_embed.weight[:10])
     logits.sum().backward()
     assert model.pos_embed.weight.grad[:10].abs().sum(1).gt(0).all() and model.pos_embed.weight.grad[10:].eq(0).all()
     with torch.no_grad():
         model.pos_embed.weight.zero_()
-    flat = model(tokens)
-    torch.testing.assert_close(flat[0, :1].expand(10, -1), flat[0])
+    torch.testing.assert_close(model(tokens)[0, -1], model(reordered)[0, -1])
+    rope = Transformer(one_layer)  # the same check fails with rotary positions
+    assert not torch.allclose(rope(tokens)[0, -1], rope(reordered)[0, -1], atol=1e-4)
     with pytest.raises(ValueError, match="longer than model.max_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
 

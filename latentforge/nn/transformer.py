@@ -176,7 +176,8 @@ class Transformer(nn.Module):
 
     def hidden(self, x: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Input embeddings (B, T, C) -> the final normed hidden states, and the residual stream
-        after each block listed in `keep` (1 = after the first block)."""
+        after each block listed in `keep` (1 = after the first block; 0 = the first block's input, learned
+        positions included)."""
         T = x.shape[1]
         if T > self.shape.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_len={self.shape.max_len}")
@@ -184,6 +185,8 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed.weight[:T]
         x = self.drop(x)
+        if 0 in keep:
+            kept[0] = x
         for layer, block in enumerate(self.blocks, 1):
             x = block(x, self.rope_cos, self.rope_sin)
             if layer in keep:

@@ -253,7 +253,9 @@ class GridBatches(IndexedStream):
             tokens = permute_colors(tokens, permutation)
         values = self.schedules(index)
         fraction = values.get("mask_fraction", 0.0)
-        inputs = mask_cells(tokens, fraction, self.mask_id, g, grids.pad_id) if fraction > 0 else tokens
+        # A clone when nothing is masked: inputs that alias targets would make a compiled loss recompile when
+        # a mask schedule starts above 0.
+        inputs = mask_cells(tokens, fraction, self.mask_id, g, grids.pad_id) if fraction > 0 else tokens.clone()
         scalars = {name: torch.full((), value, device=self.device) for name, value in values.items()}
         return {"inputs": inputs, "targets": tokens, "shapes": shapes, **scalars}
 

@@ -232,9 +232,8 @@ class GSSM(Task):
         layers = self.cfg.model.n_layer
         streams = []
         for chunk in tokens[:, :-1].split(self.cfg.data.eval_batch_size):
-            embedded = model.embed(chunk)
-            _, kept = model.hidden(embedded, keep=tuple(range(1, layers + 1)))
-            streams.append(torch.stack([embedded, *(kept[k] for k in range(1, layers + 1))]).float())
+            _, kept = model.hidden(model.embed(chunk), keep=tuple(range(layers + 1)))
+            streams.append(torch.stack([kept[k] for k in range(layers + 1)]).float())
         hidden = torch.cat(streams, 1)[:, :, 1:]  # (layers + 1, n, T - 2, d): positions 1..T-2
         n_fit = max(1, int(0.8 * n))
         rows = []
