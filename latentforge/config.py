@@ -177,6 +177,9 @@ class TrainConfig:
     # grad_accum=1, no fp16, EMA or adaptive clipping, and batches whose shapes repeat
     # (engine/step_graph.py).
     cuda_graph: bool = False
+    # The kernels scaled_dot_product_attention may use in training, e.g. [flash] or [cudnn, flash] (torch picks
+    # among them; [] leaves it all to torch): to measure one against another (engine/attention.py).
+    sdpa_backends: list[Literal["flash", "cudnn", "efficient", "math"]] = field(default_factory=list)
     # Deterministic kernels (torch, cuDNN, cuBLAS workspace): two GPU runs give identical losses, a bit slower.
     deterministic: bool = False
     # Clip the global gradient norm to this value; 0 turns clipping off.
@@ -217,6 +220,8 @@ class TrainConfig:
                 "(it records graphs of its own)")
         require(not (self.compile_options and self.compile_mode != "default"), "compile_options",
                 f"replaces the mode in torch.compile: use it with train.compile_mode=default (got {self.compile_mode})")
+        require(len(set(self.sdpa_backends)) == len(self.sdpa_backends), "sdpa_backends",
+                f"names a backend twice (got {self.sdpa_backends})")
         require(self.clip_adaptive >= 0, "clip_adaptive", f"must be >= 0 (got {self.clip_adaptive})")
         require(0 <= self.clip_adaptive_beta < 1, "clip_adaptive_beta",
                 f"must be in [0, 1) (got {self.clip_adaptive_beta})")

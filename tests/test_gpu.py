@@ -80,6 +80,20 @@ def test_gssm_trains_on_cuda_in_bf16(runs_dir):
     assert last["test/gap"] > -3 * last["test/gap_se"] and values_finite(losses(run.path))
 
 
+def test_each_sdpa_backend_trains_as_torchs_choice_on_cuda(runs_dir):
+    """train.sdpa_backends on the GPU: flash, cuDNN and the memory-efficient kernel each train the compiled bf16
+    step as torch's own choice does."""
+    common = (*TINY, "train.steps=20", "train.device=cuda", "train.precision=bf16", "train.compile=true")
+    reference = losses(latentforge.train("multiply/tiny", *common, name="auto", runs_dir=runs_dir).path)
+    for backend in ("flash", "cudnn", "efficient"):
+        run = latentforge.train("multiply/tiny", *common, f"train.sdpa_backends=[{backend}]", name=backend,
+                                runs_dir=runs_dir)
+        values = losses(run.path)
+        assert sorted(values) == list(range(1, 21))
+        for step in values:
+            assert values[step] == pytest.approx(reference[step], rel=2e-2, abs=2e-2), backend
+
+
 SMALL_ARC = ("model.grid_slots=true", "model.patch_slots=false", "model.d_model=64", "model.n_head=4",
              "model.encoder_layers=1", "model.pool_layers=1", "model.decoder_layers=1", "train.batch_size=16",
              "train.steps=20", "train.log_every=1", "train.eval_every=20", "checkpoint.every=20", "data.eval_grids=64",

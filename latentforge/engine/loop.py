@@ -32,6 +32,7 @@ from latentforge.config import Config
 from latentforge.engine import clipping, distributed
 from latentforge.engine.activation_checkpointing import checkpoint_blocks
 from latentforge.engine.async_checkpoint import CheckpointWriter, as_checkpoint_error
+from latentforge.engine.attention import attention_context
 from latentforge.engine.checkpoint import (
     is_sharded,
     load_checkpoint,
@@ -206,6 +207,7 @@ class Trainer:
         self.remote = Remote(cfg.checkpoint.remote) if cfg.checkpoint.remote and self.dist.is_main else None
         self.mirror: RemoteMirror | None = None
         seed_everything(t.seed)
+        self.attention = attention_context(t.sdpa_backends, self.device)
         self.task, self.model = build_task_and_model(cfg, self.device)
         # Where the weights came from (run.json's init_from), and what a partial load left out.
         self.init_source: dict[str, Any] | None = None
@@ -465,10 +467,11 @@ class Trainer:
                                                                       device=self.device), self.dist)
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             share = weight / total_weight
-            with autocast(self.device, t.precision), self._gradient_sync(i == len(micro_batches) - 1):
-                loss, metrics = self._loss(batch)
-            scaled = loss * share * self.dist.world_size
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            with self.attention():
+                with autocast(self.device, t.precision), self._gradient_sync(i == len(micro_batches) - 1):
+                    loss, metrics = self._loss(batch)
+                scaled = loss * share * self.dist.world_size
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float() * share
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0) + v.detach().float() * share
