@@ -31,19 +31,17 @@ import torch
 import torch.nn.functional as F
 
 from latentforge.nn.fused_ce import fused_available, linear_cross_entropy
-from latentforge.nn.transformer import padded_vocab
+from latentforge.nn.transformer import padded_vocab, vocab_logits
 
 VOCAB, D_MODEL, ROWS, CHUNKS = 50257, 768, 16 * 1024, 8
 
 
 def sliced(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
-    return F.cross_entropy((h @ w.t())[:, :vocab].float(), targets)
+    return F.cross_entropy(vocab_logits(h @ w.t(), vocab).float(), targets)
 
 
 def masked(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
-    logits = (h @ w.t()).float()
-    padded = torch.arange(logits.shape[-1], device=logits.device) >= vocab
-    return F.cross_entropy(logits.masked_fill(padded, float("-inf")), targets)
+    return F.cross_entropy(vocab_logits(h @ w.t(), vocab, padded=True).float(), targets)
 
 
 def unpadded(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:

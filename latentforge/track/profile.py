@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from latentforge.track.files import write_atomic
 from latentforge.track.rundir import RunDir
 
 PHASES = ("data", "forward_backward", "optimizer", "logging")
@@ -122,7 +123,5 @@ class StepProfiler:
         os.replace(tmp, path)
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
-        tmp = table.with_name(f".{table.name}.tmp")
-        tmp.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS) + "\n")
-        os.replace(tmp, table)
+        write_atomic(table, profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS) + "\n")
         self.trace, self.table = path, table

@@ -151,6 +151,8 @@ class DVAE(Task):
         self.pad_id = self.train_grids.pad_id
         self.mask_id = self.vocab_size
         self.grid_size = self.train_grids.tokens.shape[-1]
+        # The scheduled scalars of a batch that does not carry its own (one not from the training stream).
+        self.last_step_values = self.scheduled(max(cfg.train.steps - 1, 0))
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
@@ -192,8 +194,7 @@ class DVAE(Task):
         return values | {f"weight_{key}": getattr(task.weights, key).value(step) for key in vars(task.weights)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        # A batch from the training stream carries its step's values; any other (the last step's) gets them here.
-        values = {key: batch.get(key, value) for key, value in self.scheduled(max(self.cfg.train.steps - 1, 0)).items()}
+        values = {key: batch.get(key, value) for key, value in self.last_step_values.items()}
         temperature, hardness = values["temperature"], values["hardness"]
         logits, out = model(batch["inputs"], temperature, hardness)
         targets = batch["targets"].flatten(1)
