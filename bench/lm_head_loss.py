@@ -1,6 +1,6 @@
 """The output head and cross-entropy of GPT-2-small, alone: which way of writing them runs fastest.
 
-    python -m bench.lm_head_loss [--device cuda] [--rows 16384] [--tiny]
+    python -m bench.lm_head_loss [--device cuda] [--rows 16384] [--tiny] [--fused-configs 8192x32,16384x32,...]
 
 The fifth measurement in docs/benchmarks.md puts the cross-entropy's two fused kernels at 3.8 ms of a
 35.5 ms GPT-2 step, about 3x what their memory traffic needs. This times forward + backward of the
@@ -13,7 +13,9 @@ head matmul and the loss, compiled, for each way of writing them, on hidden stat
 - unpadded: a head of exactly 50,257 rows (what HF does);
 - chunked:  `sliced` over 8 slices of the rows, so the float32 logits of only one slice exist at a time;
 - fused:    nn.fused_ce, where Triton runs (CUDA): one pass per row writes the gradient over the logits, and
-            the head's gradient matmuls run in the forward (not compiled: it is Triton and matmuls).
+            the head's gradient matmuls run in the forward (not compiled: it is Triton and matmuls). One row
+            per `--fused-configs` entry BLOCKxWARPS (columns per iteration x warps per row; default the
+            kernel's own), to tune its launch: the seventh measurement found it at ~2.3x its memory traffic.
 
 Each row: milliseconds per forward + backward (median of the timed calls, CUDA events), peak memory,
 and the loss, which must agree across rows. On the CPU it runs tiny dims to check that every variant
@@ -30,7 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from latentforge.nn.fused_ce import fused_available, linear_cross_entropy
+from latentforge.nn.fused_ce import BLOCK, WARPS, fused_available, linear_cross_entropy
 from latentforge.nn.transformer import padded_vocab, vocab_logits
 
 VOCAB, D_MODEL, ROWS, CHUNKS = 50257, 768, 16 * 1024, 8
@@ -53,8 +55,25 @@ def chunked(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int)
     return torch.stack(losses).sum() / len(targets)
 
 
-def fused(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
-    return linear_cross_entropy(h, w, targets, vocab)[0]
+def fused(block: int, warps: int) -> Callable[..., torch.Tensor]:
+    def loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+        return linear_cross_entropy(h, w, targets, vocab, block=block, warps=warps)[0]
+    return loss
+
+
+def fused_configs(text: str) -> list[tuple[int, int]]:
+    """'8192x32,4096x16' -> [(8192, 32), (4096, 16)]: a power-of-2 block of columns and 1-32 warps each."""
+    configs = []
+    for item in text.split(","):
+        try:
+            block, warps = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not BLOCKxWARPS (e.g. 8192x32)") from None
+        if not 16 <= block <= 65536 or block & (block - 1) or not 1 <= warps <= 32 or warps & (warps - 1):
+            raise argparse.ArgumentTypeError(f"{item!r}: BLOCK must be a power of 2 from 16 to 65536 and WARPS one of "
+                                             "1, 2, 4, 8, 16, 32")
+        configs.append((block, warps))
+    return configs
 
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {"sliced": sliced, "masked": masked, "unpadded": unpadded,
@@ -106,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
     parser.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
                         help="vocab 1000, d=64, 256 rows (default: on with --device cpu)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fused-configs", type=fused_configs, default=[(BLOCK, WARPS)],
+                        help=f"the fused kernel's launches to time, BLOCKxWARPS,... (default {BLOCK}x{WARPS})")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -121,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
           f"compile {'on' if args.compile else 'off'}\n")
     print("| variant | ms per forward + backward | peak memory (GiB) | loss |\n|---|---|---|---|")
     results = {}
-    variants = {**VARIANTS, "fused": fused} if fused_available(device) else VARIANTS
+    variants = dict(VARIANTS)
+    if fused_available(device):
+        variants.update({f"fused {block}x{warps}": fused(block, warps) for block, warps in args.fused_configs})
     for name, fn in variants.items():
-        compiled = torch.compile(fn, dynamic=False) if args.compile and name != "fused" else fn
+        compiled = torch.compile(fn, dynamic=False) if args.compile and not name.startswith("fused") else fn
         results[name] = time_variant(compiled, h, w, targets, vocab, device, warmup=3, steps=args.steps)
         ms, peak, loss = results[name]
         print(f"| {name} | {ms:.3f} | {peak:.2f} | {loss:.5f} |", flush=True)

@@ -1,6 +1,7 @@
 """The benchmark scripts stay runnable: they import, and the side-by-side script trains,
 evaluates and compares a spec file end to end (tiny runs on the CPU)."""
 
+import argparse
 import importlib
 import json
 import os
@@ -116,6 +117,19 @@ def test_lm_head_loss_variants_agree_in_loss_and_gradients():
         torch.testing.assert_close(grad_h, results[0][1])
         torch.testing.assert_close(grad_w, results[0][2])
     assert results[0][2][100:].abs().max() == 0  # the padded rows get no gradient
+
+
+def test_lm_head_loss_fused_configs_parse_and_refuse_bad_launches():
+    sys.path.insert(0, str(REPO))
+    from bench.lm_head_loss import fused_configs
+
+    assert fused_configs("8192x32,4096X8") == [(8192, 32), (4096, 8)]
+    for bad in ("8192", "8192x", "1000x32", "131072x32", "8192x64", "8192x3", "axb"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fused_configs(bad)
+    result = subprocess.run([sys.executable, "-m", "bench.lm_head_loss", "--fused-configs", "8192x3"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and "WARPS one of" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_train_speed_without_peers_runs_latentforge_alone(tmp_path: Path):

@@ -21,9 +21,12 @@ BASE = ["multiply/tiny", "train.steps=8", "train.log_every=1", "train.eval_every
 
 
 def assert_close(a: dict[int, float], b: dict[int, float]) -> None:
+    """Per-step losses of two runs, to the rounding of two AdamW kernels: one CPU process clips inside fused
+    AdamW (a division), several take foreach AdamW after clip_grad_norm_ (a multiplication), which drift
+    apart by ~1e-5 over 40 steps. A rank that trained on the wrong rows or averaged wrongly is off by far more."""
     assert a.keys() == b.keys() and a
     for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), step
+        assert a[step] == pytest.approx(b[step], rel=5e-5, abs=1e-6), step
 
 
 # The one-process reference runs long enough that an interrupted run on a slow machine still stops inside it.

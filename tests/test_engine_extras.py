@@ -252,6 +252,34 @@ def test_activation_checkpointing_benchmark_runs_on_the_cpu():
     assert rows[2].startswith("| off") and rows[3].startswith("| on")
 
 
+# ----------------------------------------------------------------------------- gradient clipping
+
+
+def test_fused_adamw_clips_by_its_grad_scale_as_clip_grad_norm_does():
+    """With fused AdamW the clipping's factor is the optimizer's grad_scale, not a pass over the gradients:
+    the same weights, step for step, as torch's clip_grad_norm_ before the step. A large eps makes Adam's
+    update follow the gradients' scale, so skipped clipping would show."""
+    overrides = [*TINY, "optim.name=adamw", "optim.eps=0.1", "train.clip_grad=0.05", "train.guard.enabled=false"]
+    folded, plain = (Trainer(load_config("multiply/tiny", overrides), quiet=True) for _ in range(2))
+    assert folded.clip_in_optimizer and folded.optimizer.defaults["fused"]
+    plain.clip_in_optimizer = False
+    unclipped = Trainer(load_config("multiply/tiny", [*overrides, "train.clip_grad=0"]), quiet=True)
+    assert not unclipped.clip_in_optimizer
+    for _ in range(4):
+        for trainer in (folded, plain, unclipped):
+            trainer.train_step()
+        assert float(folded.optimizer.grad_scale) > 1  # the norm is above clip_grad: every step is clipped
+    for a, b in zip(folded.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a, c) for a, c in zip(folded.model.parameters(), unclipped.model.parameters()))
+
+
+def test_clipping_stays_a_pass_of_its_own_where_fused_adamw_cannot_take_it():
+    for extra in (["optim.name=muon"], ["train.clip_grad=0"], ["train.clip_adaptive=2"], ["optim.orthograd=true"]):
+        trainer = Trainer(load_config("multiply/tiny", [*TINY, "optim.name=adamw", *extra]), quiet=True)
+        assert not trainer.clip_in_optimizer, extra
+
+
 # ----------------------------------------------------------------------------- adaptive gradient clipping
 
 

@@ -16,7 +16,8 @@ import latentforge
 from latentforge.nn.fused_ce import HAS_TRITON
 
 # Loss, metrics and both gradients against lm_loss over the padded, masked logits: ignored labels, padded head
-# rows (which get no gradient), with and without the z-loss, and an outer gradient that is not 1.
+# rows (which get no gradient), with and without the z-loss, and an outer gradient that is not 1; the kernel's
+# own launch and one whose 32-column blocks take several passes over each row's columns.
 CHECK = """
 import torch
 from latentforge.nn.fused_ce import IGNORE, linear_cross_entropy
@@ -30,18 +31,21 @@ for z in (0.0, 1e-2):
     labels = torch.randint(0, V, (N, 2), device=device)[:, 0]  # a strided view, as a sliced batch gives
     labels[::7] = IGNORE
     out = {{}}
-    for name in ("fused", "reference"):
+    for name in ("fused", "fused 32x1", "reference"):
         hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             if name == "fused":
                 loss, m = linear_cross_entropy(hh, ww, labels, V, z)
+            elif name == "fused 32x1":
+                loss, m = linear_cross_entropy(hh, ww, labels, V, z, block=32, warps=1)
             else:
                 loss, m = lm_loss(vocab_logits(hh @ ww.t(), V, padded=True), labels, z)
         (loss * 2.5).backward()
         out[name] = (loss.detach(), m["ce_loss"], m["z_loss"], m["tokens"], hh.grad, ww.grad)
-    for a, b in zip(out["fused"], out["reference"]):
-        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
-    assert out["fused"][5][V:].abs().max() == 0
+    for fused in ("fused", "fused 32x1"):
+        for a, b in zip(out[fused], out["reference"]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+        assert out[fused][5][V:].abs().max() == 0
 print("agree")
 """
 

@@ -73,7 +73,8 @@ def fused_available(device: torch.device) -> bool:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                z_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                z_weight: float, block: int, warps: int,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         hc, wc = h.to(dtype), weight.to(dtype)
         logits = hc @ wc.t()  # (N, R): overwritten below by its own gradient
@@ -83,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = logits.new_empty(len(logits), dtype=torch.float32)
         lse = torch.empty_like(rows)
         _ce_rows[(len(logits),)](logits, labels, scale, rows, lse, logits.stride(0), vocab_size, logits.shape[1],
-                                 float(z_weight), BLOCK=BLOCK, num_warps=WARPS)
+                                 float(z_weight), BLOCK=block, num_warps=warps)
         ctx.save_for_backward(logits @ wc, logits.t() @ hc)  # dL/dh and dL/dweight, before the outer gradient
         ctx.dtypes = h.dtype, weight.dtype
         ce = rows.sum() * scale
@@ -95,16 +96,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, *unused: torch.Tensor):
         grad_h, grad_weight = ctx.saved_tensors
         h_dtype, weight_dtype = ctx.dtypes
-        return (grad_h * grad_loss).to(h_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None, None
+        grads = (grad_h * grad_loss).to(h_dtype), (grad_weight * grad_loss).to(weight_dtype)
+        return *grads, None, None, None, None, None
 
 
 @torch.compiler.disable  # run as it is inside a compiled loss: Triton, three matmuls, no graph of its own
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                         z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         z_loss: float = 0.0, block: int = BLOCK, warps: int = WARPS,
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """h (..., C) hidden states, weight (R, C) the head (R >= vocab_size rows: the padded ones never score),
     labels (...) with IGNORE for unscored tokens -> (mean loss over the scored tokens, metrics), as lm_loss
     gives them: ce_loss, z_loss (unweighted) and tokens, device tensors. Not for fp16: the gradients are made
-    in the forward, before a grad scaler's factor could keep them above fp16's smallest value."""
+    in the forward, before a grad scaler's factor could keep them above fp16's smallest value. block and warps
+    are the kernel's columns per iteration (a power of 2) and warps per row: `python -m bench.lm_head_loss
+    --fused-configs` times choices of them."""
     loss, ce, z, tokens = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight,
-                                                    labels.reshape(-1).contiguous(), vocab_size, z_loss)
+                                                    labels.reshape(-1).contiguous(), vocab_size, z_loss, block, warps)
     return loss, {"ce_loss": ce, "z_loss": z, "tokens": tokens.float()}
