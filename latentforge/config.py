@@ -201,6 +201,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     # Profile this many steps (0: off): a trace in <run>/profile/ and step timings in profile.jsonl.
     profile: int = 0
+    # With train.profile: also record the Python lines behind each operator (<run>/profile/stepsA-B.sources.txt).
+    # Off by default: recording them slows the host side of the profiled steps, so their timings read high.
+    profile_sources: bool = False
     # Seconds of training (summed over resumes, start-up and evaluations included) after which the run
     # ends as if train.steps were reached: final evaluation and checkpoint, status finished, stopped_by
     # time_limit in run.json. The LR schedule still spans train.steps. 0: no limit.

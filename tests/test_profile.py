@@ -38,6 +38,17 @@ def test_profile_writes_a_trace_and_step_timings(runs_dir):
     assert loss[0] == loss[1]
 
 
+def test_profile_sources_split_each_operator_by_the_python_lines_that_called_it(runs_dir):
+    run = latentforge.train("multiply/tiny", *TINY, "train.profile=2", "train.profile_sources=true", name="src",
+                            runs_dir=runs_dir)
+    assert sorted(p.name for p in (run.path / "profile").iterdir()) == [
+        "steps3-4.pt.trace.json", "steps3-4.sources.txt", "steps3-4.txt"]
+    sources = (run.path / "profile" / "steps3-4.sources.txt").read_text()
+    assert "Source Location" in sources and "aten::mm" in sources
+    # The model's own lines are named: the transformer's forward launches its matmuls.
+    assert "latentforge/nn/transformer.py(" in sources
+
+
 def test_profile_window_cut_short_and_after_resume(runs_dir):
     """A window longer than the run is still written; a resumed run profiles its own first steps."""
     run = latentforge.train("multiply/tiny", *TINY, "train.steps=4", "train.profile=5", name="short",

@@ -622,7 +622,7 @@ class Trainer:
         if self.dist.is_main:
             remove_stale_temporaries(self.run.checkpoints)
         profiles = t.profile and self.dist.is_main
-        self.timer = StepProfiler(self.run, t.profile, self.device, self.step) if profiles else None
+        self.timer = StepProfiler(self.run, t.profile, self.device, self.step, t.profile_sources) if profiles else None
         try:
             with StopRequest() as stop:
                 clock = time.perf_counter()

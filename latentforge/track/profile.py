@@ -9,7 +9,10 @@ in the trace and is timed into `<run>/profile.jsonl`, one line per step:
     {"step": 7, "data": s, "forward_backward": s, "optimizer": s, "logging": s, "total": s}
 
 Beside the trace, `stepsA-B.txt` is the table of operators and kernels by their own time on the
-device (on the CPU by CPU time): the first place to look for where a step's time goes.
+device (on the CPU by CPU time): the first place to look for where a step's time goes. With
+train.profile_sources, `stepsA-B.sources.txt` is the same table with each operator split by the Python lines
+that called it (a few frames each), to find which code launches an operator the first table counts (an op
+that autograd runs has no Python frames). Recording the frames slows the host, so it is off by default.
 
 `logging` is everything after the update: metrics, evaluation, checkpoints. The device is
 synchronized at each phase boundary while profiling only, so the times are the device's and not
@@ -31,10 +34,11 @@ from latentforge.track.rundir import RunDir
 PHASES = ("data", "forward_backward", "optimizer", "logging")
 WAIT, WARMUP = 1, 1
 TABLE_ROWS = 40
+SOURCE_FRAMES = 5
 
 
 class StepProfiler:
-    def __init__(self, run: RunDir, steps: int, device: torch.device, first_step: int):
+    def __init__(self, run: RunDir, steps: int, device: torch.device, first_step: int, sources: bool = False):
         self.dir = run.path / "profile"
         self.jsonl = run.path / "profile.jsonl"
         self.device = device
@@ -45,6 +49,7 @@ class StepProfiler:
         self.records: list[dict[str, float]] = []
         self.trace: Path | None = None
         self.table: Path | None = None
+        self.sources = sources
         self.range: torch.profiler.record_function | None = None
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -53,6 +58,10 @@ class StepProfiler:
             activities=activities,
             schedule=torch.profiler.schedule(wait=WAIT, warmup=WARMUP, active=steps, repeat=1),
             on_trace_ready=self._export,
+            # The Python lines behind each operator, for the sources table (verbose: without it torch keeps the
+            # frames out of key_averages).
+            with_stack=sources,
+            experimental_config=torch.profiler._ExperimentalConfig(verbose=sources),
         )
         self.profiler.start()
 
@@ -123,5 +132,10 @@ class StepProfiler:
         os.replace(tmp, path)
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
-        write_atomic(table, profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS) + "\n")
+        averages = profiler.key_averages()
+        write_atomic(table, averages.table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=100) + "\n")
+        if self.sources:
+            sources = profiler.key_averages(group_by_stack_n=SOURCE_FRAMES).table(
+                sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=60, max_src_column_width=100)
+            write_atomic(table.with_name(table.name.replace(".txt", ".sources.txt")), sources + "\n")
         self.trace, self.table = path, table
