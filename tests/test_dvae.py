@@ -9,6 +9,7 @@ import torch
 import latentforge
 from latentforge.config import load_config
 from latentforge.tasks.dvae.losses import kl_uniform, reconstruction, tc_decomposition, usage_penalty
+from latentforge.tasks.dvae.model import cells_per_code
 from latentforge.tasks.dvae.task import DVAE
 
 CPU = torch.device("cpu")
@@ -210,6 +211,44 @@ def test_grid_slots_store_the_shape_and_pin_padding():
     other[:, :2] = torch.tensor([1, 2])
     drawn = model.decode_codes(other).argmax(-1).view_as(grids)
     assert ((drawn != task.pad_id).sum((1, 2)) == 2 * 3).all()
+
+
+def test_cells_per_code_is_the_longest_run_a_slot_gets():
+    shapes = torch.tensor([[1, 1], [2, 2], [3, 3], [30, 30]])
+    assert cells_per_code(shapes, 4).tolist() == [1, 1, 3, 225]
+    assert cells_per_code(shapes, 126).tolist() == [1, 1, 1, 8]
+
+
+def test_exact_match_is_reported_per_cells_per_code(monkeypatch):
+    """The held-out exact match split by how many cells each code carries: the buckets count every grid once,
+    and their exact matches add up to the overall one. The decoder here returns the right cells for the grids
+    of even height, so some buckets are exact and some are not."""
+    cfg = load_config("dvae/tiny", ["data.dataset=arc", "model.grid_slots=true", "model.latents=6",
+                                    "model.codebook_size=32", "data.eval_grids=64",
+                                    "data.eval_batch_size=16"])
+    task = DVAE(cfg, CPU)
+    model = task.build_model()
+    forward = model.forward
+
+    def half_right(grids):
+        logits, out = forward(grids)
+        even = model.grid_shapes(grids)[:, 0] % 2 == 0
+        right = one_hot_logits(grids.flatten(1), logits.shape[-1])
+        return torch.where(even[:, None, None], right, logits), out
+
+    monkeypatch.setattr(model, "forward", half_right)
+    metrics = task.evaluate(model, "test")
+    shapes = task.grids("test").shapes
+    load = cells_per_code(shapes, 4)
+    names = [k.split("/")[-1] for k in metrics if k.startswith("test/grids/")]
+    assert len(names) >= 2 and sum(metrics[f"test/grids/{n}"] for n in names) == metrics["test/examples"] == 64
+    assert metrics["test/grids/1_cell_per_code"] == float((load == 1).sum())
+    exact = sum(metrics[f"test/exact_match/{n}"] * metrics[f"test/grids/{n}"] for n in names) / 64
+    assert exact == pytest.approx(metrics["test/exact_match"]) and 0 < exact < 1
+    even = (shapes[:, 0] % 2 == 0).float()
+    assert metrics["test/exact_match"] == pytest.approx(float(even.mean()))
+    assert metrics["test/exact_match/1_cell_per_code"] == pytest.approx(float(even[load == 1].mean()))
+    assert metrics["test/exact_match/over_8_cells_per_code"] == pytest.approx(float(even[load > 8].mean()))
 
 
 def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path):

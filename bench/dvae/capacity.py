@@ -21,6 +21,7 @@ import sys
 import torch
 
 from latentforge.config import load_config
+from latentforge.tasks.dvae.model import cells_per_code
 from latentforge.tasks.dvae.task import DVAE
 
 
@@ -32,7 +33,7 @@ def main(overrides: list[str]) -> None:
     cells = shapes[:, 0] * shapes[:, 1]
     free = int(math.log2(m.codebook_size) // math.log2(10))
     per_patch = cfg.data.grid_size**2 // m.latents
-    per_slot = (cells + m.latents - 3) // (m.latents - 2)
+    per_slot = cells_per_code(shapes, m.latents - 2)
     print(f"{len(cells)} held-out grids (median {int(cells.median())} cells); {m.latents} codes of "
           f"{m.codebook_size}: a code holds any {free} cells")
     print("| cells per code | patch slots | grid slots |")

@@ -186,6 +186,13 @@ def grid_slot_layout(shapes: Tensor, grid_size: int, slots: int) -> tuple[Tensor
     return torch.where(inside, slot, slots), torch.where(inside, index - first, 0)
 
 
+def cells_per_code(shapes: Tensor, slots: int) -> Tensor:
+    """For (B, 2) grid shapes: the most of a grid's own cells one of `slots` codes must carry,
+    ceil(h * w / slots) (what grid_slot_layout gives each slot's run)."""
+    cells = shapes[:, 0].long() * shapes[:, 1].long()
+    return (cells + slots - 1) // slots
+
+
 def patch_slot_map(grid_size: int, slots: int) -> Tensor:
     """The slot of each cell (row-major) when `slots` slots tile the grid in equal rectangular
     patches: rows x cols of patches with rows the largest divisor of `slots` up to its square root

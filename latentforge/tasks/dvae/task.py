@@ -28,10 +28,14 @@ from latentforge.tasks.dvae.losses import (
     tc_decomposition,
     usage_penalty,
 )
-from latentforge.tasks.dvae.model import GridDVAE
+from latentforge.tasks.dvae.model import GridDVAE, cells_per_code
 from latentforge.tasks.dvae.render import draw_code_usage, draw_reconstructions, grid_text
 
 CATEGORICAL = ("gumbel", "reinmax", "softmax")
+# Held-out exact match is also reported per load: grids whose codes carry 1, 2, 3-4, 5-8 or more of their cells.
+LOAD_EDGES = (1, 2, 4, 8)
+LOAD_NAMES = ("1_cell_per_code", "2_cells_per_code", "3-4_cells_per_code", "5-8_cells_per_code",
+              "over_8_cells_per_code")
 
 
 def off() -> ScalarSchedule:
@@ -240,6 +244,11 @@ class DVAE(Task):
         K, N = model.codebook.size, model.latents
         colours = self.vocab_size - (1 if self.pad_id is not None else 0)
         correct = scored = exact = 0.0
+        # Exact match by how many of a grid's cells each code must carry: a code of K holds any
+        # floor(log_colours K) cells by itself; beyond that only compression can get the grid back.
+        load = cells_per_code(grids.shapes, model.latents - (2 if model.grid_slots else 0))
+        load_bucket = torch.bucketize(load, torch.tensor(LOAD_EDGES, device=self.device))
+        load_exact = torch.zeros(len(LOAD_NAMES), device=self.device)
         colour_hits = torch.zeros(colours, device=self.device)
         colour_cells = torch.zeros(colours, device=self.device)
         counts = torch.zeros(K, device=self.device)
@@ -254,6 +263,8 @@ class DVAE(Task):
             correct += float((hit & real).sum())
             scored += float(real.sum())
             exact += float(hit.all(1).sum())
+            load_exact += torch.bincount(load_bucket[start:start + len(tokens)][hit.all(1)],
+                                         minlength=len(LOAD_NAMES)).float()
             colour_hits += torch.bincount(targets[hit & real], minlength=self.vocab_size)[:colours].float()
             colour_cells += torch.bincount(targets[real], minlength=self.vocab_size)[:colours].float()
             counts += torch.bincount(out.codes.flatten(), minlength=K).float()
@@ -275,6 +286,11 @@ class DVAE(Task):
         for colour in range(colours):
             if colour_cells[colour] > 0:
                 metrics[f"{split}/colour_acc/{colour}"] = float(colour_hits[colour] / colour_cells[colour])
+        load_grids = torch.bincount(load_bucket, minlength=len(LOAD_NAMES))
+        for name, hits, total in zip(LOAD_NAMES, load_exact.tolist(), load_grids.tolist()):
+            if total:
+                metrics[f"{split}/exact_match/{name}"] = hits / total
+                metrics[f"{split}/grids/{name}"] = float(total)
         metrics[f"{split}/examples"] = float(len(grids))
         return metrics
 
