@@ -10,7 +10,15 @@ import latentforge
 from latentforge.config import load_config
 from latentforge.engine.loop import Trainer
 from latentforge.tasks.multiply.data import Examples
-from latentforge.tasks.multiply.layout import ANSWER, IGNORE, THOUGHT, chain_length, chain_tokens, render
+from latentforge.tasks.multiply.layout import (
+    ANSWER,
+    IGNORE,
+    THOUGHT,
+    answer_tokens,
+    chain_length,
+    chain_tokens,
+    render,
+)
 from latentforge.tasks.multiply.task import Multiply
 
 VARIANTS = {
@@ -165,6 +173,25 @@ def test_probe_targets_sit_where_each_answer_digit_is_predicted():
     assert known == [5, 6, 7, 8]
     assert (target[known] * 81 * 2).round().tolist() == [81, 170, 98, 9]
     assert all(batch["targets"][0, p] != IGNORE for p in known)
+
+
+def test_evaluation_scores_each_answer_digit_in_the_order_written(monkeypatch):
+    """digit_acc/k: how often the k-th digit written (least significant first here) is right. A model that
+    writes every answer right but its second digit gets 1 everywhere else, 0 there, and no exact match."""
+    task = task_for()
+    model = task.build_model()
+
+    def all_but_digit_1(model, ex):
+        answers = answer_tokens(ex, task.cfg.data.reverse)
+        answers[:, 1] = (answers[:, 1] + 1) % 10
+        return answers
+
+    monkeypatch.setattr(task, "generate", all_but_digit_1)
+    metrics = task.evaluate(model, "test")
+    widest = int(task.eval_examples("test").fixed_width().len_c.max())
+    assert {k for k in metrics if k.startswith("test/digit_acc/")} == {f"test/digit_acc/{k}" for k in range(widest)}
+    assert metrics["test/digit_acc/1"] == 0 and metrics["test/exact_match"] == 0
+    assert all(metrics[f"test/digit_acc/{k}"] == 1 for k in range(widest) if k != 1)
 
 
 def test_continuous_thoughts_feed_back_the_previous_hidden_state():

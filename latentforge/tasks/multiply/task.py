@@ -442,6 +442,10 @@ class Multiply(Task):
         target_len = layout.len_c + 1
         scored = torch.arange(expected.shape[1], device=self.device)[None] < target_len[:, None]
         correct = torch.zeros(len(ex), device=self.device)
+        # Per answer digit, in the order written (least significant first with data.reverse): where the
+        # carries are longest, the middle digits, is where answer-only models fail (Bai et al. 2025).
+        digit_hits = torch.zeros(expected.shape[1], device=self.device)
+        is_digit = torch.arange(expected.shape[1], device=self.device)[None] < layout.len_c[:, None]
         loss_sum = torch.zeros((), device=self.device)
         loss_weight = torch.zeros((), device=self.device)
         chain_sum = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -456,6 +460,7 @@ class Multiply(Task):
                 marked = (generated == ANSWER).any(1)
                 chain_sum += torch.where(marked, (generated == ANSWER).int().argmax(1), 0).sum()
                 correct[chunk] = ((got == expected[chunk]) & scored[chunk]).sum(1).float()
+                digit_hits += ((got == expected[chunk]) & is_digit[chunk]).sum(0).float()
                 batch = self.make_batch(sub, step, smooth=False)
                 if self.variant == "latent":
                     batch["teacher_forcing"] = 1.0
@@ -477,6 +482,9 @@ class Multiply(Task):
             rows = (ex.len_a == la) & (ex.len_b == lb)
             metrics[f"{split}/exact_match/{la}x{lb}"] = float(exact[rows].float().mean())
             metrics[f"{split}/token_acc/{la}x{lb}"] = float(correct[rows].sum() / target_len[rows].sum())
+        digits = is_digit.sum(0)
+        for k in range(int((digits > 0).sum())):
+            metrics[f"{split}/digit_acc/{k}"] = float(digit_hits[k] / digits[k])
         metrics[f"{split}/examples"] = float(len(ex))
         return metrics
 
