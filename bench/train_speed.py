@@ -2,7 +2,7 @@
 
     python -m bench.train_speed [--shape small|gpt2|all] [--steps N] [--warmup N] [--device cuda|cpu]
                                 [--compile/--no-compile] [--tiny] [--no-peers] [--no-eager] [--json OUT]
-                                [--lf KEY=VALUE ...]
+                                [--lf KEY=VALUE ...] [--trace DIR]
 
 Rows, per shape:
 - latentforge: its Transformer trained by the engine's `Trainer.train_step` (bf16 autocast, fused
@@ -20,6 +20,11 @@ seconds), then `--steps` timed steps between two device synchronisations. MFU co
 as 6 * (12 * L * d^2 + V * d) per token plus 12 * L * d * T per token for attention (the
 PaLM/nanoGPT convention, causal attention counted in full), against a bf16 matmul timed on the
 device at start. Each row's failure is recorded in the row; the run goes on.
+
+`--trace DIR` profiles 5 more steps of latentforge's first row, as it trains them (the whole-step CUDA graph
+included, where the profiler sees the kernels the graph launches), and writes their kernel table to
+DIR/<shape>.txt. The row then also reports the kernels' device time per step against the step's wall time:
+what is left is time the device spends between kernels (or, without a graph, waiting for the host).
 """
 
 from __future__ import annotations
@@ -175,8 +180,11 @@ def lf_trainer(shape: Shape, device: torch.device, compile: bool, overrides: lis
     return Trainer(load_config(GPT2_CONFIG, base + gpt2 + overrides), quiet=True)
 
 
+TRACE_STEPS = 5
+
+
 def run_latentforge(shape: Shape, device: torch.device, compile: bool, overrides: list[str],
-                    measure_io: bool) -> Row:
+                    measure_io: bool, trace: Path | None = None) -> Row:
     trainer = lf_trainer(shape, device, compile, overrides)
 
     def step() -> None:
@@ -199,9 +207,40 @@ def run_latentforge(shape: Shape, device: torch.device, compile: bool, overrides
     sync(device)
     data_s = (time.perf_counter() - start) / n
     row.extra.update(data_ms_per_batch=1e3 * data_s, data_share_of_step=data_s / per_step)
+    if trace is not None:
+        try:  # the row's numbers are already measured: a profiler that fails costs only the trace
+            row.extra.update(traced(step, device, trace / f"{shape.name}.txt"))
+        except Exception as e:  # noqa: BLE001
+            print(f"--trace failed: {type(e).__name__}: {e}", file=sys.stderr)
     if measure_io:
         row.extra.update(checkpoint_times(trainer, device))
     return row
+
+
+def traced(step: Callable[[], Any], device: torch.device, table: Path) -> dict[str, float]:
+    """TRACE_STEPS steps under the profiler: their kernel table written to `table`, and per step the wall
+    time, the kernels' summed device time and the difference (a CPU has no kernels: its ops' time)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(TRACE_STEPS):
+            step()
+        sync(device)
+        wall = (time.perf_counter() - start) / TRACE_STEPS
+    averages = profiler.key_averages()
+    cuda = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    busy = sum(e.self_device_time_total if cuda else e.self_cpu_time_total
+               for e in averages if e.device_type == kind) / 1e6 / TRACE_STEPS
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(f"{TRACE_STEPS} steps: {1e3 * wall:.3f} ms per step, {'kernels' if cuda else 'ops'} "
+                     f"{1e3 * busy:.3f} ms\n"
+                     + averages.table(sort_by=sort_by, row_limit=60, max_name_column_width=100) + "\n")
+    return {"trace_step_ms": 1e3 * wall, "trace_kernel_ms": 1e3 * busy, "trace_gap_ms": 1e3 * (wall - busy)}
 
 
 def checkpoint_times(trainer: Trainer, device: torch.device) -> dict[str, float]:
@@ -369,9 +408,10 @@ def guarded(name: str, fn: Callable[[], Row], device: torch.device) -> Row:
 
 
 def bench_shape(shape: Shape, device: torch.device, compile: bool, ceiling: float,
-                overrides: list[str], peers: bool = True, eager: bool = True) -> list[Row]:
+                overrides: list[str], peers: bool = True, eager: bool = True, trace: Path | None = None) -> list[Row]:
     first = "latentforge compiled" if compile else "latentforge"
-    rows = [guarded(first, lambda: run_latentforge(shape, device, compile, overrides, shape.name == "gpt2"), device)]
+    measure_io = shape.name == "gpt2"
+    rows = [guarded(first, lambda: run_latentforge(shape, device, compile, overrides, measure_io, trace=trace), device)]
     if compile and eager:
         rows.append(guarded("latentforge", lambda: run_latentforge(shape, device, False, overrides, False), device))
     if peers:
@@ -442,6 +482,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="latentforge's uncompiled row beside the compiled one (--no-eager: compiled alone)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help=f"profile {TRACE_STEPS} more steps of latentforge's first row: DIR/<shape>.txt")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -463,8 +505,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"device": name, "torch": torch.__version__, "date": str(datetime.date.today()),
                                "commit": git_sha(), "command": command, "ceiling_flops": ceiling, "shapes": {}}
     for shape in chosen:
-        rows = bench_shape(shape, device, compile, ceiling, args.lf, args.peers, args.eager)
+        rows = bench_shape(shape, device, compile, ceiling, args.lf, args.peers, args.eager, args.trace)
         print(f"\n{describe(shape)}\n\n{table(shape, rows)}", flush=True)
+        if "trace_step_ms" in rows[0].extra:
+            x = rows[0].extra
+            busy = "kernels" if device.type == "cuda" else "ops"
+            print(f"{rows[0].name}, {TRACE_STEPS} steps profiled: {x['trace_step_ms']:.3f} ms per step, of which "
+                  f"{busy} {x['trace_kernel_ms']:.3f} ms and between them {x['trace_gap_ms']:.3f} ms "
+                  f"(table: {args.trace / (shape.name + '.txt')})", flush=True)
         results["shapes"][shape.name] = {"shape": asdict(shape), "rows": [asdict(r) for r in rows]}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

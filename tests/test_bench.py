@@ -132,6 +132,22 @@ def test_lm_head_loss_fused_configs_parse_and_refuse_bad_launches():
     assert result.returncode == 2 and "WARPS one of" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_train_speed_traces_latentforge_steps(tmp_path: Path):
+    """--trace profiles a few more steps of latentforge's row: their table on disk, and per step the wall
+    time split into the time in ops (kernels on a GPU) and the rest."""
+    out = tmp_path / "speed.json"
+    result = subprocess.run([sys.executable, "-m", "bench.train_speed", "--device", "cpu", "--no-compile",
+                             "--shape", "small", "--no-peers", "--steps", "1", "--warmup", "1", "--json", str(out),
+                             "--trace", str(tmp_path / "trace")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    extra = json.loads(out.read_text())["shapes"]["small"]["rows"][0]["extra"]
+    assert extra["trace_step_ms"] >= extra["trace_kernel_ms"] > 0
+    assert extra["trace_gap_ms"] == pytest.approx(extra["trace_step_ms"] - extra["trace_kernel_ms"])
+    table = (tmp_path / "trace" / "small.txt").read_text()
+    assert table.startswith("5 steps:") and "aten::mm" in table
+    assert "5 steps profiled" in result.stdout
+
+
 def test_train_speed_without_peers_runs_latentforge_alone(tmp_path: Path):
     out = tmp_path / "speed.json"
     result = subprocess.run([sys.executable, "-m", "bench.train_speed", "--device", "cpu", "--no-compile",
@@ -149,7 +165,7 @@ def test_train_speed_no_eager_leaves_out_the_uncompiled_row(monkeypatch):
 
     compiled = []
     monkeypatch.setattr(train_speed, "run_latentforge",
-                        lambda shape, device, compile, overrides, extras: compiled.append(compile) or
+                        lambda shape, device, compile, overrides, extras, trace=None: compiled.append(compile) or
                         train_speed.Row(name="", steps_per_s=1.0))
     shape = train_speed.shapes(tiny=True)["small"]
     for eager, expected in ((True, [True, False]), (False, [True])):
