@@ -56,6 +56,7 @@ from latentforge.engine.checkpoint import load_checkpoint, save_checkpoint
 from latentforge.engine.device_guard import DeviceGuard
 from latentforge.engine.loop import Trainer
 from latentforge.tasks.multiply.layout import sequence_length
+from latentforge.track.profile import operator_table
 from latentforge.track.rundir import git_sha
 
 GPT2_CONFIG = Path(__file__).parent / "configs" / "gpt2-small.yaml"
@@ -235,11 +236,9 @@ def traced(step: Callable[[], Any], device: torch.device, table: Path) -> dict[s
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     busy = sum(e.self_device_time_total if cuda else e.self_cpu_time_total
                for e in averages if e.device_type == kind) / 1e6 / TRACE_STEPS
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(f"{TRACE_STEPS} steps: {1e3 * wall:.3f} ms per step, {'kernels' if cuda else 'ops'} "
-                     f"{1e3 * busy:.3f} ms\n"
-                     + averages.table(sort_by=sort_by, row_limit=60, max_name_column_width=100) + "\n")
+                     f"{1e3 * busy:.3f} ms\n" + operator_table(averages, device, rows=60, max_name_column_width=100))
     return {"trace_step_ms": 1e3 * wall, "trace_kernel_ms": 1e3 * busy, "trace_gap_ms": 1e3 * (wall - busy)}
 
 

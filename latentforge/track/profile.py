@@ -37,6 +37,13 @@ TABLE_ROWS = 40
 SOURCE_FRAMES = 5
 
 
+def operator_table(averages: torch.autograd.profiler_util.EventList, device: torch.device, rows: int = TABLE_ROWS,
+                   **widths: int) -> str:
+    """The profiler's table of operators and kernels by their own time on `device` (CPU time on a CPU)."""
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return averages.table(sort_by=sort_by, row_limit=rows, **widths) + "\n"
+
+
 class StepProfiler:
     def __init__(self, run: RunDir, steps: int, device: torch.device, first_step: int, sources: bool = False):
         self.dir = run.path / "profile"
@@ -130,12 +137,10 @@ class StepProfiler:
         tmp = path.with_name(f".{path.name}.tmp")
         profiler.export_chrome_trace(str(tmp))
         os.replace(tmp, path)
-        sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
-        averages = profiler.key_averages()
-        write_atomic(table, averages.table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=100) + "\n")
+        write_atomic(table, operator_table(profiler.key_averages(), self.device, max_name_column_width=100))
         if self.sources:
-            sources = profiler.key_averages(group_by_stack_n=SOURCE_FRAMES).table(
-                sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=60, max_src_column_width=100)
-            write_atomic(table.with_name(table.name.replace(".txt", ".sources.txt")), sources + "\n")
+            sources = operator_table(profiler.key_averages(group_by_stack_n=SOURCE_FRAMES), self.device,
+                                     max_name_column_width=60, max_src_column_width=100)
+            write_atomic(table.with_name(table.name.replace(".txt", ".sources.txt")), sources)
         self.trace, self.table = path, table

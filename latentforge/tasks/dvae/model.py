@@ -96,9 +96,14 @@ class GridDVAE(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     @property
+    def slots(self) -> int:
+        """The codes that carry a grid's cells (with grid_slots, all but its two shape codes)."""
+        return self.latent_queries.shape[0]
+
+    @property
     def latents(self) -> int:
         """N: the codes that store a grid (with grid_slots, its two shape codes included)."""
-        return self.latent_queries.shape[0] + (2 if self.grid_slots else 0)
+        return self.slots + (2 if self.grid_slots else 0)
 
     def grid_shapes(self, grids: Tensor) -> Tensor:
         """(B, 2) heights and widths of padded grids (content at the top left, pad_id elsewhere)."""

@@ -246,7 +246,7 @@ class DVAE(Task):
         correct = scored = exact = 0.0
         # Exact match by how many of a grid's cells each code must carry: a code of K holds any
         # floor(log_colours K) cells by itself; beyond that only compression can get the grid back.
-        load = cells_per_code(grids.shapes, model.latents - (2 if model.grid_slots else 0))
+        load = cells_per_code(grids.shapes, model.slots)
         load_bucket = torch.bucketize(load, torch.tensor(LOAD_EDGES, device=self.device))
         load_exact = torch.zeros(len(LOAD_NAMES), device=self.device)
         colour_hits = torch.zeros(colours, device=self.device)
@@ -262,9 +262,10 @@ class DVAE(Task):
             real = targets != self.pad_id if self.pad_id is not None else torch.ones_like(hit)
             correct += float((hit & real).sum())
             scored += float(real.sum())
-            exact += float(hit.all(1).sum())
-            load_exact += torch.bincount(load_bucket[start:start + len(tokens)][hit.all(1)],
-                                         minlength=len(LOAD_NAMES)).float()
+            whole = hit.all(1)
+            exact += float(whole.sum())
+            in_batch = load_bucket[start:start + len(tokens)]
+            load_exact += torch.bincount(in_batch[whole], minlength=len(LOAD_NAMES)).float()
             colour_hits += torch.bincount(targets[hit & real], minlength=self.vocab_size)[:colours].float()
             colour_cells += torch.bincount(targets[real], minlength=self.vocab_size)[:colours].float()
             counts += torch.bincount(out.codes.flatten(), minlength=K).float()

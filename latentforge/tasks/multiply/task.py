@@ -459,8 +459,9 @@ class Multiply(Task):
                 got = extract_answer(generated, expected.shape[1])
                 marked = (generated == ANSWER).any(1)
                 chain_sum += torch.where(marked, (generated == ANSWER).int().argmax(1), 0).sum()
-                correct[chunk] = ((got == expected[chunk]) & scored[chunk]).sum(1).float()
-                digit_hits += ((got == expected[chunk]) & is_digit[chunk]).sum(0).float()
+                right = got == expected[chunk]
+                correct[chunk] = (right & scored[chunk]).sum(1).float()
+                digit_hits += (right & is_digit[chunk]).sum(0).float()
                 batch = self.make_batch(sub, step, smooth=False)
                 if self.variant == "latent":
                     batch["teacher_forcing"] = 1.0
