@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, interrupt_at, losses
+from conftest import ICOT, TINY, interrupt_at, losses
 
 import latentforge
 from latentforge.config import load_config
 from latentforge.engine.loop import Trainer
-from latentforge.tasks.multiply.data import Examples
+from latentforge.tasks.multiply.data import Examples, from_digits, pair_keys, read_icot_file
 from latentforge.tasks.multiply.layout import (
     ANSWER,
     IGNORE,
@@ -214,7 +214,6 @@ def test_public_sets_are_evaluated_and_never_trained_on():
     for i in range(50):
         a, b = batches.pairs(i)
         keys |= set(zip(a.tolist(), b.tolist()))
-    from latentforge.tasks.multiply.data import from_digits
     pairs = set(zip(from_digits(public.a).tolist(), from_digits(public.b).tolist()))
     assert len(pairs) == 1000 and not keys & pairs and not keys & {(b, a) for a, b in pairs}
 
@@ -238,6 +237,25 @@ def test_a_mix_of_lengths_up_to_n_is_evaluated_on_the_public_n_by_n_set(runs_dir
     task = task_for("data.digits_a=[1,4]", "data.digits_b=[1,4]", "data.icot_sets=[test]", "model.max_len=32")
     a, b = task.train_batches().pairs(0, 8)
     assert len(set(map(len, map(str, a.tolist())))) == 4  # every length of 1..4 digits is trained on
+
+
+def test_a_mix_is_evaluated_on_the_public_sets_of_its_shorter_sizes_too(cli, runs_dir):
+    """digits [2, 5]: the public 4 x 4 test set is a split beside the 5 x 5 one, laid out at the run's width
+    (zeros on the most significant side, or a fixed-width model reads other numbers), and never trained on."""
+    mix = ["data.digits_a=[2,5]", "data.digits_b=[2,5]", "data.icot_sets=[test]", "model.max_len=40"]
+    task = task_for(*mix)
+    assert {"icot_test", "icot_test_4x4"} <= set(task.eval_splits())
+    assert "icot_test_4x4" not in task_for(*mix, "data.digits_a=[5,5]").eval_splits()  # no 4-digit operands
+    four, file = task.eval_examples("icot_test_4x4"), read_icot_file(ICOT / "4_by_4" / "test.txt")
+    assert four.a.shape[1] == four.b.shape[1] == 5 and four.c.shape[1] == 10
+    assert not four.a[:, 4:].any() and not four.c[:, 8:].any() and torch.equal(four.len_a, file.len_a)
+    assert all(torch.equal(from_digits(x), from_digits(y)) for x, y in [(four.a, file.a), (four.c, file.c)])
+    assert torch.isin(pair_keys(from_digits(four.a), from_digits(four.b)), task.data.test_keys).all()
+    ok(cli("train", "multiply/tiny", *mix, "train.steps=2", "train.eval_every=2", "checkpoint.every=2",
+           "data.test_size=100", "data.train_eval_size=100", "train.batch_size=8", "--name", "mix",
+           "--runs-dir", runs_dir, "-q"))
+    metrics = json.loads(ok(cli("eval", "mix", "--split", "icot_test_4x4", "--json", "--runs-dir", runs_dir)).output)
+    assert metrics["icot_test_4x4/examples"] == 1000 and "icot_test_4x4/exact_match/4x4" in metrics
 
 
 @pytest.mark.parametrize("variant", ["icot-si", "latent", "aux-probe-scheduled"])

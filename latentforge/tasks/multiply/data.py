@@ -100,6 +100,16 @@ class Examples:
 
         return Examples(self.a, self.b, self.c, full(self.a.shape[1]), full(self.b.shape[1]), full(self.c.shape[1]))
 
+    def widened(self, width_a: int, width_b: int) -> Examples:
+        """The same examples with digit rows at least width_a and width_b wide (the product's at least their
+        sum): zeros on the most significant side, so a shorter set is laid out as the run's own pairs are."""
+
+        def pad(t: torch.Tensor, width: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, max(width - t.shape[1], 0)))
+
+        a, b = pad(self.a, width_a), pad(self.b, width_b)
+        return Examples(a, b, pad(self.c, a.shape[1] + b.shape[1]), self.len_a, self.len_b, self.len_c)
+
     def __len__(self) -> int:
         return self.a.shape[0]
 

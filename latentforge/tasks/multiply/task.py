@@ -142,6 +142,9 @@ class MultiplyDataConfig:
     train_eval_size: int = 1000
     # The public implicit-CoT sets of this run's N x N (valid, test): splits icot_valid, icot_test. N is the
     # operands' largest digit count, so [1, N] x [1, N] (a mix of shorter products) is evaluated on them too.
+    # A mix also gets the public sets of each shorter size M it trains on, as splits icot_valid_MxM and
+    # icot_test_MxM (evaluated with `latentforge eval --split`, or listed in eval_splits); every public set's
+    # pairs are kept out of the training data.
     icot_sets: list[str] = field(default_factory=list)
     # Extra evaluation sets from implicit-CoT files: {split name: path}.
     eval_files: dict[str, str] = field(default_factory=dict)
@@ -184,6 +187,9 @@ class MultiplyDataConfig:
         """Every evaluation file by split name."""
         n = self.digits_a[1]
         public = {f"icot_{s}": str(ICOT_DIR / f"{n}_by_{n}" / f"{s}.txt") for s in self.icot_sets}
+        shorter = [m for m in ICOT_SIZES if m < n and self.digits_a[0] <= m and self.digits_b[0] <= m]
+        for m in shorter if self.icot_sets else []:
+            public |= {f"icot_{s}_{m}x{m}": str(ICOT_DIR / f"{m}_by_{m}" / f"{s}.txt") for s in self.icot_sets}
         return {**public, **self.eval_files}
 
 
@@ -216,7 +222,8 @@ class Multiply(Task):
         self.length = sequence_length(d.digits_a[1], d.digits_b[1], self.with_chain, self.thoughts)
         # Read the evaluation files now: a bad file stops the run before any training, and their
         # pairs are kept out of the training data.
-        self._eval_sets = {split: read_icot_file(path).to(self.device) for split, path in d.files().items()}
+        self._eval_sets = {split: read_icot_file(path).widened(d.digits_a[1], d.digits_b[1]).to(self.device)
+                           for split, path in d.files().items()}
         exclude = None
         if self._eval_sets:
             sets = list(self._eval_sets.values())
