@@ -42,7 +42,8 @@ def test_help_lists_every_command(cli):
 
 
 def test_train_writes_the_run_directory(trained):
-    for name in ("config.yaml", "run.json", "metrics.jsonl", "tb", "checkpoints", "artifacts/curves.png"):
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "tb", "checkpoints", "artifacts/curves.png",
+                 "artifacts/test_digit_acc.png"):  # each answer digit's accuracy at each evaluation
         assert (trained / name).exists(), name
     info = json.loads((trained / "run.json").read_text())
     assert info["status"] == "finished" and info["step"] == 12 and info["total_steps"] == 12

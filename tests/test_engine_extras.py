@@ -379,3 +379,12 @@ def test_two_ranks_fsdp_with_clipping_and_checkpointing_match_one_and_init_from_
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in trainer.model.state_dict().items())
     info = json.loads((tmp_path / "two" / "run.json").read_text())
     assert info["world_size"] == 2
+
+
+def test_metrics_logged_per_position_are_gathered_for_a_heatmap():
+    from latentforge.track.plots import indexed_metrics
+
+    records = [{"step": 5, "test/digit_acc/0": 1.0, "test/digit_acc/1": 0.5, "test/exact_match/4x4": 0.2,
+                "test/lone/0": 0.3, "train/part/0": 0.1, "train/part/1": 0.2},
+               {"step": 10, "test/digit_acc/0": 1.0, "test/digit_acc/1": 0.9, "test/digit_acc/2": 0.1}]
+    assert indexed_metrics(records) == {"test/digit_acc": {5: {0: 1.0, 1: 0.5}, 10: {0: 1.0, 1: 0.9, 2: 0.1}}}

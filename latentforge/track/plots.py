@@ -45,7 +45,45 @@ def plot_run(run: RunDir) -> Path | None:
     path = run.artifacts / "curves.png"
     run.artifacts.mkdir(exist_ok=True)
     save_figure(fig, path)
+    for family, rows in indexed_metrics(records).items():
+        plot_indexed(family, rows, run.artifacts / f"{family.replace('/', '_')}.png", run.id)
     return path
+
+
+def indexed_metrics(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[int, float]]]:
+    """Metrics logged once per position, `split/name/0`, `split/name/1`, ... (e.g. multiply's accuracy
+    of each answer digit): {`split/name`: {step: {position: value}}}, for families of 2+ positions."""
+    families: dict[str, dict[int, dict[int, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            family, _, index = key.rpartition("/")
+            if family.count("/") == 1 and index.isdigit() and not family.startswith(("train/", "guard/")):
+                families.setdefault(family, {}).setdefault(r["step"], {})[int(index)] = value
+    return {f: rows for f, rows in families.items() if len({i for row in rows.values() for i in row}) >= 2}
+
+
+def plot_indexed(family: str, rows: dict[int, dict[int, float]], path: Path, title: str) -> None:
+    """One family of per-position metrics as a heatmap, evaluations down and positions across: where a
+    table of them would be read cell by cell, this shows which positions are learned first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(rows)
+    positions = sorted({i for row in rows.values() for i in row})
+    values = [[rows[s].get(i, float("nan")) for i in positions] for s in steps]
+    fig, ax = plt.subplots(figsize=(min(0.45 * len(positions) + 3, 16), min(0.3 * len(steps) + 1.8, 12)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(positions)), [str(i) for i in positions])
+    ticks = range(0, len(steps), max(1, len(steps) // 12))
+    ax.set_yticks(list(ticks), [str(steps[t]) for t in ticks])
+    ax.set_xlabel(f"{family.rpartition('/')[2]} position")
+    ax.set_ylabel("step")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(f"{title}: {family}", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def save_figure(fig: Any, path: Path) -> None:
