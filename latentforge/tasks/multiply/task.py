@@ -187,8 +187,8 @@ class MultiplyDataConfig:
         """Every evaluation file by split name."""
         n = self.digits_a[1]
         public = {f"icot_{s}": str(ICOT_DIR / f"{n}_by_{n}" / f"{s}.txt") for s in self.icot_sets}
-        shorter = [m for m in ICOT_SIZES if m < n and self.digits_a[0] <= m and self.digits_b[0] <= m]
-        for m in shorter if self.icot_sets else []:
+        # And those of each shorter public size that both operands reach.
+        for m in [m for m in ICOT_SIZES if m < n and self.digits_a[0] <= m and self.digits_b[0] <= m]:
             public |= {f"icot_{s}_{m}x{m}": str(ICOT_DIR / f"{m}_by_{m}" / f"{s}.txt") for s in self.icot_sets}
         return {**public, **self.eval_files}
 
