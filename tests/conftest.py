@@ -40,6 +40,12 @@ def cli(runs_dir: Path):
     return invoke
 
 
+def ok(result):
+    """A CLI result that succeeded (its output shown when it did not)."""
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def losses(run_path: Path) -> dict[int, float]:
     """Per-step training loss from a run's metrics.jsonl."""
     out = {}

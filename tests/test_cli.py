@@ -6,12 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import ICOT, REPO, TINY, snapshot
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
+from conftest import ICOT, REPO, TINY, ok, snapshot
 
 
 def refused(result, message: str):

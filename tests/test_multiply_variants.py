@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ICOT, TINY, interrupt_at, losses
+from conftest import ICOT, TINY, interrupt_at, losses, ok
 
 import latentforge
 from latentforge.config import load_config
@@ -34,11 +34,6 @@ VARIANTS = {
     "latent": ["task.variant=latent", "model.latents=3", "model.encoder_layers=1", "model.latent_layers=1",
                "task.teacher_forcing.kind=linear", "task.teacher_forcing.end=0.5", "task.teacher_forcing.end_step=8"],
 }
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

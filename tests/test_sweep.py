@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, snapshot
+from conftest import REPO, ok, snapshot
 from typer.testing import CliRunner
 
 from latentforge.cli import app
@@ -31,11 +31,6 @@ def sweep_file(path: Path, body: str, overrides: list[str] = FAST) -> Path:
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def refused(result, *messages: str) -> str:
