@@ -313,3 +313,13 @@ def test_batches_made_in_chunks_are_the_batches_made_one_by_one(variant, digits)
                 # probe_targets are NaN where nothing is probed
                 torch.testing.assert_close(torch.as_tensor(a[key]), torch.as_tensor(b[key]), rtol=0, atol=0,
                                            equal_nan=True, msg=key)
+
+
+def test_the_mix5_preset_scores_the_public_5x5_and_4x4_sets_as_it_trains(cli, runs_dir):
+    ok(cli("train", "multiply/mix5", "train.steps=2", "train.eval_every=2", "checkpoint.every=2", "train.compile=false",
+           "train.batch_size=8", "data.test_size=50", "data.train_eval_size=50", "--name", "mix5",
+           "--runs-dir", runs_dir, "-q"))
+    evals = [r for r in map(json.loads, (runs_dir / "mix5" / "metrics.jsonl").read_text().splitlines())
+             if "icot_valid/examples" in r]
+    assert evals and evals[-1]["icot_valid/examples"] == evals[-1]["icot_valid_4x4/examples"] == 1000
+    assert "icot_valid_4x4/exact_match/4x4" in evals[-1] and "icot_valid/exact_match/5x5" in evals[-1]
