@@ -386,5 +386,7 @@ def test_metrics_logged_per_position_are_gathered_for_a_heatmap():
 
     records = [{"step": 5, "test/digit_acc/0": 1.0, "test/digit_acc/1": 0.5, "test/exact_match/4x4": 0.2,
                 "test/lone/0": 0.3, "train/part/0": 0.1, "train/part/1": 0.2},
-               {"step": 10, "test/digit_acc/0": 1.0, "test/digit_acc/1": 0.9, "test/digit_acc/2": 0.1}]
+               {"step": 10, "test/digit_acc/0": 1.0, "test/digit_acc/1": 0.9, "test/digit_acc/2": 0.1,
+                "test/digit_acc/3": None},
+               {"test/digit_acc/0": 0.5}]  # no step: nothing to place it at
     assert indexed_metrics(records) == {"test/digit_acc": {5: {0: 1.0, 1: 0.5}, 10: {0: 1.0, 1: 0.9, 2: 0.1}}}

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import ICOT, TINY, interrupt_at, losses, ok
 
 import latentforge
@@ -243,9 +244,13 @@ def test_a_mix_is_evaluated_on_the_public_sets_of_its_shorter_sizes_too(cli, run
     assert "icot_test_4x4" not in task_for(*mix, "data.digits_a=[5,5]").eval_splits()  # no 4-digit operands
     four, file = task.eval_examples("icot_test_4x4"), read_icot_file(ICOT / "4_by_4" / "test.txt")
     assert four.a.shape[1] == four.b.shape[1] == 5 and four.c.shape[1] == 10
-    assert not four.a[:, 4:].any() and not four.c[:, 8:].any() and torch.equal(four.len_a, file.len_a)
-    assert all(torch.equal(from_digits(x), from_digits(y)) for x, y in [(four.a, file.a), (four.c, file.c)])
-    assert torch.isin(pair_keys(from_digits(four.a), from_digits(four.b)), task.data.test_keys).all()
+    assert not four.a[:, 4:].any() and not four.b[:, 4:].any() and not four.c[:, 8:].any()
+    assert all(torch.equal(x, y) for x, y in [(four.len_a, file.len_a), (four.len_b, file.len_b),
+                                              (four.len_c, file.len_c)])
+    assert all(torch.equal(from_digits(x), from_digits(y)) for x, y in [(four.a, file.a), (four.b, file.b),
+                                                                        (four.c, file.c)])
+    a, b = from_digits(file.a), from_digits(file.b)
+    assert all(torch.isin(pair_keys(x, y), task.data.test_keys).all() for x, y in [(a, b), (b, a)])
     ok(cli("train", "multiply/tiny", *mix, "train.steps=2", "train.eval_every=2", "checkpoint.every=2",
            "data.test_size=100", "data.train_eval_size=100", "train.batch_size=8", "--name", "mix",
            "--runs-dir", runs_dir, "-q"))
@@ -323,3 +328,15 @@ def test_the_mix5_preset_scores_the_public_5x5_and_4x4_sets_as_it_trains(cli, ru
              if "icot_valid/examples" in r]
     assert evals and evals[-1]["icot_valid/examples"] == evals[-1]["icot_valid_4x4/examples"] == 1000
     assert "icot_valid_4x4/exact_match/4x4" in evals[-1] and "icot_valid/exact_match/5x5" in evals[-1]
+
+
+def test_a_mix_saved_before_the_shorter_sets_existed_resumes_with_its_own_held_out_pairs():
+    """Its config.yaml lacks data.icot_shorter: it trained with only the 5 x 5 sets held out, and resumes so
+    (holding the 4 x 4 pairs out now would change its batches)."""
+    from latentforge.config import build_config
+
+    raw = yaml.safe_load(load_config("multiply/aux-probe", ["data.digits_a=[2,5]", "data.digits_b=[2,5]"]).to_yaml())
+    del raw["data"]["icot_shorter"]
+    old = build_config(raw, saved=True)
+    assert old.data.icot_shorter is False and "icot_test_4x4" not in old.data.files()
+    assert "icot_test_4x4" in build_config(raw).data.files()  # a new run from the same keys gets them

@@ -689,9 +689,8 @@ class Trainer:
             return status
         try:
             plot_run(self.run)
-        except (OSError, ValueError, RuntimeError) as e:
-            # The run is complete and its metrics are safe; a plot is a convenience.
-            progress.print(f"warning: could not draw {self.run.artifacts}/curves.png: {e}")
+        except Exception as e:  # whatever matplotlib raises: the run is complete and its metrics are safe
+            progress.print(f"warning: could not draw the plots in {self.run.artifacts}: {type(e).__name__}: {e}")
         return status
 
     def _train_seconds(self) -> float:

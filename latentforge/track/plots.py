@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,8 +58,9 @@ def indexed_metrics(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[i
     for r in records:
         for key, value in r.items():
             family, _, index = key.rpartition("/")
-            if family.count("/") == 1 and index.isdigit() and not family.startswith(("train/", "guard/")):
-                families.setdefault(family, {}).setdefault(r["step"], {})[int(index)] = value
+            if (family.count("/") == 1 and index.isdigit() and not family.startswith(("train/", "guard/"))
+                    and isinstance(value, (int, float)) and "step" in r):
+                families.setdefault(family, {}).setdefault(r["step"], {})[int(index)] = float(value)
     return {f: rows for f, rows in families.items() if len({i for row in rows.values() for i in row}) >= 2}
 
 
@@ -72,13 +74,17 @@ def plot_indexed(family: str, rows: dict[int, dict[int, float]], path: Path, tit
 
     steps = sorted(rows)
     positions = sorted({i for row in rows.values() for i in row})
-    values = [[rows[s].get(i, float("nan")) for i in positions] for s in steps]
+    values = [[rows[s].get(i, math.nan) for i in positions] for s in steps]
+    finite = [v for row in values for v in row if math.isfinite(v)]
+    # Accuracies on their whole scale, so that 0.98 does not look like 0.
+    scale = {"vmin": 0.0, "vmax": 1.0} if finite and 0.0 <= min(finite) and max(finite) <= 1.0 else {}
     fig, ax = plt.subplots(figsize=(min(0.45 * len(positions) + 3, 16), min(0.3 * len(steps) + 1.8, 12)))
-    image = ax.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(positions)), [str(i) for i in positions])
-    ticks = range(0, len(steps), max(1, len(steps) // 12))
-    ax.set_yticks(list(ticks), [str(steps[t]) for t in ticks])
-    ax.set_xlabel(f"{family.rpartition('/')[2]} position")
+    image = ax.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest", **scale)
+    xticks = range(0, len(positions), max(1, len(positions) // 30))
+    ax.set_xticks(list(xticks), [str(positions[t]) for t in xticks])
+    yticks = range(0, len(steps), max(1, len(steps) // 12))
+    ax.set_yticks(list(yticks), [str(steps[t]) for t in yticks])
+    ax.set_xlabel(f"k in {family}/k")
     ax.set_ylabel("step")
     fig.colorbar(image, ax=ax)
     ax.set_title(f"{title}: {family}", fontsize=9)

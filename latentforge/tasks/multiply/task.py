@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -142,12 +142,17 @@ class MultiplyDataConfig:
     train_eval_size: int = 1000
     # The public implicit-CoT sets of this run's N x N (valid, test): splits icot_valid, icot_test. N is the
     # operands' largest digit count, so [1, N] x [1, N] (a mix of shorter products) is evaluated on them too.
-    # A mix also gets the public sets of each shorter size M it trains on, as splits icot_valid_MxM and
-    # icot_test_MxM (evaluated with `latentforge eval --split`, or listed in eval_splits); every public set's
-    # pairs are kept out of the training data.
+    # Every public set's pairs are kept out of the training data.
     icot_sets: list[str] = field(default_factory=list)
+    # With icot_sets, a mix also gets the public sets of each shorter size M that both operands reach, as
+    # splits icot_valid_MxM and icot_test_MxM (evaluated with `latentforge eval --split`, or listed in
+    # eval_splits), their pairs kept out of training too.
+    icot_shorter: bool = True
     # Extra evaluation sets from implicit-CoT files: {split name: path}.
     eval_files: dict[str, str] = field(default_factory=dict)
+
+    # Runs saved before icot_shorter existed trained with only their N x N sets held out: they resume so.
+    old_run_values: ClassVar[dict[str, Any]] = {"icot_shorter": False}
     eval_batch_size: int = 1000
     # Pairs per epoch where the pairs are sampled, not enumerated (the papers' 808k training files).
     epoch_size: int = 808_000
@@ -183,12 +188,16 @@ class MultiplyDataConfig:
             require(name not in ("test", "train") and not name.startswith("icot_") and "/" not in name,
                     "eval_files", f"split name {name!r} must not be test, train, icot_* or contain '/'")
 
+    def shorter_icot_sizes(self) -> list[int]:
+        """The public sizes below N that both operands reach (with icot_shorter)."""
+        low = max(self.digits_a[0], self.digits_b[0])
+        return [m for m in ICOT_SIZES if low <= m < self.digits_a[1]] if self.icot_shorter else []
+
     def files(self) -> dict[str, str]:
         """Every evaluation file by split name."""
         n = self.digits_a[1]
         public = {f"icot_{s}": str(ICOT_DIR / f"{n}_by_{n}" / f"{s}.txt") for s in self.icot_sets}
-        # And those of each shorter public size that both operands reach.
-        for m in [m for m in ICOT_SIZES if m < n and self.digits_a[0] <= m and self.digits_b[0] <= m]:
+        for m in self.shorter_icot_sizes():
             public |= {f"icot_{s}_{m}x{m}": str(ICOT_DIR / f"{m}_by_{m}" / f"{s}.txt") for s in self.icot_sets}
         return {**public, **self.eval_files}
 
@@ -256,7 +265,9 @@ class Multiply(Task):
         splits = ["test", "train", *d.files()]
         for split in d.eval_splits:
             if split not in splits:
-                raise ConfigError(f"data.eval_splits: unknown split {split!r} (splits: {', '.join(splits)})")
+                why = ("; icot_*_MxM needs data.icot_sets, data.icot_shorter and both operands' fewest digits <= M"
+                       if re.fullmatch(r"icot_\w+_\d+x\d+", split) else "")
+                raise ConfigError(f"data.eval_splits: unknown split {split!r} (splits: {', '.join(splits)}){why}")
         require_evaluated_metric(cfg.checkpoint.metric, d.eval_splits, "test/exact_match")
 
     # ------------------------------------------------------------------ model
