@@ -150,15 +150,15 @@ class MultiplyDataConfig:
     icot_shorter: bool = True
     # Extra evaluation sets from implicit-CoT files: {split name: path}.
     eval_files: dict[str, str] = field(default_factory=dict)
-
-    # Runs saved before icot_shorter existed trained with only their N x N sets held out: they resume so.
-    old_run_values: ClassVar[dict[str, Any]] = {"icot_shorter": False}
     eval_batch_size: int = 1000
     # Pairs per epoch where the pairs are sampled, not enumerated (the papers' 808k training files).
     epoch_size: int = 808_000
     seed: int = 1234
     # Training batches made together in one pass of the data kernels (the same batches as one at a time).
     chunk_batches: int = 256
+
+    # Runs saved before icot_shorter existed trained with only their N x N sets held out: they resume so.
+    old_run_values: ClassVar[dict[str, Any]] = {"icot_shorter": False}
 
     def __post_init__(self) -> None:
         # Absolute paths, so the saved config evaluates and reruns from any directory.
@@ -196,9 +196,8 @@ class MultiplyDataConfig:
     def files(self) -> dict[str, str]:
         """Every evaluation file by split name."""
         n = self.digits_a[1]
-        public = {f"icot_{s}": str(ICOT_DIR / f"{n}_by_{n}" / f"{s}.txt") for s in self.icot_sets}
-        for m in self.shorter_icot_sizes():
-            public |= {f"icot_{s}_{m}x{m}": str(ICOT_DIR / f"{m}_by_{m}" / f"{s}.txt") for s in self.icot_sets}
+        public = {f"icot_{s}" + (f"_{m}x{m}" if m < n else ""): str(ICOT_DIR / f"{m}_by_{m}" / f"{s}.txt")
+                  for m in [n, *self.shorter_icot_sizes()] for s in self.icot_sets}
         return {**public, **self.eval_files}
 
 
