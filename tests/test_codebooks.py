@@ -192,3 +192,21 @@ def test_build_codebook_refuses_bad_input():
         build_codebook("gumbel", DIM, SIZE, levels=[8, 8])
     with pytest.raises(ValueError, match="decay"):
         build_codebook("vq", DIM, SIZE, decay=1.5)
+
+
+def test_vq_cosine_picks_the_code_of_highest_cosine_in_its_projected_space():
+    """`cosine` with a `codebook_dim` below dim: codes are unit vectors in the projected space, each slot gets
+    the one of highest cosine similarity with its projection, and embed() gives back z."""
+    codebook = make("vq", codebook_dim=4, cosine=True)
+    h = torch.randn(16, 8, DIM)
+    codebook.train()(h)
+    codebook.eval()
+    with torch.no_grad():
+        out = codebook(h)
+        codes = codebook.vq.codebook  # (SIZE, 4)
+        assert codes.shape == (SIZE, 4) and torch.allclose(codes.norm(dim=-1), torch.ones(SIZE), atol=1e-4)
+        projected = torch.nn.functional.normalize(codebook.vq.project_in(h), dim=-1).view(-1, 4)
+        similarity = projected @ codes.T
+        chosen = similarity.gather(1, out.codes.view(-1, 1)).squeeze(1)
+        assert torch.allclose(chosen, similarity.max(dim=-1).values, atol=1e-5)
+        assert torch.allclose(codebook.embed(out.codes), out.z, atol=1e-6)

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from latentforge.tasks.dvae.task import LOAD_NAMES
+
 
 def latest_metrics(run: Path) -> dict:
     evals = sorted(run.glob("artifacts/eval_*.json"), key=lambda p: p.stat().st_mtime)
@@ -33,6 +35,14 @@ def main(runs: Path, names: list[str]) -> None:
               f"| {m['test/token_acc']:.4f} | {m['test/exact_match']:.4f} | {m['test/codes_used']:.3f} "
               f"| {m['test/perplexity']:.1f} | {m['test/dead_codes']:.0f} "
               f"| {m['test/bits_per_grid']:.0f} ({m['test/code_bits']:.0f}) |")
+    print("\nExact match by how many of its own cells each of a grid's codes carries (grids in the bucket):\n")
+    print("| run | " + " | ".join(name.replace("_", " ") for name in LOAD_NAMES) + " |")
+    print("|---|" + "---|" * len(LOAD_NAMES))
+    for name in names:
+        m = latest_metrics(runs / name)
+        cells = [f"{m[f'test/exact_match/{load}']:.3f} ({m[f'test/grids/{load}']:.0f})"
+                 if f"test/exact_match/{load}" in m else "" for load in LOAD_NAMES]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

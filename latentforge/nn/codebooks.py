@@ -132,18 +132,20 @@ class VQCodebook(Codebook):
     EMA usage falls below `threshold_ema_dead_code` is replaced by a vector of the current batch. `loss` is the
     commitment loss times `commitment_weight`. `rotation_trick` (the package's default) carries the gradient
     to h by the rotation trick (Fifty et al. 2024) instead of straight-through; the forward value is the same.
-    `codebook_dim` < dim looks codes up in a projected space (the package's in/out projections)."""
+    `codebook_dim` < dim looks codes up in a projected space (the package's in/out projections), and
+    `cosine` by cosine similarity on the unit sphere (ViT-VQGAN's low-dimensional, l2-normalised codes)."""
 
     def __init__(self, dim: int, size: int, decay: float = 0.99, commitment_weight: float = 0.25,
                  threshold_ema_dead_code: float = 2.0, kmeans_iters: int = 10, codebook_dim: int | None = None,
-                 rotation_trick: bool = True):
+                 rotation_trick: bool = True, cosine: bool = False):
         super().__init__()
         if not 0 < decay < 1:
             raise ValueError(f"vq decay must be in (0, 1) (got {decay})")
         self.size = size
         self.vq = VectorQuantize(dim=dim, codebook_size=size, codebook_dim=codebook_dim, decay=decay,
                                  commitment_weight=commitment_weight, kmeans_init=True, kmeans_iters=kmeans_iters,
-                                 threshold_ema_dead_code=threshold_ema_dead_code, rotation_trick=rotation_trick)
+                                 threshold_ema_dead_code=threshold_ema_dead_code, rotation_trick=rotation_trick,
+                                 use_cosine_sim=cosine)
 
     # The package's k-means start and dead-code resets are data-dependent in-place updates that inductor fails
     # to partition, so under train.compile the lookup runs eagerly between the compiled encoder and decoder.
