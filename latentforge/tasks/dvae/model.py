@@ -13,6 +13,10 @@ Slots can be tied to cells, so that each code carries its own cells from the sta
   split the grid's own cells, in reading order, into even runs (at most ceil(h * w / (N - 2)) cells). A
   10 x 10 grid then has one slot per cell rather than the 15 slots of canvas patches that it covers, and
   the decoder knows which cells are padding, so it never spends capacity on them.
+  pack_slots (with grid_slots): a slot starts from a linear map of its run's cells laid side by side, and
+  the decoder unpacks each code into one vector per place in the run, rather than a slot starting from the
+  mean of its cells and every cell of the run reading the same code. A mean of two cells cannot tell
+  (red, blue) from (blue, red), so without packing a code that must carry two cells is slow to learn.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ class GridDVAE(nn.Module):
                  dropout: float, encoder_layers: int, pool_layers: int, decoder_layers: int, latents: int,
                  codebook: str, codebook_size: int, codebook_options: dict, rope_base_row: float,
                  rope_base_col: float, patch_slots: bool = False, grid_slots: bool = False,
-                 pad_id: int | None = None):
+                 pack_slots: bool = False, pad_id: int | None = None):
         super().__init__()
         if patch_slots and grid_slots:
             raise ValueError("patch_slots and grid_slots tie slots to cells in two different ways; choose one")
         if grid_slots and (latents < 3 or codebook_size < grid_size):
             raise ValueError(f"grid_slots needs latents >= 3 and codebook_size >= the grid size {grid_size} "
                              f"(two codes are the grid's height and width); got {latents} and {codebook_size}")
-        self.grid_size, self.grid_slots, self.pad_id = grid_size, grid_slots, pad_id
+        if pack_slots and not grid_slots:
+            raise ValueError("pack_slots lays out the runs of cells that grid_slots gives each slot; "
+                             "set model.grid_slots=true too")
+        self.grid_size, self.grid_slots, self.pack_slots, self.pad_id = grid_size, grid_slots, pack_slots, pad_id
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents
@@ -60,7 +67,12 @@ class GridDVAE(nn.Module):
         self.cell_queries = nn.Parameter(torch.empty(cells, d_model))
         if grid_slots:
             # A cell's place within its slot's run of cells, and the grid's shape as one memory token.
-            self.offset_embed = nn.Embedding(math.ceil(cells / slots), d_model)
+            self.run_length = math.ceil(cells / slots)
+            if pack_slots:
+                self.pack = nn.Linear(self.run_length * d_model, d_model, bias=False)
+                self.unpack = nn.Linear(d_model, self.run_length * d_model, bias=False)
+            else:
+                self.offset_embed = nn.Embedding(self.run_length, d_model)
             self.height_embed = nn.Embedding(grid_size, d_model)
             self.width_embed = nn.Embedding(grid_size, d_model)
         self.decoder = nn.ModuleList(DecoderBlock(shape, causal=False) for _ in range(decoder_layers))
@@ -121,7 +133,14 @@ class GridDVAE(nn.Module):
             x = block(x, self.rope_cos, self.rope_sin)
         x = self.encoder_norm(x)
         h = self.latent_queries.expand(len(grids), -1, -1)
-        if self.grid_slots:
+        if self.pack_slots:
+            # Each slot starts from its own cells side by side (zeros past the run's end), then pools the grid.
+            slot, offset = grid_slot_layout(shapes, self.grid_size, h.shape[1])
+            cells = run_cells(slot, offset, h.shape[1], self.run_length)  # (B, slots * run_length)
+            padded = torch.cat([x, x.new_zeros(len(x), 1, x.shape[2])], 1)
+            runs = padded.gather(1, cells.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+            h = h + self.pack(runs.view(len(x), h.shape[1], -1))
+        elif self.grid_slots:
             # Each slot starts from the mean of its own cells, then pools the whole grid.
             slot, _ = grid_slot_layout(shapes, self.grid_size, h.shape[1])
             members = F.one_hot(slot, h.shape[1] + 1)[..., :-1].to(x.dtype)  # (B, cells, slots)
@@ -139,9 +158,16 @@ class GridDVAE(nn.Module):
             x = x + z[:, self.slot_of_cell].to(x.dtype)
         if self.grid_slots:
             slot, offset = grid_slot_layout(shapes, self.grid_size, z.shape[1])
-            padded = torch.cat([z, z.new_zeros(len(z), 1, z.shape[2])], 1)  # slot index N-2: outside the grid
-            x = x + padded.gather(1, slot.unsqueeze(-1).expand(-1, -1, z.shape[2])).to(x.dtype)
-            x = x + self.offset_embed(offset)
+            if self.pack_slots:
+                # Code k unpacks into one vector per place of its run; cell i reads its own place's vector.
+                places = self.unpack(z.to(x.dtype)).view(len(z), -1, z.shape[2])  # (B, slots * run_length, D)
+                padded = torch.cat([places, places.new_zeros(len(z), 1, z.shape[2])], 1)
+                index = torch.where(slot < z.shape[1], slot * self.run_length + offset, places.shape[1])
+            else:
+                padded = torch.cat([z, z.new_zeros(len(z), 1, z.shape[2])], 1)  # slot index N-2: outside the grid
+                index = slot
+                x = x + self.offset_embed(offset)
+            x = x + padded.gather(1, index.unsqueeze(-1).expand(-1, -1, z.shape[2])).to(x.dtype)
             shape_token = self.height_embed(shapes[:, 0] - 1) + self.width_embed(shapes[:, 1] - 1)
             memory = torch.cat([z, shape_token.unsqueeze(1).to(z.dtype)], 1)
         for block in self.decoder:
@@ -189,6 +215,16 @@ def grid_slot_layout(shapes: Tensor, grid_size: int, slots: int) -> tuple[Tensor
     slot = index * slots // cells
     first = (slot * cells + slots - 1) // slots  # the first cell of that slot's run
     return torch.where(inside, slot, slots), torch.where(inside, index - first, 0)
+
+
+def run_cells(slot: Tensor, offset: Tensor, slots: int, run_length: int) -> Tensor:
+    """From grid_slot_layout's (B, S*S) slot and offset of each cell: (B, slots * run_length), the canvas
+    index of the cell at place j of slot k's run at k * run_length + j, and S*S where the run is shorter."""
+    batch, cells = slot.shape
+    place = torch.where(slot < slots, slot * run_length + offset, slots * run_length)
+    index = torch.full((batch, (slots + 1) * run_length), cells, dtype=torch.long, device=slot.device)
+    index.scatter_(1, place, torch.arange(cells, device=slot.device).expand(batch, -1))
+    return index[:, :slots * run_length]
 
 
 def cells_per_code(shapes: Tensor, slots: int) -> Tensor:

@@ -100,6 +100,8 @@ class DVAEModelConfig(ModelBase):
     patch_slots: bool = False
     # Or: two codes are the grid's height and width, the other slots split the grid's own cells (model.py).
     grid_slots: bool = False
+    # With grid_slots: a slot packs its run's cells side by side, and the decoder unpacks each place (model.py).
+    pack_slots: bool = False
 
     def validate(self) -> None:
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
@@ -181,7 +183,7 @@ class DVAE(Task):
                 pool_layers=m.pool_layers, decoder_layers=m.decoder_layers, latents=m.latents, codebook=m.codebook,
                 codebook_size=m.codebook_size, codebook_options=dict(m.codebook_options),
                 rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots,
-                grid_slots=m.grid_slots, pad_id=self.pad_id)
+                grid_slots=m.grid_slots, pack_slots=m.pack_slots, pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
