@@ -182,10 +182,18 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
         from bench.dvae.capacity import main
     finally:
         sys.path.remove(str(REPO))
-    from bench.dvae.capacity import fewest_runs
+    from bench.dvae.capacity import fewest_runs, local_code_bound
 
     main([])
     cells, runs = capsys.readouterr().out.split("runs of one colour")
+    runs, local = runs.split("commonest training runs")
+    bound = [line.split("|")[1:4] for line in local.splitlines() if line.startswith("| ") and "K per" not in line]
+    assert [int(k) for k, _, _ in bound] == [512, 4096]
+    assert all(0.5 < float(exact) < float(covered) < 1.0 for _, exact, covered in bound)
+    # Runs (1,) and (2, 3) seen in training; a test grid with an unseen run fails, with K = 1 per length too.
+    train = [[(1,), (2, 3)], [(1,), (4, 5)]]
+    assert local_code_bound(train, [[(1,), (2, 3)], [(1,), (9, 9)]], k=2) == (0.5, 0.75)
+    assert local_code_bound(train, [[(1,), (4, 5)]], k=1) == (0.0, 0.5)
     rows = [line.split("|")[1:4] for line in cells.splitlines() if line.startswith("| <=")]
     patch = [float(p) for _, p, _ in rows]
     grid = [float(g) for _, _, g in rows]
@@ -195,6 +203,28 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     # Two rows of one colour each: 2 runs along the rows, 3 along the columns of the 2 x 3 grid.
     assert fewest_runs(torch.tensor([[1, 1, 1], [2, 2, 2]])) == 2
     assert fewest_runs(torch.tensor([[1, 2, 1], [1, 2, 1]])) == 3
+
+
+def test_dvae_summary_tables_exact_match_by_load(tmp_path, capsys):
+    """bench/dvae/summary.py: the results table, and the exact match per load with each bucket's grid count."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.dvae.summary import main
+    finally:
+        sys.path.remove(str(REPO))
+    run = tmp_path / "r"
+    (run / "artifacts").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"params": 1234, "train_seconds": 5.0}))
+    (run / "config.yaml").write_text("model:\n  codebook: vq\n")
+    metrics = {"test/token_acc": 0.9, "test/exact_match": 0.75, "test/codes_used": 0.5, "test/perplexity": 9.0,
+               "test/dead_codes": 3, "test/bits_per_grid": 800, "test/code_bits": 1152,
+               "test/exact_match/1_cell_per_code": 1.0, "test/grids/1_cell_per_code": 10,
+               "test/exact_match/2_cells_per_code": 0.5, "test/grids/2_cells_per_code": 4}
+    (run / "artifacts" / "eval_test_step00000007.json").write_text(json.dumps({"step": 7, "metrics": metrics}))
+    main(tmp_path, ["r"])
+    table, loads = capsys.readouterr().out.split("Exact match by how many")
+    assert "| r | vq | 1,234 | 7 | 5 s | 0.9000 | 0.7500 | 0.500 | 9.0 | 3 | 800 (1152) |" in table
+    assert "| r | 1.000 (10) | 0.500 (4) |  |  |  |" in loads
 
 
 def test_multiply_speed_settings_keep_list_values_whole():

@@ -11,24 +11,31 @@ give the N - 2 slots the grid's own cells, ceil(h * w / (N - 2)) per slot.
 A second count is the grids' structure along one axis: the runs of one colour along the rows (or the
 columns, whichever has fewer). One code can name a run (10 colours x 30 lengths < 512), so a grid with at
 most N - 2 runs fits one run per code; more than that needs structure across rows.
+
+The third is how far codes that describe only their own run of cells can go: if a code meant one of the K
+commonest runs of its length among the training grids' runs (the decoder knows each run's length from the
+grid's shape), which held-out grids would come back exactly? Those whose every run is among them.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections import Counter, defaultdict
 
 import torch
 
 from latentforge.config import load_config
-from latentforge.tasks.dvae.model import cells_per_code
+from latentforge.tasks.dvae.data import Grids
+from latentforge.tasks.dvae.model import cells_per_code, grid_slot_layout
 from latentforge.tasks.dvae.task import DVAE
 
 
 def main(overrides: list[str]) -> None:
     cfg = load_config("dvae/arc-vq", ["train.device=cpu", *overrides])
     m = cfg.model
-    grids = DVAE(cfg, torch.device("cpu")).grids("test")
+    task = DVAE(cfg, torch.device("cpu"))
+    grids = task.grids("test")
     shapes = grids.shapes.long()
     cells = shapes[:, 0] * shapes[:, 1]
     free = int(math.log2(m.codebook_size) // math.log2(10))
@@ -48,6 +55,39 @@ def main(overrides: list[str]) -> None:
     print("|---|---|")
     for n in (slots // 2, slots, 2 * slots):
         print(f"| <= {n} | {float((runs <= n).float().mean()):.3f} |")
+    train_runs, test_runs = slot_runs(task.grids("train"), slots), slot_runs(grids, slots)
+    print("\ngrid slots whose codes each name one of the K commonest training runs of their length:")
+    print("| K per run length | held-out grids exact | held-out runs covered |")
+    print("|---|---|---|")
+    for k in (m.codebook_size, 8 * m.codebook_size):
+        exact, covered = local_code_bound(train_runs, test_runs, k)
+        print(f"| {k} | {exact:.3f} | {covered:.3f} |")
+
+
+def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:
+    """Each grid's runs of cells, one per grid slot (grid_slot_layout), as tuples of colours."""
+    slot, _ = grid_slot_layout(grids.shapes.long(), grids.tokens.shape[-1], slots)
+    out = []
+    for tokens, owners in zip(grids.tokens.flatten(1).tolist(), slot.tolist()):
+        runs: dict[int, list[int]] = defaultdict(list)
+        for colour, owner in zip(tokens, owners):
+            if owner < slots:
+                runs[owner].append(colour)
+        out.append([tuple(run) for run in runs.values()])
+    return out
+
+
+def local_code_bound(train: list[list[tuple[int, ...]]], test: list[list[tuple[int, ...]]], k: int
+                     ) -> tuple[float, float]:
+    """The fraction of test grids whose every run is among the k commonest training runs of its length,
+    and the fraction of test runs that are."""
+    counts: dict[int, Counter] = defaultdict(Counter)
+    for runs in train:
+        for run in runs:
+            counts[len(run)][run] += 1
+    known = {length: {run for run, _ in c.most_common(k)} for length, c in counts.items()}
+    hits = [[run in known.get(len(run), ()) for run in runs] for runs in test]
+    return (sum(all(h) for h in hits) / len(hits), sum(map(sum, hits)) / sum(map(len, hits)))
 
 
 def fewest_runs(grid: torch.Tensor) -> int:
