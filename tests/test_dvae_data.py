@@ -12,6 +12,7 @@ from latentforge.tasks.dvae.data import (
     PAD_ID,
     GridBatches,
     Grids,
+    concat,
     dihedral,
     inverse_dihedral,
     load_arc,
@@ -21,6 +22,8 @@ from latentforge.tasks.dvae.data import (
     permute_colors,
     random_color_permutations,
     read_grid_file,
+    variant_key,
+    without_variants,
 )
 
 
@@ -203,3 +206,40 @@ def test_grid_batches_are_a_pure_function_of_seed_and_index(arc):
     rewound = stream(grids)
     rewound.load_state_dict({"index": 3})
     assert same(rewound.next_batch(), batches[3])
+
+
+def test_variant_key_is_shared_by_rotations_reflections_and_recolourings_only():
+    import numpy as np
+
+    grid = np.array([[1, 1, 2], [3, 0, 0]])
+    variants = [np.rot90(grid, k) for k in range(4)] + [np.fliplr(np.rot90(grid, k)) for k in range(4)]
+    recoloured = np.array([7, 4, 5, 6, 0, 1, 2, 3, 8, 9])[grid]  # a permutation of the 10 colours
+    assert {variant_key(g) for g in variants} == {variant_key(grid)} == {variant_key(recoloured)}
+    assert variant_key(np.array([[1, 2, 1], [3, 0, 0]])) != variant_key(grid)
+    assert variant_key(np.array([[1, 1], [2, 3], [0, 0]])) != variant_key(grid)  # same cells, other shape
+
+
+def test_without_variants_drops_a_rotated_recoloured_copy_and_keeps_the_rest(arc):
+    held = arc.select(slice(0, 5))
+    h, w = held.shapes[2].tolist()
+    copy = torch.rot90((held.tokens[2, :h, :w] + 3) % 10, 1)  # (w, h), every colour renamed
+    variant = Grids(pad_grid(copy, 32, PAD_ID).unsqueeze(0), torch.tensor([[w, h]]), 11, PAD_ID)
+    others = arc.select(slice(100, 110))
+    kept = without_variants(concat([others, variant, held.select(slice(0, 1))]), held)
+    assert len(kept) == len(others) and torch.equal(kept.tokens, others.tokens)
+
+
+def test_arc_extra_adds_arc2_grids_that_no_held_out_grid_is_a_variant_of(cli, runs_dir):
+    from latentforge.config import load_config
+    from latentforge.tasks.dvae.task import DVAE
+
+    cpu = torch.device("cpu")
+    base = DVAE(load_config("dvae/arc-vq", ["train.device=cpu"]), cpu)
+    more = DVAE(load_config("dvae/arc-vq", ["train.device=cpu", "data.arc_extra=[arc2]"]), cpu)
+    assert torch.equal(more.test_grids.tokens, base.test_grids.tokens)  # the same held-out grids
+    assert torch.equal(more.train_grids.tokens[:len(base.train_grids)], base.train_grids.tokens)
+    added = more.train_grids.select(slice(len(base.train_grids), None))
+    assert len(added) > 2000
+    assert len(without_variants(added, more.test_grids)) == len(added)
+    result = cli("train", "dvae/arc-vq", "data.arc_extra=[arc1]", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "arc_extra" in result.output and "Traceback" not in result.output

@@ -90,6 +90,37 @@ def load_arc(split: str, version: str = "arc1", size: int = 32) -> Grids:
     return Grids(torch.from_numpy(tokens), torch.from_numpy(shapes), ARC_COLOURS + 1, PAD_ID)
 
 
+def concat(parts: list[Grids]) -> Grids:
+    """Grids of one canvas size and vocabulary, one after the other."""
+    return Grids(torch.cat([g.tokens for g in parts]), torch.cat([g.shapes for g in parts]), parts[0].vocab_size,
+                 parts[0].pad_id)
+
+
+def variant_key(grid: np.ndarray) -> tuple[int, int, bytes]:
+    """One key for a grid and all its rotations, reflections and recolourings: over the 8 dihedral
+    transforms, the smallest (shape, colours renamed in order of first appearance in reading order)."""
+    keys = []
+    for k in range(8):
+        g = np.rot90(grid, k % 4) if k < 4 else np.rot90(np.fliplr(grid), k % 4)
+        flat = g.ravel()
+        _, first = np.unique(flat, return_index=True)
+        rename = np.empty(flat.max() + 1, dtype=np.int64)
+        rename[flat[np.sort(first)]] = np.arange(len(first))
+        keys.append((*g.shape, rename[flat].tobytes()))
+    return min(keys)
+
+
+def without_variants(grids: Grids, of: Grids) -> Grids:
+    """The grids that are not a rotation, reflection or recolouring of any grid in `of` (nor the grid itself)."""
+
+    def keys(g: Grids) -> list[tuple[int, int, bytes]]:
+        return [variant_key(t[:h, :w].numpy()) for t, (h, w) in zip(g.tokens, g.shapes.tolist())]
+
+    held = set(keys(of))
+    keep = [i for i, key in enumerate(keys(grids)) if key not in held]
+    return grids.select(torch.tensor(keep, dtype=torch.int64))
+
+
 @functools.cache
 def load_digits(levels: int = 16) -> tuple[Grids, Grids]:
     """scikit-learn's 8x8 digits (intensities 0..16) as `levels` evenly spaced tokens: the first 1,500

