@@ -217,11 +217,22 @@ def test_run_cells_lay_each_slots_run_side_by_side():
     from latentforge.tasks.dvae.model import grid_slot_layout, run_cells
 
     slot, offset = grid_slot_layout(torch.tensor([[2, 3], [1, 2]]), grid_size=4, slots=3)
-    cells = run_cells(slot, offset, slots=3, run_length=2).view(2, 3, 2)
+    cells = run_cells(slot, offset, slots=3, run_length=6).view(2, 3, 6)  # runs of up to ceil(16 / 3) cells
     # 2 x 3 grid: runs of 2 in reading order, canvas cells (0, 1), (2, 4), (5, 6); 16 marks an empty place.
-    assert cells[0].tolist() == [[0, 1], [2, 4], [5, 6]]
-    # 1 x 2 grid over 3 slots: one cell a slot, the rest empty.
-    assert (cells[1] < 16).sum() == 2 and sorted(cells[1][cells[1] < 16].tolist()) == [0, 1]
+    assert cells[0].tolist() == [[0, 1, 16, 16, 16, 16], [2, 4, 16, 16, 16, 16], [5, 6, 16, 16, 16, 16]]
+    # 1 x 2 grid over 3 slots: one cell a slot, the last slot empty.
+    assert cells[1].tolist() == [[0] + [16] * 5, [1] + [16] * 5, [16] * 6]
+    # The decoder's place of each cell (slot * run_length + offset) is where run_cells put it, for every shape.
+    for h in range(1, 7):
+        for w in range(1, 7):
+            for slots in (1, 3, 5, 7, 40):
+                run_length = -(-36 // slots)
+                slot, offset = grid_slot_layout(torch.tensor([[h, w]]), grid_size=6, slots=slots)
+                cells = run_cells(slot, offset, slots, run_length)[0]
+                inside = slot[0] < slots
+                places = (slot[0] * run_length + offset[0])[inside]
+                assert torch.equal(cells[places], torch.arange(36)[inside])
+                assert (cells < 36).sum() == h * w
 
 
 def packing_run(pack: bool) -> float:
@@ -297,8 +308,10 @@ def test_exact_match_is_reported_per_cells_per_code(monkeypatch):
     assert metrics["test/exact_match/over_8_cells_per_code"] == pytest.approx(float(even[load > 8].mean()))
 
 
-def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path):
-    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.latents=6",
+@pytest.mark.parametrize("pack", ["false", "true"])
+def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path, pack):
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", f"model.pack_slots={pack}",
+                            "model.latents=6",
                             "model.codebook_size=64", "train.steps=2", "train.eval_every=2", "data.eval_grids=16",
                             "train.batch_size=4", name="arcgrid", runs_dir=runs_dir)
     assert run.status == "finished" and run.info["last_eval"]["test/code_bits"] == 6 * 6
@@ -309,6 +322,15 @@ def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path):
     assert len(codes) == 6 and codes[:2] == ["1", "2"]
     decoded = cli("decode", "arcgrid", encoded["codes"], "--runs-dir", runs_dir, "--json")
     assert decoded.exit_code == 0, decoded.output
+    # The decoder drawing from codes alone is the one the training forward pass uses.
+    def same_logits(task, model):
+        grids = task.grids("test").tokens[:4]
+        model.eval()
+        with torch.no_grad():
+            logits, out = model(grids)
+            return torch.equal(model.decode_codes(model.code_sequence(grids, out.codes)), logits)
+
+    assert latentforge.api._with_model("arcgrid", "latest", runs_dir, "cpu", False, same_logits)
     assert [len(row.split()) for row in json.loads(decoded.stdout)["grid"].strip().splitlines()] == [3, 3]
     result = cli("decode", "arcgrid", "31 40 " + " ".join(codes[2:]), "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "height - 1 and width - 1" in result.output

@@ -117,6 +117,10 @@ class DVAEModelConfig(ModelBase):
         for key in ("encoder_layers", "pool_layers", "decoder_layers", "latents"):
             require(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
         require(self.codebook_size >= 2, "codebook_size", f"must be >= 2 (got {self.codebook_size})")
+        require(not (self.patch_slots and self.grid_slots), "patch_slots",
+                "and model.grid_slots tie slots to cells in two different ways; set one of them false")
+        require(self.grid_slots or not self.pack_slots, "pack_slots",
+                "lays out the runs of cells that model.grid_slots gives each slot; set model.grid_slots=true too")
 
 
 @dataclass
