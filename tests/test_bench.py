@@ -182,14 +182,21 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
         from bench.dvae.capacity import main
     finally:
         sys.path.remove(str(REPO))
-    from bench.dvae.capacity import fewest_runs, local_code_bound
+    from bench.dvae.capacity import fewest_runs, fitted_segments, local_code_bound
 
     main([])
     cells, runs = capsys.readouterr().out.split("runs of one colour")
     runs, local = runs.split("commonest training runs")
-    bound = [line.split("|")[1:4] for line in local.splitlines() if line.startswith("| ") and "K per" not in line]
-    assert [int(k) for k, _, _ in bound] == [512, 4096]
-    assert all(0.5 < float(exact) < float(covered) < 1.0 for _, exact, covered in bound)
+    local, fitted = local.split("fitted to the content")
+    for table in (local, fitted):
+        bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
+        assert [int(k) for k, _, _ in bound] == [512, 4096]
+        assert all(0.5 < float(exact) < 1.0 and 0.5 < float(covered) < 1.0 for _, exact, covered in bound)
+    # Fitted segments: runs of one colour per row; over the budget, the shortest adjacent pair of a row merges.
+    assert fitted_segments([[1, 1, 2], [3, 3, 3]], slots=3) == [(1, 1), (2,), (3, 3, 3)]
+    assert fitted_segments([[1, 1, 2], [3, 4, 4]], slots=3) == [(1, 1, 2), (3,), (4, 4)]
+    assert fitted_segments([[1, 2], [3, 4]], slots=1) == [(1, 2), (3, 4)]
+    assert local_code_bound([[(1,), (2, 3)]], [[(2, 3)], [(1,)]], k=1, by_length=False) == (0.5, 0.5)
     # Runs (1,) and (2, 3) seen in training; a test grid with an unseen run fails, with K = 1 per length too.
     train = [[(1,), (2, 3)], [(1,), (4, 5)]]
     assert local_code_bound(train, [[(1,), (2, 3)], [(1,), (9, 9)]], k=2) == (0.5, 0.75)

@@ -15,6 +15,10 @@ most N - 2 runs fits one run per code; more than that needs structure across row
 The third is how far codes that describe only their own run of cells can go: if a code meant one of the K
 commonest runs of its length among the training grids' runs (the decoder knows each run's length from the
 grid's shape), which held-out grids would come back exactly? Those whose every run is among them.
+The fourth asks the same of runs fitted to the content: each row's runs of one colour, the adjacent pair
+with the fewest cells merged until the grid has at most N - 2 (within a row, so at most one row per code),
+and a code meaning one of the K commonest such segments of any length (the decoder would have to learn
+each segment's length from its code).
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ def main(overrides: list[str]) -> None:
     for k in (m.codebook_size, 8 * m.codebook_size):
         exact, covered = local_code_bound(train_runs, test_runs, k)
         print(f"| {k} | {exact:.3f} | {covered:.3f} |")
+    train_segments = [fitted_segments(g, slots) for g in grid_contents(task.grids("train"))]
+    test_segments = [fitted_segments(g, slots) for g in grid_contents(grids)]
+    print("\nsegments fitted to the content (each row's single-colour runs, merged) whose codes each name one of the K "
+          "commonest training segments:")
+    print("| K | held-out grids exact | held-out segments covered |")
+    print("|---|---|---|")
+    for k in (m.codebook_size, 8 * m.codebook_size):
+        exact, covered = local_code_bound(train_segments, test_segments, k, by_length=False)
+        print(f"| {k} | {exact:.3f} | {covered:.3f} |")
 
 
 def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:
@@ -77,17 +90,41 @@ def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:
     return out
 
 
-def local_code_bound(train: list[list[tuple[int, ...]]], test: list[list[tuple[int, ...]]], k: int
-                     ) -> tuple[float, float]:
-    """The fraction of test grids whose every run is among the k commonest training runs of its length,
-    and the fraction of test runs that are."""
+def local_code_bound(train: list[list[tuple[int, ...]]], test: list[list[tuple[int, ...]]], k: int,
+                     by_length: bool = True) -> tuple[float, float]:
+    """The fraction of test grids whose every run is among the k commonest training runs of its length (or
+    of any length), and the fraction of test runs that are."""
     counts: dict[int, Counter] = defaultdict(Counter)
     for runs in train:
         for run in runs:
-            counts[len(run)][run] += 1
+            counts[len(run) if by_length else 0][run] += 1
     known = {length: {run for run, _ in c.most_common(k)} for length, c in counts.items()}
-    hits = [[run in known.get(len(run), ()) for run in runs] for runs in test]
+    hits = [[run in known.get(len(run) if by_length else 0, ()) for run in runs] for runs in test]
     return (sum(all(h) for h in hits) / len(hits), sum(map(sum, hits)) / sum(map(len, hits)))
+
+
+def grid_contents(grids: Grids) -> list[list[list[int]]]:
+    """Each grid's own cells, row by row, without the padding."""
+    return [t[:h, :w].tolist() for t, (h, w) in zip(grids.tokens, grids.shapes.long().tolist())]
+
+
+def fitted_segments(rows: list[list[int]], slots: int) -> list[tuple[int, ...]]:
+    """A grid's runs of one colour along each row, the adjacent pair of one row with the fewest cells merged
+    until at most `slots` segments are left (or no two segments of one row are left to merge)."""
+    segments: list[tuple[int, tuple[int, ...]]] = []  # (row, colours)
+    for r, row in enumerate(rows):
+        start = 0
+        for c in range(1, len(row) + 1):
+            if c == len(row) or row[c] != row[start]:
+                segments.append((r, tuple(row[start:c])))
+                start = c
+    while len(segments) > slots:
+        pairs = [(len(a[1]) + len(b[1]), i) for i, (a, b) in enumerate(zip(segments, segments[1:])) if a[0] == b[0]]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        segments[i:i + 2] = [(segments[i][0], segments[i][1] + segments[i + 1][1])]
+    return [colours for _, colours in segments]
 
 
 def fewest_runs(grid: torch.Tensor) -> int:
