@@ -182,7 +182,7 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
         from bench.dvae.capacity import main
     finally:
         sys.path.remove(str(REPO))
-    from bench.dvae.capacity import fewest_runs, fitted_segments, local_code_bound
+    from bench.dvae.capacity import fewest_runs, fitted_segments, grids_recovered, local_code_bound
 
     main([])
     cells, runs = capsys.readouterr().out.split("runs of one colour")
@@ -192,6 +192,9 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]
         assert all(0.5 < float(exact) < 1.0 and 0.5 < float(covered) < 1.0 for _, exact, covered in bound)
+    # Per load bucket: codes of 1 or 2 cells name any run in training; past that the dictionary falls short.
+    by_load = [[float(x) for x in line.split("|")[4:8]] for line in local.splitlines() if line.startswith("| 512")]
+    assert by_load[0][:2] == [1.0, 1.0] and 0.3 < by_load[0][2] < 0.8 and by_load[0][3] < by_load[0][2]
     # Fitted segments: runs of one colour per row; over the budget, the shortest adjacent pair of a row merges.
     assert fitted_segments([[1, 1, 2], [3, 3, 3]], slots=3) == [(1, 1), (2,), (3, 3, 3)]
     assert fitted_segments([[1, 1, 2], [3, 4, 4]], slots=3) == [(1, 1, 2), (3,), (4, 4)]
@@ -201,6 +204,7 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     train = [[(1,), (2, 3)], [(1,), (4, 5)]]
     assert local_code_bound(train, [[(1,), (2, 3)], [(1,), (9, 9)]], k=2) == (0.5, 0.75)
     assert local_code_bound(train, [[(1,), (4, 5)]], k=1) == (0.0, 0.5)
+    assert grids_recovered(train, [[(1,), (2, 3)], [(1,), (9, 9)]], k=2) == [True, False]
     rows = [line.split("|")[1:4] for line in cells.splitlines() if line.startswith("| <=")]
     patch = [float(p) for _, p, _ in rows]
     grid = [float(g) for _, _, g in rows]

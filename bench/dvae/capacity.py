@@ -14,7 +14,8 @@ most N - 2 runs fits one run per code; more than that needs structure across row
 
 The third is how far codes that describe only their own run of cells can go: if a code meant one of the K
 commonest runs of its length among the training grids' runs (the decoder knows each run's length from the
-grid's shape), which held-out grids would come back exactly? Those whose every run is among them.
+grid's shape), which held-out grids would come back exactly? Those whose every run is among them; counted
+also per load (cells per code), the buckets of the evaluation's test/exact_match/<load>.
 The fourth asks the same of runs fitted to the content: each row's runs of one colour, the adjacent pair
 with the fewest cells merged until the grid has at most N - 2 (within a row, so at most one row per code),
 and a code meaning one of the K commonest such segments of any length (the decoder would have to learn
@@ -32,7 +33,7 @@ import torch
 from latentforge.config import load_config
 from latentforge.tasks.dvae.data import Grids
 from latentforge.tasks.dvae.model import cells_per_code, grid_slot_layout
-from latentforge.tasks.dvae.task import DVAE
+from latentforge.tasks.dvae.task import DVAE, LOAD_EDGES, LOAD_NAMES
 
 
 def main(overrides: list[str]) -> None:
@@ -60,12 +61,18 @@ def main(overrides: list[str]) -> None:
     for n in (slots // 2, slots, 2 * slots):
         print(f"| <= {n} | {float((runs <= n).float().mean()):.3f} |")
     train_runs, test_runs = slot_runs(task.grids("train"), slots), slot_runs(grids, slots)
+    # The same buckets as the held-out evaluation's test/exact_match/<load>, to set the model's beside.
+    bucket = torch.bucketize(per_slot, torch.tensor(LOAD_EDGES)).tolist()
+    names = [n.replace("_per_code", "").replace("_", " ") for n in LOAD_NAMES[:-1]]
     print("\ngrid slots whose codes each name one of the K commonest training runs of their length:")
-    print("| K per run length | held-out grids exact | held-out runs covered |")
-    print("|---|---|---|")
+    print(f"| K per run length | held-out grids exact | held-out runs covered | {' | '.join(names)} |")
+    print("|---|---|---|" + "---|" * len(names))
     for k in (m.codebook_size, 8 * m.codebook_size):
         exact, covered = local_code_bound(train_runs, test_runs, k)
-        print(f"| {k} | {exact:.3f} | {covered:.3f} |")
+        whole = grids_recovered(train_runs, test_runs, k)
+        by_load = [[w for w, b in zip(whole, bucket) if b == i] for i in range(len(names))]
+        print(f"| {k} | {exact:.3f} | {covered:.3f} | "
+              + " | ".join(f"{sum(w) / len(w):.3f}" if w else "" for w in by_load) + " |")
     train_segments = [fitted_segments(g, slots) for g in grid_contents(task.grids("train"))]
     test_segments = [fitted_segments(g, slots) for g in grid_contents(grids)]
     print("\nsegments fitted to the content (each row's single-colour runs, merged) whose codes each name one of the K "
@@ -94,13 +101,24 @@ def local_code_bound(train: list[list[tuple[int, ...]]], test: list[list[tuple[i
                      by_length: bool = True) -> tuple[float, float]:
     """The fraction of test grids whose every run is among the k commonest training runs of its length (or
     of any length), and the fraction of test runs that are."""
+    hits = run_hits(train, test, k, by_length)
+    return (sum(all(h) for h in hits) / len(hits), sum(map(sum, hits)) / sum(map(len, hits)))
+
+
+def grids_recovered(train: list[list[tuple[int, ...]]], test: list[list[tuple[int, ...]]], k: int) -> list[bool]:
+    """For each test grid: is its every run among the k commonest training runs of its length?"""
+    return [all(h) for h in run_hits(train, test, k, by_length=True)]
+
+
+def run_hits(train: list[list[tuple[int, ...]]], test: list[list[tuple[int, ...]]], k: int,
+             by_length: bool) -> list[list[bool]]:
+    """For each run of each test grid: is it among the k commonest training runs of its length (or of any)?"""
     counts: dict[int, Counter] = defaultdict(Counter)
     for runs in train:
         for run in runs:
             counts[len(run) if by_length else 0][run] += 1
     known = {length: {run for run, _ in c.most_common(k)} for length, c in counts.items()}
-    hits = [[run in known.get(len(run) if by_length else 0, ()) for run in runs] for runs in test]
-    return (sum(all(h) for h in hits) / len(hits), sum(map(sum, hits)) / sum(map(len, hits)))
+    return [[run in known.get(len(run) if by_length else 0, ()) for run in runs] for runs in test]
 
 
 def grid_contents(grids: Grids) -> list[list[list[int]]]:

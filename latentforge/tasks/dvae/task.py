@@ -133,7 +133,8 @@ class DVAEDataConfig:
     # many of ARC-AGI-1's evaluation tasks).
     arc_extra: list[Literal["arc1", "arc2"]] = field(default_factory=list)
     grid_size: int = 32
-    # The 8 rotations/reflections, and colour permutations (none, keep_background: 0 stays, all).
+    # augment: the 8 rotations/reflections; colors, independently of it: colour permutations (none,
+    # keep_background: 0 stays, all).
     augment: bool = True
     colors: Literal["none", "keep_background", "all"] = "keep_background"
     # digits: intensity levels (0..16 quantized to this many tokens).
