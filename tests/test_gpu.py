@@ -240,3 +240,17 @@ def test_padded_vocabulary_trains_compiled_in_a_cuda_graph(runs_dir):
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-2, abs=2e-2)
+
+
+@pytest.mark.parametrize("preset", ["multiply/tiny", "lm/tiny"])
+def test_an_autocast_residual_follows_the_fp32_stream_compiled_on_cuda(runs_dir, preset):
+    """model.residual=autocast (the GPT-2 bench's fastest setting): the compiled bf16 run with a bf16 residual
+    stream follows the one with an fp32 stream within bf16 tolerance, in both transformers."""
+    common = (*(TINY if preset.startswith("multiply") else ()), "train.steps=30", "train.log_every=1",
+              "train.device=cuda", "train.precision=bf16", "train.compile=true")
+    fp32 = latentforge.train(preset, *common, name="fp32", runs_dir=runs_dir)
+    bf16 = latentforge.train(preset, *common, "model.residual=autocast", name="bf16", runs_dir=runs_dir)
+    a, b = losses(fp32.path), losses(bf16.path)
+    assert sorted(a) == sorted(b) == list(range(1, 31)) and a != b
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-2, abs=2e-2)

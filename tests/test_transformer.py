@@ -1,5 +1,6 @@
 """The engine's transformer (nn/transformer.py) with a padded vocabulary: the logits, loss and gradients of
-the unpadded model, in the model itself and in the multiply decoder that reads its head."""
+the unpadded model, in the model itself and in the multiply decoder that reads its head; and the residual
+stream's dtype under autocast (model.residual), in it and in nn/lm.py's decoder."""
 
 import dataclasses
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import train_refused
 
+from latentforge.nn.lm import LM, LMConfig
 from latentforge.nn.transformer import Transformer, TransformerShape
 from latentforge.tasks.multiply.decoder import DecoderLM
 
@@ -107,3 +109,43 @@ def test_the_multiply_decoder_scores_and_generates_over_the_vocabulary_only():
 ])
 def test_bad_model_options_are_one_line_and_leave_nothing(cli, runs_dir, overrides, message):
     train_refused(cli, runs_dir, "multiply/tiny", overrides, message)
+
+
+
+def residual_pair(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same weights with the residual stream in fp32 and in the autocast dtype."""
+    torch.manual_seed(0)
+    if kind == "transformer":
+        return Transformer(SHAPE), Transformer(dataclasses.replace(SHAPE, residual="autocast"))
+    shape = {"vocab_size": 19, "n_layer": 2, "n_head": 2, "d_model": 32, "max_len": 16}
+    make = LMConfig.gpt2 if kind == "gpt2" else LMConfig
+    return LM(make(**shape)), LM(make(**shape, residual="autocast"))
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm's unfused bf16 path
+@pytest.mark.parametrize("kind", ["transformer", "gpt2", "llama"])
+def test_an_autocast_residual_carries_the_stream_in_bf16_and_trains_as_fp32_does(kind):
+    """residual=autocast: under bf16 autocast every block's output (the residual stream, so its gradient too) is
+    bf16, and the loss and gradients stay within bf16's rounding of the fp32 stream's; without autocast
+    nothing changes."""
+    fp32, bf16 = residual_pair(kind)
+    bf16.load_state_dict(fp32.state_dict())
+    tokens = torch.randint(0, 19, (4, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(bf16(tokens), fp32(tokens), rtol=0, atol=0)
+    losses, streams = {}, {}
+    for name, model in (("fp32", fp32), ("bf16", bf16)):
+        blocks = model.blocks if kind == "transformer" else model.layers
+        hooks = [b.register_forward_hook(lambda _, __, out, name=name: streams.setdefault(name, set()).add(out.dtype))
+                 for b in blocks]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens)
+        for hook in hooks:
+            hook.remove()
+        losses[name] = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
+        losses[name].backward()
+    assert streams == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert losses["bf16"] != losses["fp32"]  # the stream really is rounded
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=1e-2, atol=1e-2)
+    for (name, p), q in zip(bf16.named_parameters(), fp32.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.1, atol=2e-3, msg=name)

@@ -20,7 +20,7 @@ from torch import nn
 from latentforge.config import ModelBase, require
 from latentforge.nn.kv_cache import KVCache
 from latentforge.nn.rope import apply_rope, rope_tables
-from latentforge.nn.transformer import padded_vocab, vocab_logits
+from latentforge.nn.transformer import padded_vocab, residual_stream, vocab_logits
 
 
 @dataclass
@@ -49,6 +49,8 @@ class LMConfig(ModelBase):
     bias: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # fp32 or autocast: the residual stream's dtype under autocast (nn.transformer.TransformerConfig.residual).
+    residual: Literal["fp32", "autocast"] = "fp32"
 
     # Runs saved before vocab_multiple existed had unpadded embeddings.
     old_run_values: ClassVar[dict[str, Any]] = {"vocab_multiple": 1}
@@ -255,7 +257,7 @@ class LM(nn.Module):
                 positions = torch.arange(start, start + T, device=input_ids.device)
             x = x + self.pos_embeddings(positions)
         mask = attention_mask(T, start, doc_ids, prefix_len, input_ids.device)
-        x = self.drop(x)
+        x = self.drop(residual_stream(x, self.cfg.residual))
         for layer, block in enumerate(self.layers):
             x = block(x, rope, mask, cache, layer)
         if cache is not None:

@@ -28,6 +28,7 @@ class TransformerShape:
     tie_embeddings: bool = True
     vocab_multiple: int = 1
     positions: Literal["rope", "learned"] = "rope"
+    residual: Literal["fp32", "autocast"] = "fp32"
 
     @property
     def padded_vocab(self) -> int:
@@ -51,6 +52,14 @@ def vocab_logits(logits: torch.Tensor, vocab_size: int, padded: bool = False) ->
         return logits[..., :vocab_size]
     beyond = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
     return logits.masked_fill(beyond, float("-inf"))
+
+
+def residual_stream(x: torch.Tensor, residual: str) -> torch.Tensor:
+    """The residual stream's input as the model's `residual` option carries it: unchanged (fp32), or cast to
+    the autocast dtype where autocast is on (autocast), so that every block's residual add stays in it."""
+    if residual == "autocast" and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def check_width(d_model: int, n_head: int, mlp_ratio: float, dropout: float, rope_axes: int = 1) -> None:
@@ -84,6 +93,10 @@ class TransformerConfig(ModelBase):
     # rope: rotary positions in every attention layer. learned: one embedding per position added to the input,
     # as GPT-2 has it (the benchmarks' GPT-2 shape uses it, to train the architecture the peers train).
     positions: Literal["rope", "learned"] = "rope"
+    # fp32: the residual stream stays in fp32 under autocast (HF's and nanoGPT's mixed precision). autocast: it
+    # is carried in the autocast dtype (bf16), as torchtitan's bf16 compute carries it: half the memory traffic
+    # of every norm, residual add and their gradients, at bf16's rounding of the stream.
+    residual: Literal["fp32", "autocast"] = "fp32"
 
     def validate(self) -> None:
         require(self.n_layer >= 1, "n_layer", f"must be >= 1 (got {self.n_layer})")
@@ -94,7 +107,8 @@ class TransformerConfig(ModelBase):
         return TransformerShape(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
                                 d_model=self.d_model, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                                 max_len=max_len, tie_embeddings=self.tie_embeddings,
-                                vocab_multiple=self.vocab_multiple, positions=self.positions)
+                                vocab_multiple=self.vocab_multiple, positions=self.positions,
+                                residual=self.residual)
 
 
 class SelfAttention(nn.Module):
@@ -184,7 +198,7 @@ class Transformer(nn.Module):
         kept = {}
         if self.pos_embed is not None:
             x = x + self.pos_embed.weight[:T]
-        x = self.drop(x)
+        x = self.drop(residual_stream(x, self.shape.residual))
         if 0 in keep:
             kept[0] = x
         for layer, block in enumerate(self.blocks, 1):
