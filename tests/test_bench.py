@@ -236,6 +236,17 @@ def test_dvae_summary_tables_exact_match_by_load(tmp_path, capsys):
     table, loads = capsys.readouterr().out.split("Exact match by how many")
     assert "| r | vq | 1,234 | 7 | 5 s | 0.9000 | 0.7500 | 0.500 | 9.0 | 3 | 800 (1152) |" in table
     assert "| r | 1.000 (10) | 0.500 (4) |  |  |  |" in loads
+    assert "training grids" not in loads  # no metrics.jsonl with a training-grid evaluation
+    # A run that evaluates the training grids too: their last evaluation (step 8) beside the held-out one.
+    records = [{"step": 4, "train/loss": 1.0}, {"step": 4, "test/token_acc": 0.5, "test/exact_match": 0.1},
+               {"step": 4, "train/token_acc": 0.6, "train/exact_match": 0.2},
+               {"step": 8, "test/token_acc": 0.7, "test/exact_match": 0.3, "test/exact_match/1_cell_per_code": 0.9},
+               {"step": 8, "train/token_acc": 0.8, "train/exact_match": 0.4, "train/exact_match/1_cell_per_code": 1.0},
+               {"step": 9, "train/loss": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    main(tmp_path, ["r"])
+    fitted = capsys.readouterr().out.split("On the training grids")[1]
+    assert "| r | 8 | 0.800 / 0.700 | 0.400 / 0.300 | 1.000 / 0.900 |  |  |  |  |" in fitted
 
 
 def test_multiply_speed_settings_keep_list_values_whole():

@@ -1,5 +1,6 @@
 """The dvae results table (markdown) from each run's latest evaluation (`latentforge eval` saves it
-in artifacts/, or the last evaluation during training).
+in artifacts/, or the last evaluation during training), and, for runs that also evaluate the training grids
+(data.eval_splits=[test,train]), their last such evaluation beside the held-out one.
 
     python -m bench.dvae.summary RUNS_DIR RUN...
 """
@@ -43,6 +44,27 @@ def main(runs: Path, names: list[str]) -> None:
         cells = [f"{m[f'test/exact_match/{load}']:.3f} ({m[f'test/grids/{load}']:.0f})"
                  if f"test/exact_match/{load}" in m else "" for load in LOAD_NAMES]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    fitted = {name: m for name in names if (m := latest_train_eval(runs / name))}
+    if fitted:
+        print("\nOn the training grids and the held-out ones at the last evaluation of both (exact match by cells "
+              "per code, training / held-out):\n")
+        print("| run | step | token acc | exact match | " + " | ".join(n.replace("_", " ") for n in LOAD_NAMES) + " |")
+        print("|---|---|---|---|" + "---|" * len(LOAD_NAMES))
+        for name, m in fitted.items():
+            pair = [f"{m[f'train/{key}']:.3f} / {m[f'test/{key}']:.3f}" if f"test/{key}" in m else ""
+                    for key in ("token_acc", "exact_match", *(f"exact_match/{load}" for load in LOAD_NAMES))]
+            print(f"| {name} | {m['step']} | " + " | ".join(pair) + " |")
+
+
+def latest_train_eval(run: Path) -> dict:
+    """The last step whose records hold the training grids' evaluation, merged with that step's held-out one."""
+    by_step: dict[int, dict] = {}
+    path = run / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else ():
+        record = json.loads(line)
+        by_step.setdefault(record["step"], {}).update(record)
+    steps = [step for step, m in by_step.items() if "train/exact_match" in m and "test/exact_match" in m]
+    return by_step[max(steps)] if steps else {}
 
 
 if __name__ == "__main__":
