@@ -257,3 +257,29 @@ def test_multiply_speed_settings_keep_list_values_whole():
         sys.path.remove(str(REPO))
     assert split_overrides("data.digits_a=[5,5],train.compile=true,x={a: 1, b: 2},") == [
         "data.digits_a=[5,5]", "train.compile=true", "x={a: 1, b: 2}"]
+
+
+def test_dvae_dictionary_toy_lays_out_known_patterns_and_reports_the_runs(capsys, monkeypatch):
+    """bench/dvae/dictionary.py: grids made of known 3-cell patterns in reading order, the one-pattern-per-code
+    bound, and a short training whose table has every quarter's row; bad sizes are one line."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.dvae import dictionary
+    finally:
+        sys.path.remove(str(REPO))
+    patterns = dictionary.make_patterns(50, torch.Generator().manual_seed(0))
+    assert patterns.shape == (50, 3) and len({tuple(p) for p in patterns.tolist()}) == 50
+    grids, index = dictionary.sample(patterns, torch.ones(50), 4, torch.Generator().manual_seed(1))
+    assert grids.shape == (4, 6, 6) and index.shape == (4, 12)
+    assert grids[2, 1].tolist() == patterns[index[2, 2]].tolist() + patterns[index[2, 3]].tolist()
+    assert dictionary.dictionary_bound(200, 512) == 1.0
+    assert dictionary.dictionary_bound(700, 512) == pytest.approx(0.956, abs=1e-3)
+    monkeypatch.setattr(sys, "argv", ["dictionary", "--patterns", "20", "--codebook-size", "32", "--steps", "8"])
+    dictionary.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [int(r[0]) for r in rows[1:]] == [2, 4, 6, 8]
+    assert all(0.0 <= float(x) <= 1.0 for r in rows[1:] for x in r[1:4])
+    assert all(1 <= float(r[4]) <= 32 for r in rows[1:])
+    monkeypatch.setattr(sys, "argv", ["dictionary", "--patterns", "2000"])
+    with pytest.raises(SystemExit, match="at most 1000"):
+        dictionary.main()
