@@ -163,6 +163,35 @@ def test_vq_dead_codes_are_reset():
     assert codebook.eval()(region).codes.unique().numel() > SIZE // 2
 
 
+@pytest.mark.parametrize("reset", ["uniform", "distance"])
+def test_vq_distance_reset_restarts_a_dead_code_where_the_codes_serve_the_batch_worst(reset):
+    """dead_code_reset=distance: every code sits on A and the batch is 63 vectors at A and one at B, so the one
+    vector far from every code is B and the dead code restarts there (k-means++'s rule); uniform draws A but
+    once in 64 (seeded here so that it draws A)."""
+    torch.manual_seed(0)
+    codebook = make("vq", dead_code_reset=reset).train()
+    package = codebook.vq._codebook
+    a, b = torch.zeros(DIM), torch.full((DIM,), 10.0)
+    package.embed.data[0] = a
+    batch = torch.cat([a.expand(63, DIM), b[None]])[torch.randperm(64)]
+    dead = torch.zeros(1, SIZE, dtype=torch.bool)
+    dead[0, 3] = True
+    package.replace(batch[None], batch_mask=dead)
+    assert torch.equal(package.embed[0, 3], b if reset == "distance" else a)
+    assert (package.embed[0, :3] == a).all() and (package.embed[0, 4:] == a).all()
+
+
+def test_vq_distance_reset_trains_through_the_package():
+    """A training forward that resets codes (every code is dead at a huge threshold) runs the distance draw
+    inside the package and leaves each reset code on a vector of the batch."""
+    codebook = make("vq", dead_code_reset="distance", threshold_ema_dead_code=1e9).train()
+    h = torch.randn(4, 8, DIM)
+    codebook(h)
+    batch = h.reshape(-1, DIM)
+    nearest = (codebook.vq.codebook[:, None] - batch[None]).norm(dim=-1).min(-1).values
+    assert (nearest < 1e-5).all()
+
+
 def test_fsq_code_count_is_the_product_of_levels():
     codebook = build_codebook("fsq", DIM, 60, levels=[5, 4, 3])
     assert codebook.size == codebook.fsq.codebook_size == 60
@@ -192,6 +221,8 @@ def test_build_codebook_refuses_bad_input():
         build_codebook("gumbel", DIM, SIZE, levels=[8, 8])
     with pytest.raises(ValueError, match="decay"):
         build_codebook("vq", DIM, SIZE, decay=1.5)
+    with pytest.raises(ValueError, match="dead_code_reset must be uniform or distance"):
+        build_codebook("vq", DIM, SIZE, dead_code_reset="kmeans")
 
 
 def test_vq_cosine_picks_the_code_of_highest_cosine_in_its_projected_space():

@@ -1,6 +1,6 @@
 """Can the grid dVAE learn a dictionary? A toy where the answer is known, small enough for a CPU.
 
-    python -m bench.dvae.dictionary [--patterns 200] [--codebook-size 512] [--threshold 2] [--steps 800] ...
+    python -m bench.dvae.dictionary [--patterns 200] [--codebook-size 512] [--threshold 2] [--reset distance] ...
 
 Grids of 6 x 6 cells through 12 packed grid slots, 3 cells per code (the ARC presets' model, scaled down).
 Every slot's run of 3 cells is one of P fixed patterns, drawn with Zipf frequencies (the commonest pattern
@@ -39,14 +39,15 @@ def sample(patterns: torch.Tensor, weights: torch.Tensor, batch: int,
     return patterns[index].view(batch, SIDE, SIDE), index
 
 
-def train(patterns: int, codebook_size: int, threshold: float, steps: int, codebook: str = "vq", d_model: int = 64,
-          layers: int = 1, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> list[dict[str, float]]:
+def train(patterns: int, codebook_size: int, threshold: float, steps: int, codebook: str = "vq",
+          reset: str = "uniform", d_model: int = 64, layers: int = 1, batch: int = 64, lr: float = 3e-3,
+          seed: int = 0) -> list[dict[str, float]]:
     """Train the toy; the evaluation rows, one every quarter of the steps."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     table = make_patterns(patterns, generator)
     weights = 1.0 / torch.arange(1, patterns + 1).float()
-    options = {"threshold_ema_dead_code": threshold} if codebook == "vq" else {}
+    options = {"threshold_ema_dead_code": threshold, "dead_code_reset": reset} if codebook == "vq" else {}
     model = GridDVAE(vocab_in=COLOURS + 1, vocab_out=COLOURS + 1, grid_size=SIDE, d_model=d_model, n_head=4,
                      mlp_ratio=2, dropout=0.0, encoder_layers=layers, pool_layers=layers, decoder_layers=layers,
                      latents=2 + SLOTS, codebook=codebook, codebook_size=codebook_size, codebook_options=options,
@@ -89,17 +90,20 @@ def main() -> None:
     parser.add_argument("--codebook-size", type=int, default=512)
     parser.add_argument("--codebook", default="vq", choices=["vq", "fsq", "gumbel", "reinmax", "softmax"])
     parser.add_argument("--threshold", type=float, default=2.0, help="VQ's threshold_ema_dead_code (the presets' 2)")
+    parser.add_argument("--reset", default="uniform", choices=["uniform", "distance"],
+                        help="VQ's dead_code_reset: uniform (the package's) or distance (k-means++'s rule)")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.patterns < 2 or args.codebook_size < SIDE or args.steps < 1:
         raise SystemExit(f"error: need --patterns >= 2, --codebook-size >= {SIDE} and --steps >= 1")
+    bound = dictionary_bound(args.patterns, args.codebook_size)
     print(f"{args.codebook}, {args.codebook_size} codes, {args.patterns} patterns of {RUN} cells, dead-code threshold "
-          f"{args.threshold}: one pattern per code gets back {dictionary_bound(args.patterns, args.codebook_size):.3f} "
-          "of the runs")
+          f"{args.threshold} ({args.reset} reset): one pattern per code gets back {bound:.3f} of the runs")
     print("| step | runs exact | grids exact | rarer half's runs | codes used |")
     print("|---|---|---|---|---|")
-    for row in train(args.patterns, args.codebook_size, args.threshold, args.steps, args.codebook, seed=args.seed):
+    for row in train(args.patterns, args.codebook_size, args.threshold, args.steps, args.codebook, args.reset,
+                     seed=args.seed):
         print(f"| {row['step']} | {row['runs']:.3f} | {row['grids']:.3f} | {row['rare_runs']:.3f} "
               f"| {row['codes']:.0f} |", flush=True)
 

@@ -9,6 +9,7 @@ and make the chosen codes depend on the precision.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from abc import ABC, abstractmethod
@@ -133,19 +134,26 @@ class VQCodebook(Codebook):
     commitment loss times `commitment_weight`. `rotation_trick` (the package's default) carries the gradient
     to h by the rotation trick (Fifty et al. 2024) instead of straight-through; the forward value is the same.
     `codebook_dim` < dim looks codes up in a projected space (the package's in/out projections), and
-    `cosine` by cosine similarity on the unit sphere (ViT-VQGAN's low-dimensional, l2-normalised codes)."""
+    `cosine` by cosine similarity on the unit sphere (ViT-VQGAN's low-dimensional, l2-normalised codes).
+    `dead_code_reset`: uniform (the package's) restarts a dead code on any vector of the batch; distance draws
+    it in proportion to the vector's squared distance to its nearest code (k-means++'s seeding rule)."""
 
     def __init__(self, dim: int, size: int, decay: float = 0.99, commitment_weight: float = 0.25,
                  threshold_ema_dead_code: float = 2.0, kmeans_iters: int = 10, codebook_dim: int | None = None,
-                 rotation_trick: bool = True, cosine: bool = False):
+                 rotation_trick: bool = True, cosine: bool = False, dead_code_reset: str = "uniform"):
         super().__init__()
         if not 0 < decay < 1:
             raise ValueError(f"vq decay must be in (0, 1) (got {decay})")
+        if dead_code_reset not in ("uniform", "distance"):
+            raise ValueError(f"vq dead_code_reset must be uniform or distance (got {dead_code_reset!r})")
         self.size = size
         self.vq = VectorQuantize(dim=dim, codebook_size=size, codebook_dim=codebook_dim, decay=decay,
                                  commitment_weight=commitment_weight, kmeans_init=True, kmeans_iters=kmeans_iters,
                                  threshold_ema_dead_code=threshold_ema_dead_code, rotation_trick=rotation_trick,
                                  use_cosine_sim=cosine)
+        if dead_code_reset == "distance":
+            # The package draws a dead code's new vector with this function (its replace_sample_fn).
+            self.vq._codebook.replace_sample_fn = functools.partial(far_from_codes, self.vq._codebook)
 
     # The package's k-means start and dead-code resets are data-dependent in-place updates that inductor fails
     # to partition, so under train.compile the lookup runs eagerly between the compiled encoder and decoder.
@@ -157,6 +165,19 @@ class VQCodebook(Codebook):
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         return self.vq.get_output_from_indices(codes)
+
+
+def far_from_codes(codebook: nn.Module, samples: torch.Tensor, count: int) -> torch.Tensor:
+    """(1, n, d) batch vectors -> (1, count, d) of them, each drawn in proportion to its squared distance to
+    the nearest of `codebook.embed`'s codes. A vector that shares a code with other patterns lies far from it;
+    one that has its own code lies on it. So a dead code restarts where the codebook serves the batch worst,
+    instead of (drawn uniformly, as the batch's frequent patterns mostly are) beside a code that is already in
+    use, where the two split one pattern and one of them dies again (bench.dvae.dictionary: every run of its
+    200-pattern toy back, against 99.6% drawn uniformly; 92.2% against 87.3% with 700 patterns)."""
+    vectors = samples[0]
+    distance = torch.cdist(vectors.float(), codebook.embed[0].float()).min(-1).values.square()
+    index = torch.multinomial(distance + 1e-12, count, replacement=count > len(vectors))
+    return vectors[index].unsqueeze(0)
 
 
 # Levels of FSQ are chosen near the paper's (5 to 8 per dimension): a level's cost is its distance from that
