@@ -238,10 +238,14 @@ def test_dvae_summary_tables_exact_match_by_load(tmp_path, capsys):
     assert "| r | 1.000 (10) | 0.500 (4) |  |  |  |" in loads
     assert "training grids" not in loads  # no metrics.jsonl with a training-grid evaluation
     # A run that evaluates the training grids too: their last evaluation (step 8) beside the held-out one.
+    # The training log's own train/token_acc (augmented batches) comes after the evaluation at step 8 here, and
+    # the held-out grids have a bucket (2 cells) that the training grids lack.
     records = [{"step": 4, "train/loss": 1.0}, {"step": 4, "test/token_acc": 0.5, "test/exact_match": 0.1},
                {"step": 4, "train/token_acc": 0.6, "train/exact_match": 0.2},
-               {"step": 8, "test/token_acc": 0.7, "test/exact_match": 0.3, "test/exact_match/1_cell_per_code": 0.9},
+               {"step": 8, "test/token_acc": 0.7, "test/exact_match": 0.3, "test/exact_match/1_cell_per_code": 0.9,
+                "test/exact_match/2_cells_per_code": 0.5},
                {"step": 8, "train/token_acc": 0.8, "train/exact_match": 0.4, "train/exact_match/1_cell_per_code": 1.0},
+               {"step": 8, "train/loss": 0.7, "train/token_acc": 0.1},
                {"step": 9, "train/loss": 0.5}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     main(tmp_path, ["r"])

@@ -112,6 +112,17 @@ def test_bad_model_options_are_one_line_and_leave_nothing(cli, runs_dir, overrid
 
 
 
+def test_the_residual_option_reaches_the_model_and_the_latent_variant_refuses_it():
+    from latentforge.config import load_config
+    from latentforge.errors import ConfigError
+    from latentforge.nn.transformer import TransformerConfig
+
+    assert TransformerConfig(residual="autocast").shape(vocab_size=10, max_len=8).residual == "autocast"
+    assert load_config("multiply/tiny", ["model.residual=autocast"]).model.residual == "autocast"
+    with pytest.raises(ConfigError, match="model.residual.*task.variant=latent"):
+        load_config("multiply/latent", ["model.residual=autocast"])
+
+
 def residual_pair(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same weights with the residual stream in fp32 and in the autocast dtype."""
     torch.manual_seed(0)

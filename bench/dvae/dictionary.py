@@ -6,7 +6,7 @@ Grids of 6 x 6 cells through 12 packed grid slots, 3 cells per code (the ARC pre
 Every slot's run of 3 cells is one of P fixed patterns, drawn with Zipf frequencies (the commonest pattern
 P times as frequent as the rarest), so a codebook of K >= P codes can hold every run exactly: each code one
 pattern. With K < P the best a code can do is the K commonest patterns (printed as the bound). The table
-gives, every quarter of the steps, the runs and whole grids reconstructed exactly on 512 fresh grids, the
+gives, every steps // 4 steps and at the end, the runs and whole grids reconstructed exactly on 512 fresh grids, the
 runs of the rarer half of the patterns, and the codes in use.
 """
 
@@ -42,7 +42,7 @@ def sample(patterns: torch.Tensor, weights: torch.Tensor, batch: int,
 def train(patterns: int, codebook_size: int, threshold: float, steps: int, codebook: str = "vq",
           reset: str = "uniform", d_model: int = 64, layers: int = 1, batch: int = 64, lr: float = 3e-3,
           seed: int = 0) -> list[dict[str, float]]:
-    """Train the toy; the evaluation rows, one every quarter of the steps."""
+    """Train the toy; the evaluation rows, every steps // 4 steps and at the last."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     table = make_patterns(patterns, generator)
@@ -98,8 +98,9 @@ def main() -> None:
     if args.patterns < 2 or args.codebook_size < SIDE or args.steps < 1:
         raise SystemExit(f"error: need --patterns >= 2, --codebook-size >= {SIDE} and --steps >= 1")
     bound = dictionary_bound(args.patterns, args.codebook_size)
-    print(f"{args.codebook}, {args.codebook_size} codes, {args.patterns} patterns of {RUN} cells, dead-code threshold "
-          f"{args.threshold} ({args.reset} reset): one pattern per code gets back {bound:.3f} of the runs")
+    reset = f", dead-code threshold {args.threshold} ({args.reset} reset)" if args.codebook == "vq" else ""
+    print(f"{args.codebook}, {args.codebook_size} codes, {args.patterns} patterns of {RUN} cells{reset}: one pattern "
+          f"per code gets back {bound:.3f} of the runs")
     print("| step | runs exact | grids exact | rarer half's runs | codes used |")
     print("|---|---|---|---|---|")
     for row in train(args.patterns, args.codebook_size, args.threshold, args.steps, args.codebook, args.reset,

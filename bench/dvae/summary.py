@@ -51,18 +51,22 @@ def main(runs: Path, names: list[str]) -> None:
         print("| run | step | token acc | exact match | " + " | ".join(n.replace("_", " ") for n in LOAD_NAMES) + " |")
         print("|---|---|---|---|" + "---|" * len(LOAD_NAMES))
         for name, m in fitted.items():
-            pair = [f"{m[f'train/{key}']:.3f} / {m[f'test/{key}']:.3f}" if f"test/{key}" in m else ""
+            pair = [f"{m[f'train/{key}']:.3f} / {m[f'test/{key}']:.3f}" if f"test/{key}" in m and f"train/{key}" in m
+                    else ""
                     for key in ("token_acc", "exact_match", *(f"exact_match/{load}" for load in LOAD_NAMES))]
             print(f"| {name} | {m['step']} | " + " | ".join(pair) + " |")
 
 
 def latest_train_eval(run: Path) -> dict:
-    """The last step whose records hold the training grids' evaluation, merged with that step's held-out one."""
+    """The last step whose records hold the training grids' evaluation, merged with that step's held-out one.
+    The training log's records (train/loss, and a train/token_acc of the augmented batches that shares the
+    evaluation's name) are left out."""
     by_step: dict[int, dict] = {}
     path = run / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else ():
         record = json.loads(line)
-        by_step.setdefault(record["step"], {}).update(record)
+        if "train/loss" not in record:
+            by_step.setdefault(record["step"], {}).update(record)
     steps = [step for step, m in by_step.items() if "train/exact_match" in m and "test/exact_match" in m]
     return by_step[max(steps)] if steps else {}
 

@@ -94,8 +94,9 @@ class TransformerConfig(ModelBase):
     # as GPT-2 has it (the benchmarks' GPT-2 shape uses it, to train the architecture the peers train).
     positions: Literal["rope", "learned"] = "rope"
     # fp32: the residual stream stays in fp32 under autocast (HF's and nanoGPT's mixed precision). autocast: it
-    # is carried in the autocast dtype (bf16), as torchtitan's bf16 compute carries it: half the memory traffic
-    # of every norm, residual add and their gradients, at bf16's rounding of the stream.
+    # is carried in the autocast dtype (bf16; fp16 with train.precision=fp16, where the stream can overflow), as
+    # torchtitan's bf16 compute carries it: half the memory traffic of every norm, residual add and their
+    # gradients, at bf16's rounding of the stream. Without autocast (fp32) it changes nothing.
     residual: Literal["fp32", "autocast"] = "fp32"
 
     def validate(self) -> None:

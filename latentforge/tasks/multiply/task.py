@@ -254,6 +254,8 @@ class Multiply(Task):
                 "does not apply to task.variant=latent (its model has a head of its own); remove it")
         require(variant != "latent" or m.positions == "rope", "model.positions",
                 "does not apply to task.variant=latent (its encoder-decoder has RoPE only); remove it")
+        require(variant != "latent" or m.residual == "fp32", "model.residual",
+                "does not apply to task.variant=latent (its encoder-decoder keeps an fp32 stream); remove it")
         if variant == "pause":
             require(m.thoughts >= 1, "model.thoughts", "must be >= 1 for task.variant=pause")
         if variant == "aux-probe":
