@@ -182,7 +182,7 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
         from bench.dvae.capacity import main
     finally:
         sys.path.remove(str(REPO))
-    from bench.dvae.capacity import fewest_runs, fitted_segments, grids_recovered, local_code_bound
+    from bench.dvae.capacity import fewest_runs, fitted_segments, local_code_bound, run_hits
 
     main([])
     cells, runs = capsys.readouterr().out.split("runs of one colour")
@@ -204,7 +204,7 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     train = [[(1,), (2, 3)], [(1,), (4, 5)]]
     assert local_code_bound(train, [[(1,), (2, 3)], [(1,), (9, 9)]], k=2) == (0.5, 0.75)
     assert local_code_bound(train, [[(1,), (4, 5)]], k=1) == (0.0, 0.5)
-    assert grids_recovered(train, [[(1,), (2, 3)], [(1,), (9, 9)]], k=2) == [True, False]
+    assert [all(h) for h in run_hits(train, [[(1,), (2, 3)], [(1,), (9, 9)]], k=2, by_length=True)] == [True, False]
     rows = [line.split("|")[1:4] for line in cells.splitlines() if line.startswith("| <=")]
     patch = [float(p) for _, p, _ in rows]
     grid = [float(g) for _, _, g in rows]

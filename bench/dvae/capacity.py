@@ -68,8 +68,9 @@ def main(overrides: list[str]) -> None:
     print(f"| K per run length | held-out grids exact | held-out runs covered | {' | '.join(names)} |")
     print("|---|---|---|" + "---|" * len(names))
     for k in (m.codebook_size, 8 * m.codebook_size):
-        exact, covered = local_code_bound(train_runs, test_runs, k)
-        whole = grids_recovered(train_runs, test_runs, k)
+        hits = run_hits(train_runs, test_runs, k, by_length=True)
+        exact, covered = hit_fractions(hits)
+        whole = [all(h) for h in hits]
         by_load = [[w for w, b in zip(whole, bucket) if b == i] for i in range(len(names))]
         print(f"| {k} | {exact:.3f} | {covered:.3f} | "
               + " | ".join(f"{sum(w) / len(w):.3f}" if w else "" for w in by_load) + " |")
@@ -101,13 +102,12 @@ def local_code_bound(train: list[list[tuple[int, ...]]], test: list[list[tuple[i
                      by_length: bool = True) -> tuple[float, float]:
     """The fraction of test grids whose every run is among the k commonest training runs of its length (or
     of any length), and the fraction of test runs that are."""
-    hits = run_hits(train, test, k, by_length)
+    return hit_fractions(run_hits(train, test, k, by_length))
+
+
+def hit_fractions(hits: list[list[bool]]) -> tuple[float, float]:
+    """From run_hits: the fraction of test grids whose every run is known, and the fraction of runs that are."""
     return (sum(all(h) for h in hits) / len(hits), sum(map(sum, hits)) / sum(map(len, hits)))
-
-
-def grids_recovered(train: list[list[tuple[int, ...]]], test: list[list[tuple[int, ...]]], k: int) -> list[bool]:
-    """For each test grid: is its every run among the k commonest training runs of its length?"""
-    return [all(h) for h in run_hits(train, test, k, by_length=True)]
 
 
 def run_hits(train: list[list[tuple[int, ...]]], test: list[list[tuple[int, ...]]], k: int,

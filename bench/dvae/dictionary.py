@@ -32,6 +32,11 @@ def make_patterns(count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.tensor(sorted(seen))
 
 
+def zipf_weights(patterns: int) -> torch.Tensor:
+    """Pattern i (from 0) drawn in proportion to 1 / (i + 1)."""
+    return 1.0 / torch.arange(1, patterns + 1).float()
+
+
 def sample(patterns: torch.Tensor, weights: torch.Tensor, batch: int,
            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of grids (B, 6, 6) laid out from sampled patterns in reading order, and each run's pattern (B, 12)."""
@@ -46,7 +51,7 @@ def train(patterns: int, codebook_size: int, threshold: float, steps: int, codeb
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     table = make_patterns(patterns, generator)
-    weights = 1.0 / torch.arange(1, patterns + 1).float()
+    weights = zipf_weights(patterns)
     options = {"threshold_ema_dead_code": threshold, "dead_code_reset": reset} if codebook == "vq" else {}
     model = GridDVAE(vocab_in=COLOURS + 1, vocab_out=COLOURS + 1, grid_size=SIDE, d_model=d_model, n_head=4,
                      mlp_ratio=2, dropout=0.0, encoder_layers=layers, pool_layers=layers, decoder_layers=layers,
@@ -80,7 +85,7 @@ def evaluate(model: GridDVAE, grids: torch.Tensor, index: torch.Tensor, patterns
 
 def dictionary_bound(patterns: int, codebook_size: int) -> float:
     """The share of runs among the K commonest patterns: the runs one pattern per code can get back."""
-    weights = 1.0 / torch.arange(1, patterns + 1).float()
+    weights = zipf_weights(patterns)
     return float(weights[:codebook_size].sum() / weights.sum())
 
 
