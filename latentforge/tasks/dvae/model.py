@@ -17,6 +17,11 @@ Slots can be tied to cells, so that each code carries its own cells from the sta
   the decoder unpacks each code into one vector per place in the run, rather than a slot starting from the
   mean of its cells and every cell of the run reading the same code. A mean of two cells cannot tell
   (red, blue) from (blue, red), so without packing a code that must carry two cells is slow to learn.
+
+autoregressive: the decoder also reads the grid's earlier cells (reading order over the canvas): each cell's
+query adds the colours of its left and upper neighbours, and its self-attention is causal. Trained with the
+true cells (teacher forcing), it reconstructs by greedy decoding (`generate`). The codes then need to carry only
+what the cells before cannot predict: a row that repeats the one above costs its codes nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class GridDVAE(nn.Module):
                  dropout: float, encoder_layers: int, pool_layers: int, decoder_layers: int, latents: int,
                  codebook: str, codebook_size: int, codebook_options: dict, rope_base_row: float,
                  rope_base_col: float, patch_slots: bool = False, grid_slots: bool = False,
-                 pack_slots: bool = False, pad_id: int | None = None):
+                 pack_slots: bool = False, autoregressive: bool = False, pad_id: int | None = None):
         super().__init__()
         if patch_slots and grid_slots:
             raise ValueError("patch_slots and grid_slots tie slots to cells in two different ways; choose one")
@@ -49,6 +54,7 @@ class GridDVAE(nn.Module):
             raise ValueError("pack_slots lays out the runs of cells that grid_slots gives each slot; "
                              "set model.grid_slots=true too")
         self.grid_size, self.grid_slots, self.pack_slots, self.pad_id = grid_size, grid_slots, pack_slots, pad_id
+        self.autoregressive = autoregressive
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents
@@ -75,7 +81,11 @@ class GridDVAE(nn.Module):
                 self.offset_embed = nn.Embedding(self.run_length, d_model)
             self.height_embed = nn.Embedding(grid_size, d_model)
             self.width_embed = nn.Embedding(grid_size, d_model)
-        self.decoder = nn.ModuleList(DecoderBlock(shape, causal=False) for _ in range(decoder_layers))
+        if autoregressive:
+            # The colours of a cell's left and upper neighbours (an edge token, id vocab_out, past the grid's edge).
+            self.left_colour = nn.Embedding(vocab_out + 1, d_model)
+            self.upper_colour = nn.Embedding(vocab_out + 1, d_model)
+        self.decoder = nn.ModuleList(DecoderBlock(shape, causal=autoregressive) for _ in range(decoder_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_out, bias=False)
         rows, cols = grid_positions(grid_size, grid_size, torch.device("cpu"))
@@ -149,10 +159,13 @@ class GridDVAE(nn.Module):
             h = block(h, x)
         return self.codebook(self.pool_norm(h), temperature, hardness)
 
-    def decode(self, z: Tensor, shapes: Tensor | None = None) -> Tensor:
+    def decode(self, z: Tensor, shapes: Tensor | None = None, context: Tensor | None = None) -> Tensor:
         """Quantized slots (B, N, D) -> per-cell logits (B, S*S, vocab_out); grid_slots also needs the grids'
-        (B, 2) shapes, and then pins every cell outside a grid to padding and every cell inside to a colour."""
+        (B, 2) shapes, and then pins every cell outside a grid to padding and every cell inside to a colour.
+        autoregressive: `context` (B, S, S) is the grid whose earlier cells each cell's logits read."""
         x = self.cell_queries.expand(len(z), -1, -1)
+        if self.autoregressive:
+            x = x + self.neighbour_colours(context)
         memory = z
         if self.slot_of_cell is not None:
             x = x + z[:, self.slot_of_cell].to(x.dtype)
@@ -179,10 +192,53 @@ class GridDVAE(nn.Module):
             logits = logits.masked_fill(outside != is_pad, PINNED_LOGIT)
         return logits
 
-    def forward(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0) -> tuple[Tensor, CodebookOutput]:
+    def neighbour_colours(self, context: Tensor) -> Tensor:
+        """(B, S, S) grids -> (B, S*S, D): each cell's left and upper neighbours' colours, both earlier cells."""
+        edge = self.left_colour.num_embeddings - 1
+        left = F.pad(context[:, :, :-1], (1, 0), value=edge)
+        upper = F.pad(context[:, :-1, :], (0, 0, 1, 0), value=edge)
+        return self.left_colour(left.flatten(1)) + self.upper_colour(upper.flatten(1))
+
+    def forward(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0,
+                context: Tensor | None = None) -> tuple[Tensor, CodebookOutput]:
+        """Grids (B, S, S) -> per-cell logits and the codebook's output. autoregressive: the decoder reads the
+        earlier cells of `context` (teacher forcing; default the grids themselves, e.g. the unmasked targets)."""
         shapes = self.grid_shapes(grids) if self.grid_slots else None
         out = self.encode(grids, temperature, hardness, shapes)
-        return self.decode(out.z, shapes), out
+        return self.decode(out.z, shapes, grids if context is None else context), out
+
+    @torch.no_grad()
+    def generate(self, z: Tensor, shapes: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+        """Quantized slots -> the (B, S*S) grids they decode to: each cell's argmax colour. autoregressive:
+        greedy decoding in reading order, by Jacobi iteration. Every pass predicts all cells in parallel from
+        the last pass's grid, until a pass changes nothing. A cell reads only earlier cells, so after t passes
+        the first t cells are final whatever the first guess (`start`, (B, S, S); padding if None): the fixed
+        point is exactly the greedy decoding, and a good guess only reaches it in fewer passes."""
+        if not self.autoregressive:
+            return self.decode(z, shapes).argmax(-1)
+        S = self.grid_size
+        if start is None:
+            grids = torch.full((len(z), S, S), self.pad_id or 0, dtype=torch.long, device=z.device)
+        else:
+            grids = start.clone()
+        active = torch.arange(len(z), device=z.device)
+        for _ in range(S * S + 1):
+            step = self.decode(z[active], None if shapes is None else shapes[active], grids[active])
+            new = step.argmax(-1).view(-1, S, S)
+            changed = (new != grids[active]).flatten(1).any(1)
+            grids[active] = new
+            active = active[changed]
+            if not len(active):
+                break
+        return grids.flatten(1)
+
+    def reconstruction(self, grids: Tensor, logits: Tensor, z: Tensor) -> Tensor:
+        """The (B, S*S) grids that the codes z of `grids` decode to, given the forward pass's logits: their argmax,
+        or, where the decoder is autoregressive (its logits read the true earlier cells), its greedy decoding.
+        That starts from the grids themselves: where the logits already give them back, one pass confirms it."""
+        if not self.autoregressive:
+            return logits.argmax(-1)
+        return self.generate(z, self.grid_shapes(grids) if self.grid_slots else None, grids)
 
     def code_sequence(self, grids: Tensor, codes: Tensor) -> Tensor:
         """What stores each grid: its N codes (with grid_slots, height - 1 and width - 1 first)."""
@@ -191,10 +247,10 @@ class GridDVAE(nn.Module):
         return torch.cat([self.grid_shapes(grids) - 1, codes], 1)
 
     def decode_codes(self, sequence: Tensor) -> Tensor:
-        """(B, N) code sequences (as code_sequence gives them) -> per-cell logits."""
+        """(B, N) code sequences (as code_sequence gives them) -> the (B, S*S) grids they decode to."""
         if not self.grid_slots:
-            return self.decode(self.codebook.embed(sequence))
-        return self.decode(self.codebook.embed(sequence[:, 2:]), sequence[:, :2] + 1)
+            return self.generate(self.codebook.embed(sequence))
+        return self.generate(self.codebook.embed(sequence[:, 2:]), sequence[:, :2] + 1)
 
 
 # The logit of a colour a cell cannot have (padding inside a grid, a colour outside it): exp() of it is 0

@@ -111,6 +111,9 @@ class DVAEModelConfig(ModelBase):
     grid_slots: bool = False
     # With grid_slots: a slot packs its run's cells side by side, and the decoder unpacks each place (model.py).
     pack_slots: bool = False
+    # The decoder also reads each cell's earlier cells (causal, teacher-forced; reconstruction decodes greedily), so
+    # the codes need carry only what those cannot predict (model.py).
+    autoregressive: bool = False
 
     def validate(self) -> None:
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
@@ -208,7 +211,8 @@ class DVAE(Task):
                 pool_layers=m.pool_layers, decoder_layers=m.decoder_layers, latents=m.latents, codebook=m.codebook,
                 codebook_size=m.codebook_size, codebook_options=dict(m.codebook_options),
                 rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots,
-                grid_slots=m.grid_slots, pack_slots=m.pack_slots, pad_id=self.pad_id)
+                grid_slots=m.grid_slots, pack_slots=m.pack_slots, autoregressive=m.autoregressive,
+                pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -227,7 +231,7 @@ class DVAE(Task):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         values = {key: batch.get(key, value) for key, value in self.last_step_values.items()}
         temperature, hardness = values["temperature"], values["hardness"]
-        logits, out = model(batch["inputs"], temperature, hardness)
+        logits, out = model(batch["inputs"], temperature, hardness, batch["targets"])
         targets = batch["targets"].flatten(1)
         task = self.cfg.task
         w = {key: values[f"weight_{key}"] for key in vars(task.weights)}
@@ -284,7 +288,7 @@ class DVAE(Task):
             tokens = grids.tokens[start:start + self.cfg.data.eval_batch_size]
             logits, out = model(tokens)
             targets = tokens.flatten(1)
-            predicted = logits.argmax(-1)
+            predicted = model.reconstruction(tokens, logits, out.z)
             hit = predicted == targets
             real = targets != self.pad_id if self.pad_id is not None else torch.ones_like(hit)
             correct += float((hit & real).sum())
@@ -326,8 +330,8 @@ class DVAE(Task):
         """Held-out grids beside their reconstructions, and how often each code is used."""
         grids = self.grids("test")
         shown = grids.tokens[: self.cfg.data.figure_grids]
-        logits, _ = model(shown)
-        recon = logits.argmax(-1).view_as(shown)
+        logits, out = model(shown)
+        recon = model.reconstruction(shown, logits, out.z).view_as(shown)
         counts = torch.zeros(model.codebook.size, device=self.device)
         for start in range(0, len(grids), self.cfg.data.eval_batch_size):
             _, out = model(grids.tokens[start:start + self.cfg.data.eval_batch_size])
@@ -345,7 +349,7 @@ class DVAE(Task):
         grid = read_grid_file(path, self.grid_size)
         tokens = pad_grid(grid, self.grid_size, self.pad_id).unsqueeze(0).to(self.device)
         logits, out = model(tokens)
-        recon = logits.argmax(-1).view(self.grid_size, self.grid_size)
+        recon = model.reconstruction(tokens, logits, out.z).view(self.grid_size, self.grid_size)
         h, w = grid.shape
         N, K = model.latents, model.codebook.size
         codes = model.code_sequence(tokens, out.codes)[0]
@@ -365,9 +369,8 @@ class DVAE(Task):
         if model.grid_slots and not all(c < self.grid_size for c in codes[:2]):
             raise DataError(f"the first two codes are the grid's height - 1 and width - 1, each in "
                             f"0..{self.grid_size - 1} (got {codes[0]} and {codes[1]})")
-        logits = model.decode_codes(torch.tensor([codes], device=self.device))
-        grid = logits.argmax(-1).view(self.grid_size, self.grid_size).cpu()
-        return {"grid": grid_text(grid, self.pad_id)}
+        grid = model.decode_codes(torch.tensor([codes], device=self.device)).view(self.grid_size, self.grid_size)
+        return {"grid": grid_text(grid.cpu(), self.pad_id)}
 
 
 def unseen(grids: Grids, seen: Grids) -> Grids:
