@@ -182,12 +182,26 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
         from bench.dvae.capacity import main
     finally:
         sys.path.remove(str(REPO))
-    from bench.dvae.capacity import fewest_runs, fitted_segments, local_code_bound, run_hits
+    from bench.dvae.capacity import (
+        context_misses,
+        fewest_runs,
+        fits_list,
+        fits_runs,
+        fitted_segments,
+        local_code_bound,
+        run_hits,
+    )
 
     main([])
     cells, runs = capsys.readouterr().out.split("runs of one colour")
     runs, local = runs.split("commonest training runs")
     local, fitted = local.split("fitted to the content")
+    fitted, context = fitted.split("context rule mispredicts")
+    # Codes spent only on the cells a context rule misses: per grid slot's run, per missed cell, or either.
+    layouts = [[float(x) for x in line.split("|")[2:7]] for line in context.splitlines()
+               if line.startswith("| ") and "codes" not in line]
+    assert len(layouts) == 3 and all(row[1:3] == [1.0, 1.0] or row[0] > 0.85 for row in layouts)
+    assert layouts[0][0] < layouts[1][0] <= layouts[2][0] and layouts[2][3] > layouts[0][3]
     for table in (local, fitted):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]
@@ -211,6 +225,16 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     assert patch == [0.0] * 7 + [1.0] and grid == sorted(grid) and 0.4 < grid[0] < 0.6 and grid[-1] == 1.0
     by_runs = [float(line.split("|")[2]) for line in runs.splitlines() if line.startswith("| <=")]
     assert len(by_runs) == 3 and by_runs == sorted(by_runs) and 0.5 < by_runs[1] < 1.0
+    # The context rule: the upper cell where left and upper-left agree, else the left one.
+    assert context_misses([[1, 1, 2], [1, 1, 2], [3, 1, 2]]) == [True, False, True, False, False, False,
+                                                                 True, True, False]
+    # 4 cells in 2 runs of 2 (K = 19: a run holds one miss, 1 + 2 * 9 cases) or as a list of misses.
+    assert fits_runs([True, False, False, True], slots=2, codebook_size=19)
+    assert not fits_runs([True, True, False, False], slots=2, codebook_size=19)
+    assert fits_list([True, True, False, False], slots=2, codebook_size=19)
+    # A gap longer than K // colours - 1 cells costs a code of its own.
+    assert fits_list([True] + [False] * 9 + [True], slots=2, codebook_size=100)
+    assert not fits_list([True] + [False] * 10 + [True], slots=2, codebook_size=100)
     # Two rows of one colour each: 2 runs along the rows, 3 along the columns of the 2 x 3 grid.
     assert fewest_runs(torch.tensor([[1, 1, 1], [2, 2, 2]])) == 2
     assert fewest_runs(torch.tensor([[1, 2, 1], [1, 2, 1]])) == 3

@@ -204,6 +204,37 @@ def test_vq_distance_reset_draws_like_kmeans_plus_plus():
     assert (distance.min(-1).values < 1e-5).all() and on.unique().numel() == SIZE
 
 
+def _rank_resets(rank: int, store: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # the draw must not depend on each process's own random state
+        codebook = make("vq", dead_code_reset="distance").train()
+        package = codebook.vq._codebook
+        a, b = torch.zeros(DIM), torch.full((DIM,), 10.0)
+        package.embed.data[0] = a
+        # Every code on A; only the second process's batch (longer than the first's) holds a vector far from A.
+        batch = a.expand(10, DIM) if rank == 0 else torch.cat([a.expand(40, DIM), b[None], a.expand(23, DIM)])
+        dead = torch.zeros(1, SIZE, dtype=torch.bool)
+        dead[0, [3, 7]] = True
+        package.replace(batch[None], batch_mask=dead)
+        codes = [torch.empty_like(package.embed[0]) for _ in range(2)]
+        dist.all_gather(codes, package.embed[0].contiguous())
+        assert torch.equal(codes[0], codes[1])
+        assert sorted((package.embed[0, [3, 7]] == b).all(-1).tolist()) == [False, True]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vq_distance_reset_draws_over_every_process_and_agrees_across_them(tmp_path):
+    """Two real processes: the far vector is in one process's batch only, yet both restart a dead code on it,
+    and both codebooks stay the same."""
+    # spawn, not fork: a forked child can hang on the thread pool of a parent that has already run torch ops.
+    torch.multiprocessing.start_processes(_rank_resets, args=(str(tmp_path / "store"),), nprocs=2,
+                                          start_method="spawn")
+
+
 def test_fsq_code_count_is_the_product_of_levels():
     torch.manual_seed(0)
     codebook = build_codebook("fsq", DIM, 60, levels=[5, 4, 3])

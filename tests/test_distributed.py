@@ -110,3 +110,17 @@ def test_sigterm_checkpoints_every_rank_and_the_run_goes_on(single, tmp_path):
     result = latentforge_process(tmp_path, "resume", "sig", f"train.steps={SINGLE_STEPS}")
     assert result.returncode == 0, result.stderr
     assert_close(losses(tmp_path / "sig"), losses(single))
+
+
+@pytest.mark.slow
+def test_vq_distance_reset_trains_on_two_ranks(tmp_path):
+    """The distance reset of dead codes under DDP: a huge threshold resets every code each step, through the draw
+    over both processes' vectors."""
+    result = latentforge_process(tmp_path, "train", "dvae/tiny", "model.codebook=vq", "task.weights.usage.start=0",
+                                 "task.weights.usage.end=0", "model.codebook_options.dead_code_reset=distance",
+                                 "model.codebook_options.threshold_ema_dead_code=1e9", "train.steps=4",
+                                 "train.eval_every=4", "checkpoint.every=4", "train.device=cpu", "dist.nproc=2",
+                                 "--name", "vq")
+    assert result.returncode == 0, result.stderr
+    info = json.loads((tmp_path / "vq" / "run.json").read_text())
+    assert info["status"] == "finished" and info["world_size"] == 2 and info["last_eval"]["test/codes_used"] > 0

@@ -20,6 +20,11 @@ The fourth asks the same of runs fitted to the content: each row's runs of one c
 with the fewest cells merged until the grid has at most N - 2 (within a row, so at most one row per code),
 and a code meaning one of the K commonest such segments of any length (the decoder would have to learn
 each segment's length from its code).
+The fifth asks what a decoder that reads the grid's earlier cells (model.autoregressive) could get if the codes
+carried only the cells that a fixed context rule mispredicts (the rule: the upper cell where the left and
+upper-left cells agree, else the left cell). With grid slots, a code of K holds its run's mispredicted cells if
+their places and colours are one of K cases; with codes spent only where the rule fails (each naming the next
+mispredicted cell's distance and colour), the grid needs one code per mispredicted cell.
 """
 
 from __future__ import annotations
@@ -83,6 +88,17 @@ def main(overrides: list[str]) -> None:
     for k in (m.codebook_size, 8 * m.codebook_size):
         exact, covered = local_code_bound(train_segments, test_segments, k, by_length=False)
         print(f"| {k} | {exact:.3f} | {covered:.3f} |")
+    misses = [context_misses(g) for g in grid_contents(grids)]
+    print("\ncodes that carry only the cells a context rule mispredicts (the fifth count above):")
+    print(f"| codes | held-out grids | {' | '.join(names)} |")
+    print("|---|---|" + "---|" * len(names))
+    runs_fit = [fits_runs(miss, slots, m.codebook_size) for miss in misses]
+    list_fits = [fits_list(miss, slots, m.codebook_size) for miss in misses]
+    for layout, ok in (("one per grid slot's run", runs_fit), ("one per mispredicted cell", list_fits),
+                       ("either, whichever fits the grid", [a or b for a, b in zip(runs_fit, list_fits)])):
+        by_load = [[o for o, b in zip(ok, bucket) if b == i] for i in range(len(names))]
+        print(f"| {layout} | {sum(ok) / len(ok):.3f} | "
+              + " | ".join(f"{sum(o) / len(o):.3f}" if o else "" for o in by_load) + " |")
 
 
 def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:
@@ -143,6 +159,50 @@ def fitted_segments(rows: list[list[int]], slots: int) -> list[tuple[int, ...]]:
         _, i = min(pairs)
         segments[i:i + 2] = [(segments[i][0], segments[i][1] + segments[i + 1][1])]
     return [colours for _, colours in segments]
+
+
+def context_misses(rows: list[list[int]]) -> list[bool]:
+    """Whether each cell of a grid, in reading order, differs from what its earlier neighbours predict: the upper
+    cell where the left and upper-left cells agree, else the left cell (the first row: the left cell; the first
+    column: the upper cell; the first cell is always a miss)."""
+    misses = []
+    for r, row in enumerate(rows):
+        for c, colour in enumerate(row):
+            if r == 0 and c == 0:
+                guess = -1
+            elif r == 0:
+                guess = row[c - 1]
+            elif c == 0:
+                guess = rows[r - 1][c]
+            else:
+                guess = rows[r - 1][c] if row[c - 1] == rows[r - 1][c - 1] else row[c - 1]
+            misses.append(colour != guess)
+    return misses
+
+
+def fits_runs(misses: list[bool], slots: int, codebook_size: int, colours: int = 10) -> bool:
+    """Can each grid slot's code say which of its run's cells the rule misses, and their colours? A run of n
+    cells with m misses is one of sum_{i <= m} C(n, i) (colours - 1)^i cases."""
+    n_cells = len(misses)
+    runs: dict[int, list[bool]] = defaultdict(list)
+    for i, miss in enumerate(misses):
+        runs[i * slots // n_cells].append(miss)
+    return all(sum(math.comb(len(run), i) * (colours - 1) ** i for i in range(sum(run) + 1)) <= codebook_size
+               for run in runs.values())
+
+
+def fits_list(misses: list[bool], slots: int, codebook_size: int, colours: int = 10) -> bool:
+    """Do `slots` codes suffice if each names the distance to the next missed cell (up to codebook_size //
+    colours - 1; a longer gap costs a code per such stretch) and its colour?"""
+    longest = codebook_size // colours - 1
+    codes, gap = 0, 0
+    for miss in misses:
+        if miss:
+            codes += 1 + gap // (longest + 1)
+            gap = 0
+        else:
+            gap += 1
+    return codes <= slots
 
 
 def fewest_runs(grid: torch.Tensor) -> int:

@@ -152,9 +152,6 @@ class VQCodebook(Codebook):
                                  threshold_ema_dead_code=threshold_ema_dead_code, rotation_trick=rotation_trick,
                                  use_cosine_sim=cosine)
         if dead_code_reset == "distance":
-            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                raise ValueError("vq dead_code_reset=distance draws on one process (the package syncs only its "
-                                 "uniform draws across processes); use dead_code_reset=uniform with several")
             # The package draws a dead code's new vector with this function (its replace_sample_fn).
             self.vq._codebook.replace_sample_fn = functools.partial(far_from_codes, self.vq._codebook)
 
@@ -177,15 +174,35 @@ def far_from_codes(codebook: nn.Module, samples: torch.Tensor, count: int) -> to
     So a dead code restarts where the codebook serves the batch worst, instead of (drawn uniformly, as the
     batch's frequent patterns mostly are) beside a code that is already in use, where the two split one
     pattern and one of them dies again (bench.dvae.dictionary: every run of its 200-pattern toy back,
-    against 99.6% drawn uniformly). Once every vector is drawn (count > n), the rest repeat them uniformly."""
-    vectors = samples[0].float()
-    nearest = torch.cdist(vectors, codebook.embed[0].float()).min(-1).values.square()
-    picks = []
-    for _ in range(count):
-        pick = torch.multinomial(nearest + 1e-12, 1)
-        picks.append(pick)
-        nearest = torch.minimum(nearest, (vectors - vectors[pick]).square().sum(-1))
-    return samples[0][torch.cat(picks)].unsqueeze(0)
+    against 99.6% drawn uniformly). Once every vector is drawn (count > n), the rest repeat them uniformly.
+    With several processes (the package then keeps one codebook in sync across them, so every process resets
+    the same codes at once) the draw is over all their vectors, made by the first and the same everywhere."""
+    vectors = every_process(samples[0])
+    nearest = torch.cdist(vectors.float(), codebook.embed[0].float()).min(-1).values.square()
+    picks = torch.empty(count, dtype=torch.long, device=vectors.device)
+    for i in range(count):
+        picks[i] = torch.multinomial(nearest + 1e-12, 1)[0]
+        nearest = torch.minimum(nearest, (vectors.float() - vectors[picks[i]].float()).square().sum(-1))
+    if _processes() > 1:
+        torch.distributed.broadcast(picks, src=0)
+    return vectors[picks].unsqueeze(0)
+
+
+def _processes() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def every_process(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) rows on each process -> every process's rows in rank order, the same on each (n may differ)."""
+    if _processes() == 1:
+        return x
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(_processes())]
+    torch.distributed.all_gather(sizes, torch.tensor(len(x), device=x.device))
+    longest = int(max(sizes))
+    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
 
 
 # Levels of FSQ are chosen near the paper's (5 to 8 per dimension): a level's cost is its distance from that
