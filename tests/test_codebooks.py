@@ -209,20 +209,22 @@ def _rank_resets(rank: int, store: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
+        codebook = make("vq", dead_code_reset="distance").train()  # built in sync across the two processes
         torch.manual_seed(rank)  # the draw must not depend on each process's own random state
-        codebook = make("vq", dead_code_reset="distance").train()
         package = codebook.vq._codebook
-        a, b = torch.zeros(DIM), torch.full((DIM,), 10.0)
+        a, b = torch.zeros(DIM), torch.full((DIM,), 100.0)
         package.embed.data[0] = a
-        # Every code on A; only the second process's batch (longer than the first's) holds a vector far from A.
-        batch = a.expand(10, DIM) if rank == 0 else torch.cat([a.expand(40, DIM), b[None], a.expand(23, DIM)])
+        # Every code on A. Only the second process's batch (longer than the first's) holds B, far from every code,
+        # and vectors scattered around A, each as likely as the next to be drawn after B.
+        batch = a.expand(10, DIM) if rank == 0 else torch.cat([a.expand(40, DIM), b[None], torch.randn(23, DIM)])
         dead = torch.zeros(1, SIZE, dtype=torch.bool)
         dead[0, [3, 7]] = True
         package.replace(batch[None], batch_mask=dead)
         codes = [torch.empty_like(package.embed[0]) for _ in range(2)]
         dist.all_gather(codes, package.embed[0].contiguous())
         assert torch.equal(codes[0], codes[1])
-        assert sorted((package.embed[0, [3, 7]] == b).all(-1).tolist()) == [False, True]
+        restarted = package.embed[0, [3, 7]]
+        assert sorted((restarted == b).all(-1).tolist()) == [False, True] and not (restarted == a).all(-1).any()
     finally:
         dist.destroy_process_group()
 

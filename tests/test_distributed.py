@@ -115,7 +115,7 @@ def test_sigterm_checkpoints_every_rank_and_the_run_goes_on(single, tmp_path):
 @pytest.mark.slow
 def test_vq_distance_reset_trains_on_two_ranks(tmp_path):
     """The distance reset of dead codes under DDP: a huge threshold resets every code each step, through the draw
-    over both processes' vectors."""
+    over both processes' vectors (the collectives match up: nothing hangs or refuses)."""
     result = latentforge_process(tmp_path, "train", "dvae/tiny", "model.codebook=vq", "task.weights.usage.start=0",
                                  "task.weights.usage.end=0", "model.codebook_options.dead_code_reset=distance",
                                  "model.codebook_options.threshold_ema_dead_code=1e9", "train.steps=4",
@@ -123,4 +123,4 @@ def test_vq_distance_reset_trains_on_two_ranks(tmp_path):
                                  "--name", "vq")
     assert result.returncode == 0, result.stderr
     info = json.loads((tmp_path / "vq" / "run.json").read_text())
-    assert info["status"] == "finished" and info["world_size"] == 2 and info["last_eval"]["test/codes_used"] > 0
+    assert info["status"] == "finished" and info["world_size"] == 2 and info["step"] == 4

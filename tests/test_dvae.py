@@ -340,15 +340,18 @@ def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path, p
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
 
 
-def autoregressive_model(grid_size: int = 4):
-    """A tiny grid-slot model with an autoregressive decoder, in float64 (no ties between colours)."""
+def autoregressive_model(grid_size: int = 4, slots: str = "pack"):
+    """A tiny model with an autoregressive decoder, in float64 (no ties between colours); slots: pack (packed grid
+    slots), grid (grid slots), patch (patch slots) or none."""
     from latentforge.tasks.dvae.model import GridDVAE
 
     torch.manual_seed(0)
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
-                     dropout=0.0, encoder_layers=1, pool_layers=1, decoder_layers=2, latents=2 + 4, codebook="vq",
+                     dropout=0.0, encoder_layers=1, pool_layers=1, decoder_layers=2,
+                     latents=2 + 4 if slots in ("grid", "pack") else 4, codebook="vq",
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
-                     grid_slots=True, pack_slots=True, autoregressive=True, pad_id=10).double().eval()
+                     grid_slots=slots in ("grid", "pack"), pack_slots=slots == "pack", patch_slots=slots == "patch",
+                     autoregressive=True, pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
         for p in model.parameters():
@@ -356,9 +359,10 @@ def autoregressive_model(grid_size: int = 4):
     return model
 
 
-def test_the_autoregressive_decoder_reads_only_earlier_cells():
-    model = autoregressive_model()
-    z = torch.randn(3, 4, 32, dtype=torch.float64)
+@pytest.mark.parametrize("slots", ["pack", "grid", "patch", "none"])
+def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
+    model = autoregressive_model(slots=slots)
+    z = torch.randn(3, model.slots, 32, dtype=torch.float64)
     shapes = torch.tensor([[4, 4], [3, 4], [4, 2]])
     context = torch.randint(0, 10, (3, 4, 4))
     before = model.decode(z, shapes, context)

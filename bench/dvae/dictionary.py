@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--patterns", type=int, default=200)
     parser.add_argument("--codebook-size", type=int, default=512)
     parser.add_argument("--codebook", default="vq", choices=["vq", "fsq", "gumbel", "reinmax", "softmax"])
-    parser.add_argument("--threshold", type=float, default=2.0, help="VQ's threshold_ema_dead_code (the presets' 2)")
+    parser.add_argument("--threshold", type=float, default=2.0,
+                        help="VQ's threshold_ema_dead_code (2: dvae/arc-vq's before 2026-12-05)")
     parser.add_argument("--reset", default="uniform", choices=["uniform", "distance"],
                         help="VQ's dead_code_reset: uniform (the package's) or distance (k-means++'s rule)")
     parser.add_argument("--steps", type=int, default=800)

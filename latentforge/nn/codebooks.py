@@ -175,15 +175,19 @@ def far_from_codes(codebook: nn.Module, samples: torch.Tensor, count: int) -> to
     batch's frequent patterns mostly are) beside a code that is already in use, where the two split one
     pattern and one of them dies again (bench.dvae.dictionary: every run of its 200-pattern toy back,
     against 99.6% drawn uniformly). Once every vector is drawn (count > n), the rest repeat them uniformly.
-    With several processes (the package then keeps one codebook in sync across them, so every process resets
-    the same codes at once) the draw is over all their vectors, made by the first and the same everywhere."""
-    vectors = every_process(samples[0])
-    nearest = torch.cdist(vectors.float(), codebook.embed[0].float()).min(-1).values.square()
-    picks = torch.empty(count, dtype=torch.long, device=vectors.device)
-    for i in range(count):
-        picks[i] = torch.multinomial(nearest + 1e-12, 1)[0]
-        nearest = torch.minimum(nearest, (vectors.float() - vectors[picks[i]].float()).square().sum(-1))
-    if _processes() > 1:
+    Where the package keeps one codebook in sync across several processes (it does when the model is built
+    after torch.distributed starts, as the engine builds it), every process resets the same codes at once:
+    the draw is then over all their vectors, made by the first process and the same everywhere."""
+    synced = _processes() > 1 and codebook.all_reduce_fn is torch.distributed.all_reduce
+    vectors = every_process(samples[0]) if synced else samples[0]
+    picks = torch.zeros(count, dtype=torch.long, device=vectors.device)
+    if not synced or torch.distributed.get_rank() == 0:
+        points = vectors.float()
+        nearest = torch.cdist(points, codebook.embed[0].float()).min(-1).values.square()
+        for i in range(count):
+            picks[i:i + 1] = torch.multinomial(nearest + 1e-12, 1)
+            nearest = torch.minimum(nearest, (points - points[picks[i:i + 1]]).square().sum(-1))
+    if synced:
         torch.distributed.broadcast(picks, src=0)
     return vectors[picks].unsqueeze(0)
 
@@ -194,8 +198,6 @@ def _processes() -> int:
 
 def every_process(x: torch.Tensor) -> torch.Tensor:
     """(n, ...) rows on each process -> every process's rows in rank order, the same on each (n may differ)."""
-    if _processes() == 1:
-        return x
     sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(_processes())]
     torch.distributed.all_gather(sizes, torch.tensor(len(x), device=x.device))
     longest = int(max(sizes))

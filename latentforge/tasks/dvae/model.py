@@ -201,8 +201,9 @@ class GridDVAE(nn.Module):
 
     def forward(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0,
                 context: Tensor | None = None) -> tuple[Tensor, CodebookOutput]:
-        """Grids (B, S, S) -> per-cell logits and the codebook's output. autoregressive: the decoder reads the
-        earlier cells of `context` (teacher forcing; default the grids themselves, e.g. the unmasked targets)."""
+        """Grids (B, S, S) -> per-cell logits and the codebook's output. autoregressive: each cell's logits read
+        the earlier cells of `context` (teacher forcing): the grids themselves if None, the unmasked targets where
+        the grids are masked inputs."""
         shapes = self.grid_shapes(grids) if self.grid_slots else None
         out = self.encode(grids, temperature, hardness, shapes)
         return self.decode(out.z, shapes, grids if context is None else context), out
@@ -213,12 +214,15 @@ class GridDVAE(nn.Module):
         greedy decoding in reading order, by Jacobi iteration. Every pass predicts all cells in parallel from
         the last pass's grid, until a pass changes nothing. A cell reads only earlier cells, so after t passes
         the first t cells are final whatever the first guess (`start`, (B, S, S); padding if None): the fixed
-        point is exactly the greedy decoding, and a good guess only reaches it in fewer passes."""
+        point is exactly the greedy decoding, and a good guess only reaches it in fewer passes. (Exactly, where
+        a cell's logits do not depend on how many grids share a pass; on a GPU in bf16 another batch size may
+        round a near-tie differently.)"""
         if not self.autoregressive:
             return self.decode(z, shapes).argmax(-1)
         S = self.grid_size
         if start is None:
-            grids = torch.full((len(z), S, S), self.pad_id or 0, dtype=torch.long, device=z.device)
+            first_guess = 0 if self.pad_id is None else self.pad_id
+            grids = torch.full((len(z), S, S), first_guess, dtype=torch.long, device=z.device)
         else:
             grids = start.clone()
         active = torch.arange(len(z), device=z.device)
@@ -235,10 +239,12 @@ class GridDVAE(nn.Module):
     def reconstruction(self, grids: Tensor, logits: Tensor, z: Tensor) -> Tensor:
         """The (B, S*S) grids that the codes z of `grids` decode to, given the forward pass's logits: their argmax,
         or, where the decoder is autoregressive (its logits read the true earlier cells), its greedy decoding.
-        That starts from the grids themselves: where the logits already give them back, one pass confirms it."""
+        That starts from the logits' argmax, the first pass from the true grids: where it gives them back, one
+        more pass confirms it."""
+        predicted = logits.argmax(-1)
         if not self.autoregressive:
-            return logits.argmax(-1)
-        return self.generate(z, self.grid_shapes(grids) if self.grid_slots else None, grids)
+            return predicted
+        return self.generate(z, self.grid_shapes(grids) if self.grid_slots else None, predicted.view_as(grids))
 
     def code_sequence(self, grids: Tensor, codes: Tensor) -> Tensor:
         """What stores each grid: its N codes (with grid_slots, height - 1 and width - 1 first)."""
