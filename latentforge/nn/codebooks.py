@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
+from vector_quantize_pytorch.vector_quantize_pytorch import all_gather_sizes, all_gather_variably_sized
 
 
 @dataclass
@@ -178,8 +179,10 @@ def far_from_codes(codebook: nn.Module, samples: torch.Tensor, count: int) -> to
     Where the package keeps one codebook in sync across several processes (it does when the model is built
     after torch.distributed starts, as the engine builds it), every process resets the same codes at once:
     the draw is then over all their vectors, made by the first process and the same everywhere."""
-    synced = _processes() > 1 and codebook.all_reduce_fn is torch.distributed.all_reduce
-    vectors = every_process(samples[0]) if synced else samples[0]
+    synced = codebook.all_reduce_fn is torch.distributed.all_reduce  # the package's flag: several processes
+    vectors = samples[0].contiguous()
+    if synced:
+        vectors = torch.cat(all_gather_variably_sized(vectors, all_gather_sizes(vectors, dim=0).tolist()))
     picks = torch.zeros(count, dtype=torch.long, device=vectors.device)
     if not synced or torch.distributed.get_rank() == 0:
         points = vectors.float()
@@ -190,21 +193,6 @@ def far_from_codes(codebook: nn.Module, samples: torch.Tensor, count: int) -> to
     if synced:
         torch.distributed.broadcast(picks, src=0)
     return vectors[picks].unsqueeze(0)
-
-
-def _processes() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def every_process(x: torch.Tensor) -> torch.Tensor:
-    """(n, ...) rows on each process -> every process's rows in rank order, the same on each (n may differ)."""
-    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(_processes())]
-    torch.distributed.all_gather(sizes, torch.tensor(len(x), device=x.device))
-    longest = int(max(sizes))
-    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
-    parts = [torch.empty_like(padded) for _ in sizes]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
 
 
 # Levels of FSQ are chosen near the paper's (5 to 8 per dimension): a level's cost is its distance from that

@@ -220,11 +220,9 @@ class GridDVAE(nn.Module):
         if not self.autoregressive:
             return self.decode(z, shapes).argmax(-1)
         S = self.grid_size
-        if start is None:
-            first_guess = 0 if self.pad_id is None else self.pad_id
-            grids = torch.full((len(z), S, S), first_guess, dtype=torch.long, device=z.device)
-        else:
-            grids = start.clone()
+        first_guess = 0 if self.pad_id is None else self.pad_id
+        grids = torch.full((len(z), S, S), first_guess, dtype=torch.long, device=z.device) if start is None \
+            else start.clone()
         active = torch.arange(len(z), device=z.device)
         for _ in range(S * S + 1):
             step = self.decode(z[active], None if shapes is None else shapes[active], grids[active])
