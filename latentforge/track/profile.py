@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd.profiler_util import EventList
 
 from latentforge.track.files import write_atomic
 from latentforge.track.rundir import RunDir
@@ -35,9 +36,10 @@ PHASES = ("data", "forward_backward", "optimizer", "logging")
 WAIT, WARMUP = 1, 1
 TABLE_ROWS = 40
 SOURCE_FRAMES = 5
+SOURCE_ROWS = 100  # each operator takes a row per calling site
 
 
-def operator_table(averages: torch.autograd.profiler_util.EventList, device: torch.device, rows: int = TABLE_ROWS,
+def operator_table(averages: EventList, device: torch.device, rows: int = TABLE_ROWS,
                    **widths: int) -> str:
     """The profiler's table of operators and kernels by their own time on `device` (CPU time on a CPU)."""
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -140,7 +142,11 @@ class StepProfiler:
         table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
         write_atomic(table, operator_table(profiler.key_averages(), self.device, max_name_column_width=100))
         if self.sources:
-            sources = operator_table(profiler.key_averages(group_by_stack_n=SOURCE_FRAMES), self.device,
-                                     max_name_column_width=60, max_src_column_width=100)
+            # The Python tracer's own function events would crowd the operators out of the table.
+            python = {e.key for e in profiler.events() if e.is_python_function}
+            by_source = profiler.key_averages(group_by_stack_n=SOURCE_FRAMES)
+            operators = EventList(a for a in by_source if a.key not in python)
+            sources = operator_table(operators, self.device,
+                                     rows=SOURCE_ROWS, max_name_column_width=60, max_src_column_width=100)
             write_atomic(table.with_name(table.name.replace(".txt", ".sources.txt")), sources)
         self.trace, self.table = path, table
