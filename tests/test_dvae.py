@@ -342,16 +342,21 @@ def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path, p
 
 def autoregressive_model(grid_size: int = 4, slots: str = "pack"):
     """A tiny model with an autoregressive decoder, in float64 (no ties between colours); slots: pack (packed grid
-    slots), grid (grid slots), patch (patch slots) or none."""
+    slots), grid (grid slots), miss (grid slots where a context rule fails, runs of at most 3 cells), patch (patch
+    slots) or none."""
+    from latentforge.tasks.dvae.context import fit_context_rule
     from latentforge.tasks.dvae.model import GridDVAE
 
     torch.manual_seed(0)
+    grid_slots = slots in ("grid", "pack", "miss")
+    rule = fit_context_rule(torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size))
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
                      dropout=0.0, encoder_layers=1, pool_layers=1, decoder_layers=2,
-                     latents=2 + 4 if slots in ("grid", "pack") else 4, codebook="vq",
+                     latents=2 + 4 if grid_slots else 4, codebook="vq",
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
-                     grid_slots=slots in ("grid", "pack"), pack_slots=slots == "pack", patch_slots=slots == "patch",
-                     autoregressive=True, pad_id=10).double().eval()
+                     grid_slots=grid_slots, pack_slots=slots == "pack", patch_slots=slots == "patch",
+                     autoregressive=True, miss_slots=slots == "miss", miss_run=3,
+                     context_rule=rule if slots == "miss" else None, pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
         for p in model.parameters():
@@ -359,7 +364,7 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack"):
     return model
 
 
-@pytest.mark.parametrize("slots", ["pack", "grid", "patch", "none"])
+@pytest.mark.parametrize("slots", ["pack", "grid", "miss", "patch", "none"])
 def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(3, model.slots, 32, dtype=torch.float64)
@@ -375,8 +380,9 @@ def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
             assert not torch.allclose(after[0, cell + 1:], before[0, cell + 1:])
 
 
-def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing():
-    model = autoregressive_model()
+@pytest.mark.parametrize("slots", ["pack", "miss"])
+def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing(slots):
+    model = autoregressive_model(slots=slots)
     z = torch.randn(5, 4, 32, dtype=torch.float64)
     shapes = torch.tensor([[4, 4], [3, 4], [4, 2], [1, 1], [2, 3]])
     generated = model.generate(z, shapes)

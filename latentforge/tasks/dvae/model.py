@@ -18,6 +18,11 @@ Slots can be tied to cells, so that each code carries its own cells from the sta
   mean of its cells and every cell of the run reading the same code. A mean of two cells cannot tell
   (red, blue) from (blue, red), so without packing a code that must carry two cells is slow to learn.
 
+miss_slots (with grid_slots and autoregressive): rather than even runs, code k belongs to the run of cells that
+ends at the k-th cell a fixed context rule mispredicts (context.py). Its slot starts from that cell and its place
+in the run; each cell reads its run's code, its place in the run and the rule's guess, all known from the cells
+before it. A grid costs codes only where it is hard to predict.
+
 autoregressive: the decoder also reads the grid's earlier cells (reading order over the canvas): each cell's
 query adds the colours of its left and upper neighbours, and its self-attention is causal. Trained with the
 true cells (teacher forcing), it reconstructs by greedy decoding (`generate`). The codes then need to carry only
@@ -36,6 +41,7 @@ from latentforge.nn.blocks import DecoderBlock, EncoderBlock, LatentBlock
 from latentforge.nn.codebooks import CodebookOutput, build_codebook
 from latentforge.nn.rope import grid_positions, rope_2d_tables
 from latentforge.nn.transformer import TransformerShape
+from latentforge.tasks.dvae.context import NO_GUESS, inside_cells, miss_layout
 
 
 class GridDVAE(nn.Module):
@@ -43,7 +49,8 @@ class GridDVAE(nn.Module):
                  dropout: float, encoder_layers: int, pool_layers: int, decoder_layers: int, latents: int,
                  codebook: str, codebook_size: int, codebook_options: dict, rope_base_row: float,
                  rope_base_col: float, patch_slots: bool = False, grid_slots: bool = False,
-                 pack_slots: bool = False, autoregressive: bool = False, pad_id: int | None = None):
+                 pack_slots: bool = False, autoregressive: bool = False, miss_slots: bool = False,
+                 miss_run: int = 32, context_rule: Tensor | None = None, pad_id: int | None = None):
         super().__init__()
         if patch_slots and grid_slots:
             raise ValueError("patch_slots and grid_slots tie slots to cells in two different ways; choose one")
@@ -53,8 +60,11 @@ class GridDVAE(nn.Module):
         if pack_slots and not grid_slots:
             raise ValueError("pack_slots lays out the runs of cells that grid_slots gives each slot; "
                              "set model.grid_slots=true too")
+        if miss_slots and not (grid_slots and autoregressive and not pack_slots and context_rule is not None):
+            raise ValueError("miss_slots lays the grid slots out by what a decoder reading earlier cells mispredicts "
+                             "(and needs the context rule): set grid_slots, autoregressive, and not pack_slots")
         self.grid_size, self.grid_slots, self.pack_slots, self.pad_id = grid_size, grid_slots, pack_slots, pad_id
-        self.autoregressive = autoregressive
+        self.autoregressive, self.miss_slots, self.miss_run = autoregressive, miss_slots, miss_run
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents
@@ -73,7 +83,7 @@ class GridDVAE(nn.Module):
         self.cell_queries = nn.Parameter(torch.empty(cells, d_model))
         if grid_slots:
             # A cell's place within its slot's run of cells, and the grid's shape as one memory token.
-            self.run_length = math.ceil(cells / slots)
+            self.run_length = miss_run if miss_slots else math.ceil(cells / slots)
             if pack_slots:
                 self.pack = nn.Linear(self.run_length * d_model, d_model, bias=False)
                 self.unpack = nn.Linear(d_model, self.run_length * d_model, bias=False)
@@ -85,6 +95,11 @@ class GridDVAE(nn.Module):
             # The colours of a cell's left and upper neighbours (an edge token, id vocab_out, past the grid's edge).
             self.left_colour = nn.Embedding(vocab_out + 1, d_model)
             self.upper_colour = nn.Embedding(vocab_out + 1, d_model)
+        if miss_slots:
+            # The rule's guess for each cell, and where a run ends (its place, and whether the rule missed there).
+            self.guess_colour = nn.Embedding(vocab_out + 1, d_model)
+            self.run_end = nn.Embedding(2 * miss_run, d_model)
+            self.register_buffer("context_rule", context_rule.to(torch.uint8))
         self.decoder = nn.ModuleList(DecoderBlock(shape, causal=autoregressive) for _ in range(decoder_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_out, bias=False)
@@ -135,9 +150,9 @@ class GridDVAE(nn.Module):
         return torch.stack([real[:, :, 0].sum(1), real[:, 0, :].sum(1)], 1)
 
     def encode(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0,
-               shapes: Tensor | None = None) -> CodebookOutput:
+               shapes: Tensor | None = None, context: Tensor | None = None) -> CodebookOutput:
         """Token grids (B, S, S) -> the codebook's output for the slots it fills (grid_slots: given the grids'
-        (B, 2) shapes)."""
+        (B, 2) shapes; miss_slots: laid out by `context`, the grids the decoder reads, if not `grids`)."""
         x = self.embed(grids.flatten(1)) + self.cell_positions
         for block in self.encoder:
             x = block(x, self.rope_cos, self.rope_sin)
@@ -150,6 +165,13 @@ class GridDVAE(nn.Module):
             padded = torch.cat([x, x.new_zeros(len(x), 1, x.shape[2])], 1)
             runs = padded.gather(1, cells.unsqueeze(-1).expand(-1, -1, x.shape[2]))
             h = h + self.pack(runs.view(len(x), h.shape[1], -1))
+        elif self.miss_slots:
+            # Each slot starts from the cell that ends its run (its colour is what the code must carry), and that
+            # cell's place in the run; then pools the grid.
+            slot, offset, end, missed, _ = self.layout(grids if context is None else context, shapes, h.shape[1])
+            ends = (x + self.run_end(offset + self.miss_run * missed.long())).to(x.dtype)
+            at = torch.where(end, slot, h.shape[1]).unsqueeze(-1).expand_as(ends)
+            h = h + x.new_zeros(len(x), h.shape[1] + 1, x.shape[2]).scatter_add(1, at, ends)[:, :-1]
         elif self.grid_slots:
             # Each slot starts from the mean of its own cells, then pools the whole grid.
             slot, _ = grid_slot_layout(shapes, self.grid_size, h.shape[1])
@@ -170,7 +192,11 @@ class GridDVAE(nn.Module):
         if self.slot_of_cell is not None:
             x = x + z[:, self.slot_of_cell].to(x.dtype)
         if self.grid_slots:
-            slot, offset = grid_slot_layout(shapes, self.grid_size, z.shape[1])
+            if self.miss_slots:
+                slot, offset, _, _, guess = self.layout(context, shapes, z.shape[1])
+                x = x + self.guess_colour(torch.where(guess == NO_GUESS, self.guess_colour.num_embeddings - 1, guess))
+            else:
+                slot, offset = grid_slot_layout(shapes, self.grid_size, z.shape[1])
             if self.pack_slots:
                 # Code k unpacks into one vector per place of its run; cell i reads its own place's vector.
                 places = self.unpack(z.to(x.dtype)).view(len(z), -1, z.shape[2])  # (B, slots * run_length, D)
@@ -187,10 +213,14 @@ class GridDVAE(nn.Module):
             x = block(x, self.rope_cos, self.rope_sin, memory)
         logits = self.head(self.norm(x))
         if self.grid_slots and self.pad_id is not None:
-            outside = (slot == z.shape[1]).unsqueeze(-1)
+            outside = ~inside_cells(shapes, self.grid_size).unsqueeze(-1)
             is_pad = torch.arange(logits.shape[-1], device=logits.device) == self.pad_id
             logits = logits.masked_fill(outside != is_pad, PINNED_LOGIT)
         return logits
+
+    def layout(self, grids: Tensor, shapes: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """miss_slots: context.miss_layout of (B, S, S) grids with this model's rule."""
+        return miss_layout(grids, shapes, self.context_rule, slots, self.miss_run)
 
     def neighbour_colours(self, context: Tensor) -> Tensor:
         """(B, S, S) grids -> (B, S*S, D): each cell's left and upper neighbours' colours, both earlier cells."""
@@ -205,8 +235,9 @@ class GridDVAE(nn.Module):
         the earlier cells of `context` (teacher forcing): the grids themselves if None, the unmasked targets where
         the grids are masked inputs."""
         shapes = self.grid_shapes(grids) if self.grid_slots else None
-        out = self.encode(grids, temperature, hardness, shapes)
-        return self.decode(out.z, shapes, grids if context is None else context), out
+        context = grids if context is None else context
+        out = self.encode(grids, temperature, hardness, shapes, context)
+        return self.decode(out.z, shapes, context), out
 
     @torch.no_grad()
     def generate(self, z: Tensor, shapes: Tensor | None = None, start: Tensor | None = None) -> Tensor:

@@ -20,6 +20,7 @@ from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
 from latentforge.nn.transformer import check_width
+from latentforge.tasks.dvae.context import fit_context_rule
 from latentforge.tasks.dvae.data import (
     GridBatches,
     Grids,
@@ -114,6 +115,11 @@ class DVAEModelConfig(ModelBase):
     # The decoder also reads each cell's earlier cells (causal, teacher-forced; reconstruction decodes greedily), so
     # the codes need carry only what those cannot predict (model.py).
     autoregressive: bool = False
+    # With grid_slots and autoregressive (not pack_slots): code k carries the run of cells that ends at the k-th cell
+    # a fixed context rule, fitted to the training grids, mispredicts; runs end after miss_run cells without one
+    # (context.py). A code then need only say where in its run the rule fails and with what colour.
+    miss_slots: bool = False
+    miss_run: int = 32
 
     def validate(self) -> None:
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
@@ -124,6 +130,10 @@ class DVAEModelConfig(ModelBase):
                 "and model.grid_slots tie slots to cells in two different ways; set one of them false")
         require(self.grid_slots or not self.pack_slots, "pack_slots",
                 "lays out the runs of cells that model.grid_slots gives each slot; set model.grid_slots=true too")
+        require(not self.miss_slots or (self.grid_slots and self.autoregressive and not self.pack_slots), "miss_slots",
+                "ties the grid slots to the cells a decoder reading the earlier cells mispredicts: set "
+                "model.grid_slots=true, model.autoregressive=true and model.pack_slots=false")
+        require(self.miss_run >= 1, "miss_run", f"must be >= 1 (got {self.miss_run})")
 
 
 @dataclass
@@ -212,7 +222,9 @@ class DVAE(Task):
                 codebook_size=m.codebook_size, codebook_options=dict(m.codebook_options),
                 rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots,
                 grid_slots=m.grid_slots, pack_slots=m.pack_slots, autoregressive=m.autoregressive,
-                pad_id=self.pad_id)
+                miss_slots=m.miss_slots, miss_run=m.miss_run,
+                context_rule=fit_context_rule(self.train_grids.tokens, self.train_grids.shapes) if m.miss_slots
+                else None, pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 

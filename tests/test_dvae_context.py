@@ -1,0 +1,104 @@
+"""dvae: the context rule and the slots laid out where it fails (model.miss_slots)."""
+
+import json
+
+import torch
+
+import latentforge
+from latentforge.tasks.dvae.context import (
+    NEIGHBOURS,
+    NO_GUESS,
+    PATTERNS,
+    context_guesses,
+    fit_context_rule,
+    miss_layout,
+    pattern_ids,
+)
+
+COPY_LEFT = torch.zeros(PATTERNS, dtype=torch.uint8)  # a rule that always guesses the left neighbour
+
+
+def test_a_pattern_is_which_neighbours_share_a_colour_and_which_lie_outside():
+    K = len(NEIGHBOURS)
+    assert K == 8
+    a = torch.tensor([3, 3, 5, NO_GUESS, 5, 3, 7, 7])
+    recoloured = torch.tensor([1, 1, 0, NO_GUESS, 0, 1, 9, 9])
+    other = torch.tensor([3, 5, 5, NO_GUESS, 5, 3, 7, 7])
+    ids = pattern_ids(torch.stack([a, recoloured, other]))
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+    assert 0 <= ids.min() and ids.max() < PATTERNS
+    every_edge = torch.full((K,), NO_GUESS)
+    every_colour = torch.arange(K)
+    assert len({int(pattern_ids(x)) for x in (every_edge, every_colour, torch.zeros(K, dtype=torch.long))}) == 3
+
+
+def test_the_fitted_rule_copies_the_neighbour_that_predicts_the_training_grids():
+    # Every row repeats the one above, six different colours: the rule learns to copy the upper cell.
+    def stripes(n: int) -> torch.Tensor:
+        return torch.stack([torch.randperm(10)[:6] for _ in range(n)]).unsqueeze(1).expand(-1, 6, -1).contiguous()
+
+    torch.manual_seed(0)
+    rule = fit_context_rule(stripes(20), torch.full((20, 2), 6))
+    assert rule.dtype == torch.uint8 and rule.shape == (PATTERNS,)
+    fresh = stripes(5)
+    guesses = context_guesses(fresh, torch.full((5, 2), 6), rule).view(5, 6, 6)
+    assert torch.equal(guesses[:, 1:], fresh[:, 1:])
+    assert (guesses[:, 0, 0] == NO_GUESS).all()  # the first cell has no neighbour
+
+
+def test_runs_end_at_each_mispredicted_cell_or_after_run_limit_cells():
+    grid = torch.full((1, 4, 4), 10)  # padding around a 3 x 4 grid
+    grid[0, :3, :4] = torch.tensor([[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 3]])
+    slot, offset, end, missed, guess = miss_layout(grid, torch.tensor([[3, 4]]), COPY_LEFT, slots=4, run_limit=3)
+    inside = torch.arange(16).view(4, 4)[:3].flatten()
+    # Copying the left cell misses each row's first cell and the 2s; the last row's run of 3s ends by the limit.
+    assert missed[0, inside].nonzero().flatten().tolist() == [0, 3, 4, 7, 8]
+    assert end[0, inside].nonzero().flatten().tolist() == [0, 3, 4, 7, 8, 11]
+    assert offset[0, inside].tolist() == [0, 0, 1, 2, 0, 0, 1, 2, 0, 0, 1, 2]
+    # Runs 0..3 have codes; the cells of later runs and those outside the grid read none (slot 4).
+    assert slot[0, inside].tolist() == [0, 1, 1, 1, 2, 3, 3, 3, 4, 4, 4, 4]
+    assert (slot[0, 12:] == 4).all()
+    assert guess[0, 1] == 1 and guess[0, 0] == NO_GUESS
+
+
+def test_a_cells_run_and_place_depend_only_on_the_cells_before_it():
+    torch.manual_seed(0)
+    grids = torch.randint(0, 3, (4, 5, 5))
+    shapes = torch.tensor([[5, 5], [4, 5], [5, 3], [2, 2]])
+    rule = fit_context_rule(torch.randint(0, 3, (64, 5, 5)), torch.full((64, 2), 5))
+    before = miss_layout(grids, shapes, rule, slots=6, run_limit=3)[:2]
+    ends_toggled = 0
+    for cell in range(25):
+        for colour in range(10):  # the guess among them: a cell turns from missed to predicted and back
+            changed = grids.clone()
+            changed.view(4, -1)[:, cell] = colour
+            after = miss_layout(changed, shapes, rule, slots=6, run_limit=3)
+            for b, a in zip(before, after[:2]):
+                assert torch.equal(a[:, :cell + 1], b[:, :cell + 1])
+            ends_toggled += int((after[2][:, cell] != miss_layout(grids, shapes, rule, 6, 3)[2][:, cell]).sum())
+    assert ends_toggled > 0
+
+
+def test_a_miss_slots_run_trains_evaluates_encodes_and_decodes(cli, runs_dir, tmp_path):
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                            "model.miss_slots=true", "model.miss_run=8", "model.latents=6", "model.codebook_size=64",
+                            "train.steps=4", "train.eval_every=4", "data.eval_grids=16", "train.batch_size=4",
+                            name="miss", runs_dir=runs_dir)
+    assert run.status == "finished" and 0 < run.info["last_eval"]["test/token_acc"] < 1
+    grid = tmp_path / "grid.json"
+    grid.write_text("[[1, 2, 0], [0, 3, 4]]")
+    encoded = json.loads(cli("encode", "miss", grid, "--runs-dir", runs_dir, "--json").stdout)
+    assert len(encoded["codes"].split()) == 6
+    decoded = cli("decode", "miss", encoded["codes"], "--runs-dir", runs_dir, "--json")
+    assert decoded.exit_code == 0, decoded.output
+    assert [len(row.split()) for row in json.loads(decoded.stdout)["grid"].strip().splitlines()] == [3, 3]
+
+
+def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir):
+    for extra in ([], ["model.grid_slots=true"], ["model.grid_slots=true", "model.autoregressive=true",
+                                                  "model.pack_slots=true"]):
+        result = cli("train", "dvae/tiny", "data.dataset=arc", "model.miss_slots=true", *extra, "--runs-dir", runs_dir)
+        assert result.exit_code == 2 and "miss_slots" in result.output and "Traceback" not in result.output
+    result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                 "model.miss_slots=true", "model.miss_run=0", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "miss_run must be >= 1" in result.output
