@@ -342,21 +342,21 @@ def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path, p
 
 def autoregressive_model(grid_size: int = 4, slots: str = "pack"):
     """A tiny model with an autoregressive decoder, in float64 (no ties between colours); slots: pack (packed grid
-    slots), grid (grid slots), miss (grid slots where a context rule fails, runs of at most 3 cells), patch (patch
-    slots) or none."""
+    slots), grid (grid slots), miss (grid slots where a context rule fails, runs of at most 3 cells), miss-pack
+    (those, packed), patch (patch slots) or none."""
     from latentforge.tasks.dvae.context import fit_context_rule
     from latentforge.tasks.dvae.model import GridDVAE
 
     torch.manual_seed(0)
-    grid_slots = slots in ("grid", "pack", "miss")
+    grid_slots = slots in ("grid", "pack", "miss", "miss-pack")
     rule = fit_context_rule(torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size))
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
                      dropout=0.0, encoder_layers=1, pool_layers=1, decoder_layers=2,
                      latents=2 + 4 if grid_slots else 4, codebook="vq",
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
-                     grid_slots=grid_slots, pack_slots=slots == "pack", patch_slots=slots == "patch",
-                     autoregressive=True, miss_slots=slots == "miss", miss_run=3,
-                     context_rule=rule if slots == "miss" else None, pad_id=10).double().eval()
+                     grid_slots=grid_slots, pack_slots=slots in ("pack", "miss-pack"), patch_slots=slots == "patch",
+                     autoregressive=True, miss_slots=slots.startswith("miss"), miss_run=3,
+                     context_rule=rule if slots.startswith("miss") else None, pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
         for p in model.parameters():
@@ -364,7 +364,7 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack"):
     return model
 
 
-@pytest.mark.parametrize("slots", ["pack", "grid", "miss", "patch", "none"])
+@pytest.mark.parametrize("slots", ["pack", "grid", "miss", "miss-pack", "patch", "none"])
 def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(3, model.slots, 32, dtype=torch.float64)
@@ -380,7 +380,7 @@ def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
             assert not torch.allclose(after[0, cell + 1:], before[0, cell + 1:])
 
 
-@pytest.mark.parametrize("slots", ["pack", "miss"])
+@pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack"])
 def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(5, 4, 32, dtype=torch.float64)
@@ -399,8 +399,9 @@ def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_fo
     assert torch.equal(model.decode(z, shapes, generated.view(5, 4, 4)).argmax(-1), generated)
 
 
-def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_dir, tmp_path):
-    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.pack_slots=true",
+@pytest.mark.parametrize("slots", [["model.pack_slots=true"], ["model.miss_slots=true", "model.miss_run=8"]])
+def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_dir, tmp_path, slots):
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", *slots,
                             "model.autoregressive=true", "model.latents=6", "model.codebook_size=64",
                             "train.steps=4", "train.eval_every=4", "data.eval_grids=16", "train.batch_size=4",
                             name="ar", runs_dir=runs_dir)

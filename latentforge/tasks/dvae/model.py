@@ -20,8 +20,9 @@ Slots can be tied to cells, so that each code carries its own cells from the sta
 
 miss_slots (with grid_slots and autoregressive): rather than even runs, code k belongs to the run of cells that
 ends at the k-th cell a fixed context rule mispredicts (context.py). Its slot starts from that cell and its place
-in the run; each cell reads its run's code, its place in the run and the rule's guess, all known from the cells
-before it. A grid costs codes only where it is hard to predict.
+in the run (with pack_slots: from the run's cells side by side); each cell reads its run's code (its own place's
+vector), its place in the run and the rule's guess, all known from the cells before it. A grid costs codes only
+where it is hard to predict.
 
 autoregressive: the decoder also reads the grid's earlier cells (reading order over the canvas): each cell's
 query adds the colours of its left and upper neighbours, and its self-attention is causal. Trained with the
@@ -60,9 +61,9 @@ class GridDVAE(nn.Module):
         if pack_slots and not grid_slots:
             raise ValueError("pack_slots lays out the runs of cells that grid_slots gives each slot; "
                              "set model.grid_slots=true too")
-        if miss_slots and not (grid_slots and autoregressive and not pack_slots and context_rule is not None):
+        if miss_slots and not (grid_slots and autoregressive and context_rule is not None):
             raise ValueError("miss_slots lays the grid slots out by what a decoder reading earlier cells mispredicts "
-                             "(and needs the context rule): set grid_slots, autoregressive, and not pack_slots")
+                             "(and needs the context rule): set grid_slots and autoregressive")
         self.grid_size, self.grid_slots, self.pack_slots, self.pad_id = grid_size, grid_slots, pack_slots, pad_id
         self.autoregressive, self.miss_slots, self.miss_run = autoregressive, miss_slots, miss_run
         cells = grid_size * grid_size
@@ -158,9 +159,11 @@ class GridDVAE(nn.Module):
             x = block(x, self.rope_cos, self.rope_sin)
         x = self.encoder_norm(x)
         h = self.latent_queries.expand(len(grids), -1, -1)
+        context = grids if context is None else context
         if self.pack_slots:
             # Each slot starts from its own cells side by side (zeros past the run's end), then pools the grid.
-            slot, offset = grid_slot_layout(shapes, self.grid_size, h.shape[1])
+            slot, offset = self.layout(context, shapes, h.shape[1])[:2] if self.miss_slots \
+                else grid_slot_layout(shapes, self.grid_size, h.shape[1])
             cells = run_cells(slot, offset, h.shape[1], self.run_length)  # (B, slots * run_length)
             padded = torch.cat([x, x.new_zeros(len(x), 1, x.shape[2])], 1)
             runs = padded.gather(1, cells.unsqueeze(-1).expand(-1, -1, x.shape[2]))
@@ -168,7 +171,7 @@ class GridDVAE(nn.Module):
         elif self.miss_slots:
             # Each slot starts from the cell that ends its run (its colour is what the code must carry), and that
             # cell's place in the run; then pools the grid.
-            slot, offset, end, missed, _ = self.layout(grids if context is None else context, shapes, h.shape[1])
+            slot, offset, end, missed, _ = self.layout(context, shapes, h.shape[1])
             ends = (x + self.run_end(offset + self.miss_run * missed.long())).to(x.dtype)
             at = torch.where(end, slot, h.shape[1]).unsqueeze(-1).expand_as(ends)
             h = h + x.new_zeros(len(x), h.shape[1] + 1, x.shape[2]).scatter_add(1, at, ends)[:, :-1]

@@ -115,7 +115,7 @@ class DVAEModelConfig(ModelBase):
     # The decoder also reads each cell's earlier cells (causal, teacher-forced; reconstruction decodes greedily), so
     # the codes need carry only what those cannot predict (model.py).
     autoregressive: bool = False
-    # With grid_slots and autoregressive (not pack_slots): code k carries the run of cells that ends at the k-th cell
+    # With grid_slots and autoregressive: code k carries the run of cells that ends at the k-th cell
     # a fixed context rule, fitted to the training grids, mispredicts; runs end after miss_run cells without one
     # (context.py). A code then need only say where in its run the rule fails and with what colour.
     miss_slots: bool = False
@@ -130,9 +130,9 @@ class DVAEModelConfig(ModelBase):
                 "and model.grid_slots tie slots to cells in two different ways; set one of them false")
         require(self.grid_slots or not self.pack_slots, "pack_slots",
                 "lays out the runs of cells that model.grid_slots gives each slot; set model.grid_slots=true too")
-        require(not self.miss_slots or (self.grid_slots and self.autoregressive and not self.pack_slots), "miss_slots",
+        require(not self.miss_slots or (self.grid_slots and self.autoregressive), "miss_slots",
                 "ties the grid slots to the cells a decoder reading the earlier cells mispredicts: set "
-                "model.grid_slots=true, model.autoregressive=true and model.pack_slots=false")
+                "model.grid_slots=true and model.autoregressive=true")
         require(self.miss_run >= 1, "miss_run", f"must be >= 1 (got {self.miss_run})")
 
 
