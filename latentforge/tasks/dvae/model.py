@@ -123,6 +123,9 @@ class GridDVAE(nn.Module):
         # grid maps to the same codes within a few hundred steps (docs/results/dvae.md); at 1.0 it is not.
         nn.init.normal_(self.embed.weight, std=1.0)
         nn.init.normal_(self.cell_positions, std=1.0)
+        if miss_slots:
+            # The rule's guess is most cells' answer: as loud as the cells' own colours.
+            nn.init.normal_(self.guess_colour.weight, std=1.0)
         for stack, branches in ((self.encoder, 2), (self.pool, 3), (self.decoder, 3)):
             for name, p in stack.named_parameters():
                 if name.endswith(("proj.weight", "down.weight")):
