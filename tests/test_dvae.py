@@ -393,7 +393,7 @@ def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_fo
     assert torch.equal(generated, greedy)
     # The fixed point does not depend on the first guess.
     assert torch.equal(model.generate(z, shapes, torch.randint(0, 11, (5, 4, 4))), greedy)
-    assert len(generated.unique()) > 3 and ((generated != 10).sum(1) == shapes.prod(1)).all()
+    assert len(generated.unique()) > 2 and ((generated != 10).sum(1) == shapes.prod(1)).all()
     # Teacher-forced on the grid it generates, the decoder predicts that grid: a grid is exact under teacher
     # forcing if and only if greedy decoding reconstructs it, so exact match needs no sequential decoding.
     assert torch.equal(model.decode(z, shapes, generated.view(5, 4, 4)).argmax(-1), generated)
