@@ -200,8 +200,10 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     # Codes spent only on the cells a context rule misses: per grid slot's run, per missed cell, or either.
     layouts = [[float(x) for x in line.split("|")[2:7]] for line in context.splitlines()
                if line.startswith("| ") and "codes" not in line]
-    assert len(layouts) == 3 and all(row[1:3] == [1.0, 1.0] or row[0] > 0.85 for row in layouts)
+    assert len(layouts) == 4 and all(row[1:3] == [1.0, 1.0] or row[0] > 0.85 for row in layouts)
     assert layouts[0][0] < layouts[1][0] <= layouts[2][0] and layouts[2][3] > layouts[0][3]
+    # The rule fitted to the training grids (model.miss_slots) misses fewer cells than the fixed one.
+    assert layouts[3][0] > layouts[1][0] and layouts[3][4] > layouts[0][4]
     for table in (local, fitted):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]

@@ -24,7 +24,10 @@ The fifth asks what a decoder that reads the grid's earlier cells (model.autoreg
 carried only the cells that a fixed context rule mispredicts (the rule: the upper cell where the left and
 upper-left cells agree, else the left cell). With grid slots, a code of K holds its run's mispredicted cells if
 their places and colours are one of K cases; with codes spent only where the rule fails (each naming the next
-mispredicted cell's distance and colour), the grid needs one code per mispredicted cell.
+mispredicted cell's distance and colour), the grid needs one code per mispredicted cell. Its last row is the
+layout of model.miss_slots: runs that end at each cell the rule of latentforge/tasks/dvae/context.py (fitted to the
+training grids, eight neighbours) mispredicts, or after model.miss_run cells without one; a grid fits if its last
+mispredicted cell is in one of the N - 2 runs.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from collections import Counter, defaultdict
 import torch
 
 from latentforge.config import load_config
+from latentforge.tasks.dvae.context import fit_context_rule, miss_layout
 from latentforge.tasks.dvae.data import Grids
 from latentforge.tasks.dvae.model import cells_per_code, grid_slot_layout
 from latentforge.tasks.dvae.task import DVAE, LOAD_EDGES, LOAD_NAMES
@@ -94,8 +98,15 @@ def main(overrides: list[str]) -> None:
     print("|---|---|" + "---|" * len(names))
     runs_fit = [fits_runs(miss, slots, m.codebook_size) for miss in misses]
     list_fits = [fits_list(miss, slots, m.codebook_size) for miss in misses]
+    # model.miss_slots: runs ending at each cell the rule fitted to the training grids (context.py) mispredicts.
+    train = task.grids("train")
+    rule = fit_context_rule(train.tokens, train.shapes)
+    slot, _, _, missed, _ = miss_layout(grids.tokens, grids.shapes, rule, slots, m.miss_run)
+    miss_fits = (torch.where(missed, slot, -1).max(1).values < slots).tolist()
     for layout, ok in (("one per grid slot's run", runs_fit), ("one per mispredicted cell", list_fits),
-                       ("either, whichever fits the grid", [a or b for a, b in zip(runs_fit, list_fits)])):
+                       ("either, whichever fits the grid", [a or b for a, b in zip(runs_fit, list_fits)]),
+                       (f"one per cell the fitted rule mispredicts (model.miss_slots, runs <= {m.miss_run})",
+                        miss_fits)):
         by_load = [[o for o, b in zip(ok, bucket) if b == i] for i in range(len(names))]
         print(f"| {layout} | {sum(ok) / len(ok):.3f} | "
               + " | ".join(f"{sum(o) / len(o):.3f}" if o else "" for o in by_load) + " |")
