@@ -380,6 +380,25 @@ def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
             assert not torch.allclose(after[0, cell + 1:], before[0, cell + 1:])
 
 
+@pytest.mark.parametrize("slots", ["miss", "miss-pack"])
+def test_miss_slots_cells_read_the_code_of_their_run(slots):
+    model = autoregressive_model(slots=slots)
+    shapes = torch.tensor([[4, 4], [3, 4]])
+    context = torch.randint(0, 3, (2, 4, 4))
+    slot = model.layout(context, shapes, model.slots)[0]
+    queries = []  # the decoder's cell queries, before attention mixes the cells (and reads every code as memory)
+    model.decoder[0].register_forward_pre_hook(lambda module, args: queries.append(args[0]))
+    z = torch.randn(2, model.slots, 32, dtype=torch.float64)
+    model.decode(z, shapes, context)
+    for k in range(model.slots):
+        changed = z.clone()
+        changed[:, k] = torch.randn(2, 32, dtype=torch.float64)
+        model.decode(changed, shapes, context)
+        moved = (queries[-1] - queries[0]).abs().amax(-1) > 1e-9
+        assert torch.equal(moved, slot == k)
+    assert (slot < model.slots).any(1).all()
+
+
 @pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack"])
 def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing(slots):
     model = autoregressive_model(slots=slots)

@@ -44,17 +44,19 @@ def test_the_fitted_rule_copies_the_neighbour_that_predicts_the_training_grids()
 
 
 def test_runs_end_at_each_mispredicted_cell_or_after_run_limit_cells():
-    grid = torch.full((1, 4, 4), 10)  # padding around a 3 x 4 grid
+    grid = torch.full((1, 5, 5), 10)  # padding around a 3 x 4 grid: reading order is not the canvas order
     grid[0, :3, :4] = torch.tensor([[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 3]])
     slot, offset, end, missed, guess = miss_layout(grid, torch.tensor([[3, 4]]), COPY_LEFT, slots=4, run_limit=3)
-    inside = torch.arange(16).view(4, 4)[:3].flatten()
+    inside = torch.arange(25).view(5, 5)[:3, :4].flatten()
     # Copying the left cell misses each row's first cell and the 2s; the last row's run of 3s ends by the limit.
     assert missed[0, inside].nonzero().flatten().tolist() == [0, 3, 4, 7, 8]
     assert end[0, inside].nonzero().flatten().tolist() == [0, 3, 4, 7, 8, 11]
     assert offset[0, inside].tolist() == [0, 0, 1, 2, 0, 0, 1, 2, 0, 0, 1, 2]
     # Runs 0..3 have codes; the cells of later runs and those outside the grid read none (slot 4).
     assert slot[0, inside].tolist() == [0, 1, 1, 1, 2, 3, 3, 3, 4, 4, 4, 4]
-    assert (slot[0, 12:] == 4).all()
+    outside = torch.ones(25, dtype=torch.bool)
+    outside[inside] = False
+    assert (slot[0, outside] == 4).all() and (offset[0, outside] == 0).all() and not (end | missed)[0, outside].any()
     assert guess[0, 1] == 1 and guess[0, 0] == NO_GUESS
 
 
@@ -63,16 +65,19 @@ def test_a_cells_run_and_place_depend_only_on_the_cells_before_it():
     grids = torch.randint(0, 3, (4, 5, 5))
     shapes = torch.tensor([[5, 5], [4, 5], [5, 3], [2, 2]])
     rule = fit_context_rule(torch.randint(0, 3, (64, 5, 5)), torch.full((64, 2), 5))
-    before = miss_layout(grids, shapes, rule, slots=6, run_limit=3)[:2]
+    slot, offset, end, missed, guess = miss_layout(grids, shapes, rule, slots=6, run_limit=3)
     ends_toggled = 0
     for cell in range(25):
         for colour in range(10):  # the guess among them: a cell turns from missed to predicted and back
             changed = grids.clone()
             changed.view(4, -1)[:, cell] = colour
             after = miss_layout(changed, shapes, rule, slots=6, run_limit=3)
-            for b, a in zip(before, after[:2]):
+            # Its own run, place and guess, and everything about the cells before it, stay.
+            for b, a in zip((slot, offset, guess), (after[0], after[1], after[4])):
                 assert torch.equal(a[:, :cell + 1], b[:, :cell + 1])
-            ends_toggled += int((after[2][:, cell] != miss_layout(grids, shapes, rule, 6, 3)[2][:, cell]).sum())
+            for b, a in zip((end, missed), after[2:4]):
+                assert torch.equal(a[:, :cell], b[:, :cell])
+            ends_toggled += int((after[2][:, cell] != end[:, cell]).sum())
     assert ends_toggled > 0
 
 

@@ -99,8 +99,7 @@ def main(overrides: list[str]) -> None:
     runs_fit = [fits_runs(miss, slots, m.codebook_size) for miss in misses]
     list_fits = [fits_list(miss, slots, m.codebook_size) for miss in misses]
     # model.miss_slots: runs ending at each cell the rule fitted to the training grids (context.py) mispredicts.
-    train = task.grids("train")
-    rule = fit_context_rule(train.tokens, train.shapes)
+    rule = fit_context_rule(task.train_grids.tokens, task.train_grids.shapes)  # as the model fits it
     slot, _, _, missed, _ = miss_layout(grids.tokens, grids.shapes, rule, slots, m.miss_run)
     miss_fits = (torch.where(missed, slot, -1).max(1).values < slots).tolist()
     for layout, ok in (("one per grid slot's run", runs_fit), ("one per mispredicted cell", list_fits),

@@ -46,6 +46,11 @@ def operator_table(averages: EventList, device: torch.device, rows: int = TABLE_
     return averages.table(sort_by=sort_by, row_limit=rows, **widths) + "\n"
 
 
+def operators_only(averages: EventList, python: set[str]) -> EventList:
+    """The rows of `averages` that are not the Python functions named in `python`."""
+    return EventList(a for a in averages if a.key not in python)
+
+
 class StepProfiler:
     def __init__(self, run: RunDir, steps: int, device: torch.device, first_step: int, sources: bool = False):
         self.dir = run.path / "profile"
@@ -140,13 +145,14 @@ class StepProfiler:
         profiler.export_chrome_trace(str(tmp))
         os.replace(tmp, path)
         table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
-        write_atomic(table, operator_table(profiler.key_averages(), self.device, max_name_column_width=100))
+        # With sources, the Python tracer's own function events would crowd the operators out of the tables (an older
+        # torch drops them itself and has no is_python_function).
+        python = {e.key for e in profiler.events() if getattr(e, "is_python_function", False)}
+        write_atomic(table, operator_table(operators_only(profiler.key_averages(), python), self.device,
+                                           max_name_column_width=100))
         if self.sources:
-            # The Python tracer's own function events would crowd the operators out of the table.
-            python = {e.key for e in profiler.events() if e.is_python_function}
-            by_source = profiler.key_averages(group_by_stack_n=SOURCE_FRAMES)
-            operators = EventList(a for a in by_source if a.key not in python)
-            sources = operator_table(operators, self.device,
+            by_source = operators_only(profiler.key_averages(group_by_stack_n=SOURCE_FRAMES), python)
+            sources = operator_table(by_source, self.device,
                                      rows=SOURCE_ROWS, max_name_column_width=60, max_src_column_width=100)
             write_atomic(table.with_name(table.name.replace(".txt", ".sources.txt")), sources)
         self.trace, self.table = path, table

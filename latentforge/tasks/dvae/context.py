@@ -52,8 +52,7 @@ def pattern_ids(neighbours: Tensor) -> Tensor:
     same = (neighbours.unsqueeze(-1) == neighbours.unsqueeze(-2)) & (neighbours != NO_GUESS).unsqueeze(-2)
     same = same & torch.ones(K, K, dtype=torch.bool, device=neighbours.device).tril()  # j <= i
     first = torch.where(same.any(-1), same.int().argmax(-1), torch.arange(1, K + 1, device=neighbours.device))
-    radix = torch.tensor([math.factorial(i + 1) for i in range(K)], device=neighbours.device)
-    return (first * radix).sum(-1)
+    return sum(first[..., i] * math.factorial(i + 1) for i in range(K))
 
 
 def fit_context_rule(grids: Tensor, shapes: Tensor) -> Tensor:

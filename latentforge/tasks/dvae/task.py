@@ -210,6 +210,9 @@ class DVAE(Task):
             if not categorical and (s.start or s.end):
                 raise ConfigError(f"task.weights.{key} needs a categorical codebook (gumbel, reinmax, softmax); "
                                   f"model.codebook={m.codebook} has no code distribution")
+        if m.miss_slots and m.miss_run > cfg.data.grid_size**2:
+            raise ConfigError(f"model.miss_run must be at most the grid's {cfg.data.grid_size**2} cells "
+                              f"(got {m.miss_run})")
         require_evaluated_metric(cfg.checkpoint.metric, cfg.data.eval_splits)
 
     def build_model(self) -> nn.Module:
