@@ -88,3 +88,6 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
     result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
                  "model.miss_slots=true", "model.miss_run=0", "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "miss_run must be >= 1" in result.output
+    result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                 "model.miss_slots=true", "model.miss_run=1025", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "miss_run must be at most the grid's 1024 cells" in result.output, result.output
