@@ -385,7 +385,7 @@ def test_miss_slots_cells_read_the_code_of_their_run(slots):
     model = autoregressive_model(slots=slots)
     shapes = torch.tensor([[4, 4], [3, 4]])
     context = torch.randint(0, 3, (2, 4, 4))
-    slot = model.layout(context, shapes, model.slots)[0]
+    slot = model.layout(context, shapes)[0]
     queries = []  # the decoder's cell queries, before attention mixes the cells (and reads every code as memory)
     model.decoder[0].register_forward_pre_hook(lambda module, args: queries.append(args[0]))
     z = torch.randn(2, model.slots, 32, dtype=torch.float64)

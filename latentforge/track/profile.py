@@ -40,15 +40,12 @@ SOURCE_ROWS = 100  # each operator takes a row per calling site
 
 
 def operator_table(averages: EventList, device: torch.device, rows: int = TABLE_ROWS,
-                   **widths: int) -> str:
-    """The profiler's table of operators and kernels by their own time on `device` (CPU time on a CPU)."""
+                   python: frozenset[str] = frozenset(), **widths: int) -> str:
+    """The profiler's table of operators and kernels by their own time on `device` (CPU time on a CPU), less the
+    Python functions named in `python`."""
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return averages.table(sort_by=sort_by, row_limit=rows, **widths) + "\n"
-
-
-def operators_only(averages: EventList, python: set[str]) -> EventList:
-    """The rows of `averages` that are not the Python functions named in `python`."""
-    return EventList(a for a in averages if a.key not in python)
+    operators = EventList(a for a in averages if a.key not in python)
+    return operators.table(sort_by=sort_by, row_limit=rows, **widths) + "\n"
 
 
 class StepProfiler:
@@ -147,12 +144,12 @@ class StepProfiler:
         table = path.with_name(path.name.replace(".pt.trace.json", ".txt"))
         # With sources, the Python tracer's own function events would crowd the operators out of the tables (an older
         # torch drops them itself and has no is_python_function).
-        python = {e.key for e in profiler.events() if getattr(e, "is_python_function", False)}
-        write_atomic(table, operator_table(operators_only(profiler.key_averages(), python), self.device,
+        python = frozenset(e.key for e in profiler.events() if getattr(e, "is_python_function", False))
+        write_atomic(table, operator_table(profiler.key_averages(), self.device, python=python,
                                            max_name_column_width=100))
         if self.sources:
-            by_source = operators_only(profiler.key_averages(group_by_stack_n=SOURCE_FRAMES), python)
-            sources = operator_table(by_source, self.device,
-                                     rows=SOURCE_ROWS, max_name_column_width=60, max_src_column_width=100)
+            sources = operator_table(profiler.key_averages(group_by_stack_n=SOURCE_FRAMES), self.device,
+                                     rows=SOURCE_ROWS, python=python, max_name_column_width=60,
+                                     max_src_column_width=100)
             write_atomic(table.with_name(table.name.replace(".txt", ".sources.txt")), sources)
         self.trace, self.table = path, table

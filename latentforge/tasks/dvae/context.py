@@ -28,6 +28,7 @@ from latentforge.nn.rope import grid_positions
 NEIGHBOURS = ((0, -1), (-1, 0), (-1, -1), (-1, 1), (0, -2), (-2, 0), (-1, -2), (-2, -1))
 PATTERNS = math.factorial(len(NEIGHBOURS) + 1)
 NO_GUESS = -1  # a neighbour outside the grid, or the rule's guess where no neighbour will do
+MissLayout = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # slot, offset, end, missed, guess (miss_layout)
 
 
 def inside_cells(shapes: Tensor, grid_size: int) -> Tensor:
@@ -78,8 +79,7 @@ def context_guesses(grids: Tensor, shapes: Tensor, rule: Tensor) -> Tensor:
     return padded.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
-def miss_layout(grids: Tensor, shapes: Tensor, rule: Tensor, slots: int,
-                run_limit: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def miss_layout(grids: Tensor, shapes: Tensor, rule: Tensor, slots: int, run_limit: int) -> MissLayout:
     """Codes tied to the cells the rule mispredicts, for (B, S, S) grids of (B, 2) shapes. Each (B, S*S):
     - slot: the run of each cell, `slots` outside the grid and past the last code;
     - offset: its place in its run (0 .. run_limit - 1);

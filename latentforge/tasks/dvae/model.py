@@ -42,7 +42,7 @@ from latentforge.nn.blocks import DecoderBlock, EncoderBlock, LatentBlock
 from latentforge.nn.codebooks import CodebookOutput, build_codebook
 from latentforge.nn.rope import grid_positions, rope_2d_tables
 from latentforge.nn.transformer import TransformerShape
-from latentforge.tasks.dvae.context import NO_GUESS, inside_cells, miss_layout
+from latentforge.tasks.dvae.context import NO_GUESS, MissLayout, inside_cells, miss_layout
 
 
 class GridDVAE(nn.Module):
@@ -154,19 +154,19 @@ class GridDVAE(nn.Module):
         return torch.stack([real[:, :, 0].sum(1), real[:, 0, :].sum(1)], 1)
 
     def encode(self, grids: Tensor, temperature: float = 1.0, hardness: float = 1.0,
-               shapes: Tensor | None = None, context: Tensor | None = None) -> CodebookOutput:
+               shapes: Tensor | None = None, layout: MissLayout | None = None) -> CodebookOutput:
         """Token grids (B, S, S) -> the codebook's output for the slots it fills (grid_slots: given the grids'
-        (B, 2) shapes; miss_slots: laid out by `context`, the grids the decoder reads, if not `grids`)."""
+        (B, 2) shapes; miss_slots: the `layout` of the grids the decoder reads, the grids' own if None)."""
         x = self.embed(grids.flatten(1)) + self.cell_positions
         for block in self.encoder:
             x = block(x, self.rope_cos, self.rope_sin)
         x = self.encoder_norm(x)
         h = self.latent_queries.expand(len(grids), -1, -1)
-        context = grids if context is None else context
+        if self.miss_slots and layout is None:
+            layout = self.layout(grids, shapes)
         if self.pack_slots:
             # Each slot starts from its own cells side by side (zeros past the run's end), then pools the grid.
-            slot, offset = self.layout(context, shapes, h.shape[1])[:2] if self.miss_slots \
-                else grid_slot_layout(shapes, self.grid_size, h.shape[1])
+            slot, offset = layout[:2] if self.miss_slots else grid_slot_layout(shapes, self.grid_size, h.shape[1])
             cells = run_cells(slot, offset, h.shape[1], self.run_length)  # (B, slots * run_length)
             padded = torch.cat([x, x.new_zeros(len(x), 1, x.shape[2])], 1)
             runs = padded.gather(1, cells.unsqueeze(-1).expand(-1, -1, x.shape[2]))
@@ -174,7 +174,7 @@ class GridDVAE(nn.Module):
         elif self.miss_slots:
             # Each slot starts from the cell that ends its run (its colour is what the code must carry), and that
             # cell's place in the run; then pools the grid.
-            slot, offset, end, missed, _ = self.layout(context, shapes, h.shape[1])
+            slot, offset, end, missed, _ = layout
             ends = (x + self.run_end(offset + self.miss_run * missed.long())).to(x.dtype)
             at = torch.where(end, slot, h.shape[1]).unsqueeze(-1).expand_as(ends)
             h = h + x.new_zeros(len(x), h.shape[1] + 1, x.shape[2]).scatter_add(1, at, ends)[:, :-1]
@@ -187,10 +187,12 @@ class GridDVAE(nn.Module):
             h = block(h, x)
         return self.codebook(self.pool_norm(h), temperature, hardness)
 
-    def decode(self, z: Tensor, shapes: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+    def decode(self, z: Tensor, shapes: Tensor | None = None, context: Tensor | None = None,
+               layout: MissLayout | None = None) -> Tensor:
         """Quantized slots (B, N, D) -> per-cell logits (B, S*S, vocab_out); grid_slots also needs the grids'
         (B, 2) shapes, and then pins every cell outside a grid to padding and every cell inside to a colour.
-        autoregressive: `context` (B, S, S) is the grid whose earlier cells each cell's logits read."""
+        autoregressive: `context` (B, S, S) is the grid whose earlier cells each cell's logits read (miss_slots: its
+        `layout`, computed here if None)."""
         x = self.cell_queries.expand(len(z), -1, -1)
         if self.autoregressive:
             x = x + self.neighbour_colours(context)
@@ -199,7 +201,7 @@ class GridDVAE(nn.Module):
             x = x + z[:, self.slot_of_cell].to(x.dtype)
         if self.grid_slots:
             if self.miss_slots:
-                slot, offset, _, _, guess = self.layout(context, shapes, z.shape[1])
+                slot, offset, _, _, guess = self.layout(context, shapes) if layout is None else layout
                 x = x + self.guess_colour(torch.where(guess == NO_GUESS, self.guess_colour.num_embeddings - 1, guess))
             else:
                 slot, offset = grid_slot_layout(shapes, self.grid_size, z.shape[1])
@@ -224,9 +226,9 @@ class GridDVAE(nn.Module):
             logits = logits.masked_fill(outside != is_pad, PINNED_LOGIT)
         return logits
 
-    def layout(self, grids: Tensor, shapes: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """miss_slots: context.miss_layout of (B, S, S) grids with this model's rule."""
-        return miss_layout(grids, shapes, self.context_rule, slots, self.miss_run)
+    def layout(self, grids: Tensor, shapes: Tensor) -> MissLayout:
+        """miss_slots: context.miss_layout of (B, S, S) grids with this model's rule and slots."""
+        return miss_layout(grids, shapes, self.context_rule, self.slots, self.miss_run)
 
     def neighbour_colours(self, context: Tensor) -> Tensor:
         """(B, S, S) grids -> (B, S*S, D): each cell's left and upper neighbours' colours, both earlier cells."""
@@ -242,8 +244,9 @@ class GridDVAE(nn.Module):
         the grids are masked inputs."""
         shapes = self.grid_shapes(grids) if self.grid_slots else None
         context = grids if context is None else context
-        out = self.encode(grids, temperature, hardness, shapes, context)
-        return self.decode(out.z, shapes, context), out
+        layout = self.layout(context, shapes) if self.miss_slots else None  # one for the encoder and the decoder
+        out = self.encode(grids, temperature, hardness, shapes, layout)
+        return self.decode(out.z, shapes, context, layout), out
 
     @torch.no_grad()
     def generate(self, z: Tensor, shapes: Tensor | None = None, start: Tensor | None = None) -> Tensor:
