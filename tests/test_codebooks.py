@@ -204,6 +204,27 @@ def test_vq_distance_reset_draws_like_kmeans_plus_plus():
     assert (distance.min(-1).values < 1e-5).all() and on.unique().numel() == SIZE
 
 
+@pytest.mark.parametrize("split", [0, 1])
+def test_vq_split_crowded_moves_a_live_twin_to_the_pattern_that_shares_a_code(split):
+    """Every code alive on its own pattern, codes 0 and 1 twins 0.01 apart on one of them, and the batch's one
+    unserved pattern B: split_crowded=1 moves one twin to B (the distance draw), the other stays and no other
+    code moves. Without it no code is dead, so nothing moves and B stays on another pattern's code."""
+    torch.manual_seed(0)
+    codebook = make("vq", dead_code_reset="distance", split_crowded=split).train()
+    package = codebook.vq._codebook
+    patterns = 10.0 * torch.randn(SIZE - 1, DIM)
+    b = torch.full((DIM,), 100.0)
+    package.embed.data[0] = torch.cat([patterns[:1] + 0.01, patterns])
+    package.cluster_size.data.fill_(50.0)  # all alive
+    before = package.embed[0].clone()
+    package.expire_codes_(torch.cat([patterns, b[None]])[None])
+    moved = (package.embed[0] != before).any(-1)
+    assert moved.sum() == split
+    assert (package.embed[0] == b).all(-1).any() == bool(split)
+    if split:
+        assert moved[:2].any() and not moved[2:].any()
+
+
 def _rank_resets(rank: int, store: str) -> None:
     import torch.distributed as dist
 
@@ -270,6 +291,8 @@ def test_build_codebook_refuses_bad_input():
         build_codebook("vq", DIM, SIZE, decay=1.5)
     with pytest.raises(ValueError, match="dead_code_reset must be uniform or distance"):
         build_codebook("vq", DIM, SIZE, dead_code_reset="kmeans")
+    with pytest.raises(ValueError, match="split_crowded must be in"):
+        build_codebook("vq", DIM, SIZE, split_crowded=SIZE)
 
 
 def test_vq_cosine_picks_the_code_of_highest_cosine_in_its_projected_space():

@@ -137,16 +137,21 @@ class VQCodebook(Codebook):
     `codebook_dim` < dim looks codes up in a projected space (the package's in/out projections), and
     `cosine` by cosine similarity on the unit sphere (ViT-VQGAN's low-dimensional, l2-normalised codes).
     `dead_code_reset`: uniform (the package's) restarts a dead code on any vector of the batch; distance draws
-    it in proportion to the vector's squared distance to its nearest code (k-means++'s seeding rule)."""
+    it in proportion to the vector's squared distance to its nearest code (k-means++'s seeding rule).
+    `split_crowded` > 0: every training step also restarts that many live codes, those nearest another code
+    (see restart_codes): where one pattern holds two codes, one of them moves to where two patterns share one."""
 
     def __init__(self, dim: int, size: int, decay: float = 0.99, commitment_weight: float = 0.25,
                  threshold_ema_dead_code: float = 2.0, kmeans_iters: int = 10, codebook_dim: int | None = None,
-                 rotation_trick: bool = True, cosine: bool = False, dead_code_reset: str = "uniform"):
+                 rotation_trick: bool = True, cosine: bool = False, dead_code_reset: str = "uniform",
+                 split_crowded: int = 0):
         super().__init__()
         if not 0 < decay < 1:
             raise ValueError(f"vq decay must be in (0, 1) (got {decay})")
         if dead_code_reset not in ("uniform", "distance"):
             raise ValueError(f"vq dead_code_reset must be uniform or distance (got {dead_code_reset!r})")
+        if not 0 <= split_crowded < size:
+            raise ValueError(f"vq split_crowded must be in [0, {size}) (got {split_crowded})")
         self.size = size
         self.vq = VectorQuantize(dim=dim, codebook_size=size, codebook_dim=codebook_dim, decay=decay,
                                  commitment_weight=commitment_weight, kmeans_init=True, kmeans_iters=kmeans_iters,
@@ -155,6 +160,9 @@ class VQCodebook(Codebook):
         if dead_code_reset == "distance":
             # The package draws a dead code's new vector with this function (its replace_sample_fn).
             self.vq._codebook.replace_sample_fn = functools.partial(far_from_codes, self.vq._codebook)
+        if split_crowded:
+            # The package restarts codes in this method of its codebook; ours adds the crowded ones.
+            self.vq._codebook.expire_codes_ = functools.partial(restart_codes, self.vq._codebook, split_crowded)
 
     # The package's k-means start and dead-code resets are data-dependent in-place updates that inductor fails
     # to partition, so under train.compile the lookup runs eagerly between the compiled encoder and decoder.
@@ -166,6 +174,25 @@ class VQCodebook(Codebook):
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         return self.vq.get_output_from_indices(codes)
+
+
+def restart_codes(codebook: nn.Module, crowded: int, batch_samples: torch.Tensor,
+                  seq_mask: torch.Tensor | None = None) -> None:
+    """The package's dead-code reset (its codebook's expire_codes_), plus the `crowded` live codes nearest another
+    code. EMA codes settle where the batch's vectors are dense: a frequent pattern keeps several codes alive,
+    close together, while rare patterns that lie near one another share one code, which no decoder can then tell
+    apart (bench/dvae/misses.py: ARC's rarest runs, the same length in different colours). A dead-code reset
+    never moves a live twin. Restarting the nearest twin every step, with the distance draw (far_from_codes), moves
+    it to where the batch lies farthest from its codes; its old vectors go to the twin left behind. The choice
+    depends on the codebook alone, so processes kept in sync choose alike."""
+    if not codebook.training:
+        return
+    expired = codebook.cluster_size < codebook.threshold_ema_dead_code
+    for head, embed in enumerate(codebook.embed):
+        gaps = torch.cdist(embed.float(), embed.float()).fill_diagonal_(torch.inf).min(-1).values
+        gaps[expired[head]] = torch.inf  # restarted anyway
+        expired[head, gaps.topk(crowded, largest=False).indices] = True
+    codebook.replace(batch_samples.flatten(1, -2), batch_mask=expired, seq_mask=seq_mask)
 
 
 def far_from_codes(codebook: nn.Module, samples: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Where a model.miss_slots run's decoder is wrong with the true earlier cells in view (teacher forcing), and
+whether its codes tell the runs apart.
+
+    python -m bench.dvae.misses RUNS_DIR RUN [--split test|train] [--device cuda]
+
+A miss_slots code need only say where in its run the context rule fails and with what colour (context.py): a
+run's class is (its length, its last cell's colour, whether the rule missed there), fewer classes than codes.
+The decoder then copies the rule's guess everywhere but at that place. So its teacher-forced errors are
+counted apart in four kinds of cells: cells the rule gets right (the code says "not here"), cells it misses (the
+code gives the colour), and cells past the last code (no code to read: the decoder's own prediction is all there
+is), which the rule gets right or not. A code shared by runs of different classes cannot be right for all of
+them: the share of runs whose code is mostly used by another class bounds the decoder's errors from the codebook
+(from above: a run cut at model.miss_run cells without a miss needs no colour, so codes shared by such runs of
+different last colours are harmless, and they are counted all the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+
+import torch
+
+from latentforge.api import load_run
+from latentforge.engine.loop import autocast
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dir")
+    parser.add_argument("run")
+    parser.add_argument("--split", default="test", choices=("test", "train"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    run = load_run(args.run, args.runs_dir)
+    task, model, step = run.load(device=args.device)
+    if not getattr(model, "miss_slots", False):
+        raise SystemExit(f"run {args.run} does not lay its codes out by model.miss_slots")
+    device, precision = run.inference_device(model)
+    grids = (task.test_grids if args.split == "test" else task.train_grids).to(device)  # all, whatever eval_grids
+    kinds = ("rule right", "rule missed", "past the last code, rule right", "past the last code, rule missed")
+    cells, wrong = Counter(), Counter()
+    grids_fit = grids_fit_exact = 0
+    classes_of_code: dict[int, Counter] = defaultdict(Counter)
+    with torch.no_grad(), autocast(device, precision):
+        for start in range(0, len(grids), task.cfg.data.eval_batch_size):
+            tokens = grids.tokens[start:start + task.cfg.data.eval_batch_size]
+            shapes = model.grid_shapes(tokens)
+            logits, out = model(tokens)
+            slot, offset, end, missed, _ = model.layout(tokens, shapes)
+            targets = tokens.flatten(1)
+            inside = targets != task.pad_id
+            error = (logits.argmax(-1) != targets) & inside
+            coded = inside & (slot < model.slots)
+            masks = (coded & ~missed, coded & missed, inside & ~coded & ~missed, inside & ~coded & missed)
+            for kind, mask in zip(kinds, masks):
+                cells[kind] += int(mask.sum())
+                wrong[kind] += int((error & mask).sum())
+            fits = ~(missed & ~coded).any(1)
+            grids_fit += int(fits.sum())
+            grids_fit_exact += int((fits & ~error.any(1)).sum())
+            # Each finished run's class, and the code its slot got.
+            ends = end & coded
+            batch, cell = ends.nonzero(as_tuple=True)
+            codes = out.codes[batch, slot[batch, cell]]
+            for code, length, colour, miss in zip(codes.tolist(), (offset[batch, cell] + 1).tolist(),
+                                                  targets[batch, cell].tolist(), missed[batch, cell].tolist()):
+                classes_of_code[code][(length, colour, miss)] += 1
+    print(f"{args.run} at step {step}, {len(grids)} {args.split} grids, teacher-forced:")
+    print("| cells | count | share | wrong | accuracy |")
+    print("|---|---|---|---|---|")
+    total = sum(cells.values())
+    for kind in kinds:
+        print(f"| {kind} | {cells[kind]:,} | {cells[kind] / total:.3f} | {wrong[kind]:,} "
+              f"| {1 - wrong[kind] / max(cells[kind], 1):.4f} |")
+    print(f"\n{grids_fit} grids ({grids_fit / len(grids):.3f}) have every missed cell within the codes; "
+          f"{grids_fit_exact} of them ({grids_fit_exact / max(grids_fit, 1):.3f}) are right in every cell.")
+    runs = sum(sum(c.values()) for c in classes_of_code.values())
+    majority = sum(max(c.values()) for c in classes_of_code.values())
+    classes = {cls for c in classes_of_code.values() for cls in c}
+    mixed = sorted(((sum(c.values()) - max(c.values()), code) for code, c in classes_of_code.items()), reverse=True)
+    print(f"\n{runs:,} finished runs of {len(classes)} classes (length, colour, missed) on {len(classes_of_code)} "
+          f"codes: {runs - majority:,} ({(runs - majority) / max(runs, 1):.4f}) have a code used mostly by "
+          f"another class.")
+    for count, code in mixed[:8]:
+        if count:
+            top = ", ".join(f"{cls}: {n}" for cls, n in classes_of_code[code].most_common(4))
+            print(f"  code {code}: {top}")
+
+
+if __name__ == "__main__":
+    main()
