@@ -91,3 +91,8 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
     result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
                  "model.miss_slots=true", "model.miss_run=1025", "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "miss_run must be at most the grid's 1024 cells" in result.output, result.output
+    result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                 "model.miss_slots=true", "model.miss_run=2", "model.miss_above_cells=100", "model.codebook_size=32",
+                 "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "miss_above_cells must be in [0, 1024]" in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

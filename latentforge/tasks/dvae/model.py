@@ -22,7 +22,8 @@ miss_slots (with grid_slots and autoregressive): rather than even runs, code k b
 ends at the k-th cell a fixed context rule mispredicts (context.py). Its slot starts from that cell and its place
 in the run (with pack_slots: from the run's cells side by side); each cell reads its run's code (its own place's
 vector), its place in the run and the rule's guess, all known from the cells before it. A grid costs codes only
-where it is hard to predict.
+where it is hard to predict. miss_above_cells > 0 keeps even runs for grids of at most that many cells (even
+runs of up to two cells hold every grid exactly; the miss layout asks each code for more).
 
 autoregressive: the decoder also reads the grid's earlier cells (reading order over the canvas): each cell's
 query adds the colours of its left and upper neighbours, and its self-attention is causal. Trained with the
@@ -51,7 +52,8 @@ class GridDVAE(nn.Module):
                  codebook: str, codebook_size: int, codebook_options: dict, rope_base_row: float,
                  rope_base_col: float, patch_slots: bool = False, grid_slots: bool = False,
                  pack_slots: bool = False, autoregressive: bool = False, miss_slots: bool = False,
-                 miss_run: int = 32, context_rule: Tensor | None = None, pad_id: int | None = None):
+                 miss_run: int = 32, miss_above_cells: int = 0, context_rule: Tensor | None = None,
+                 pad_id: int | None = None):
         super().__init__()
         if patch_slots and grid_slots:
             raise ValueError("patch_slots and grid_slots tie slots to cells in two different ways; choose one")
@@ -64,11 +66,15 @@ class GridDVAE(nn.Module):
         if miss_slots and not (grid_slots and autoregressive and context_rule is not None):
             raise ValueError("miss_slots lays the grid slots out by what a decoder reading earlier cells mispredicts "
                              "(and needs the context rule): set grid_slots and autoregressive")
-        self.grid_size, self.grid_slots, self.pack_slots, self.pad_id = grid_size, grid_slots, pack_slots, pad_id
-        self.autoregressive, self.miss_slots, self.miss_run = autoregressive, miss_slots, miss_run
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents
+        if miss_slots and not (0 <= miss_above_cells <= cells and math.ceil(miss_above_cells / slots) <= miss_run):
+            raise ValueError(f"miss_above_cells must be in [0, {cells}] and leave even runs of at most miss_run "
+                             f"({miss_run}) cells on {slots} slots (got {miss_above_cells})")
+        self.grid_size, self.grid_slots, self.pack_slots, self.pad_id = grid_size, grid_slots, pack_slots, pad_id
+        self.autoregressive, self.miss_slots, self.miss_run = autoregressive, miss_slots, miss_run
+        self.miss_above_cells = miss_above_cells
         shape = TransformerShape(vocab_size=vocab_in, n_head=n_head, d_model=d_model, mlp_ratio=mlp_ratio,
                                  dropout=dropout, max_len=cells)
         self.embed = nn.Embedding(vocab_in, d_model)
@@ -227,8 +233,19 @@ class GridDVAE(nn.Module):
         return logits
 
     def layout(self, grids: Tensor, shapes: Tensor) -> MissLayout:
-        """miss_slots: context.miss_layout of (B, S, S) grids with this model's rule and slots."""
-        return miss_layout(grids, shapes, self.context_rule, self.slots, self.miss_run)
+        """miss_slots: context.miss_layout of (B, S, S) grids with this model's rule and slots; a grid of at most
+        miss_above_cells cells keeps grid_slot_layout's even runs instead (a run ends at its last cell). Its shape
+        codes say which, so the decoder knows it before the first cell."""
+        slot, offset, end, missed, guess = miss_layout(grids, shapes, self.context_rule, self.slots, self.miss_run)
+        if self.miss_above_cells:
+            even = (shapes[:, 0] * shapes[:, 1] <= self.miss_above_cells).unsqueeze(1)
+            even_slot, even_offset = grid_slot_layout(shapes, self.grid_size, self.slots)
+            last = torch.zeros_like(slot[:, :1]).expand(-1, self.slots + 1).scatter_reduce(
+                1, even_slot, even_offset, "amax")  # each run's last place
+            even_end = inside_cells(shapes, self.grid_size) & (even_offset == last.gather(1, even_slot))
+            slot, offset = torch.where(even, even_slot, slot), torch.where(even, even_offset, offset)
+            end = torch.where(even, even_end, end)
+        return slot, offset, end, missed, guess
 
     def neighbour_colours(self, context: Tensor) -> Tensor:
         """(B, S, S) grids -> (B, S*S, D): each cell's left and upper neighbours' colours, both earlier cells."""

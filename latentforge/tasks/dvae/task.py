@@ -120,6 +120,8 @@ class DVAEModelConfig(ModelBase):
     # (context.py). A code then need only say where in its run the rule fails and with what colour.
     miss_slots: bool = False
     miss_run: int = 32
+    # With miss_slots: grids of at most this many cells keep even runs (0: none do).
+    miss_above_cells: int = 0
 
     def validate(self) -> None:
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
@@ -225,7 +227,7 @@ class DVAE(Task):
                 codebook_size=m.codebook_size, codebook_options=dict(m.codebook_options),
                 rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots,
                 grid_slots=m.grid_slots, pack_slots=m.pack_slots, autoregressive=m.autoregressive,
-                miss_slots=m.miss_slots, miss_run=m.miss_run,
+                miss_slots=m.miss_slots, miss_run=m.miss_run, miss_above_cells=m.miss_above_cells,
                 context_rule=fit_context_rule(self.train_grids.tokens, self.train_grids.shapes) if m.miss_slots
                 else None, pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
