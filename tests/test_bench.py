@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO
 
+import latentforge
 from latentforge.config import load_config
 
 
@@ -287,6 +288,29 @@ def test_multiply_speed_settings_keep_list_values_whole():
         sys.path.remove(str(REPO))
     assert split_overrides("data.digits_a=[5,5],train.compile=true,x={a: 1, b: 2},") == [
         "data.digits_a=[5,5]", "train.compile=true", "x={a: 1, b: 2}"]
+
+
+def test_dvae_misses_counts_a_miss_slots_runs_errors_by_kind_of_cell(runs_dir):
+    """bench/dvae/misses.py on a tiny trained miss_slots run: the four kinds of cells add up to every cell of the
+    grids read, and the runs' classes are counted; a run without miss_slots is one clear line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    common = ["data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true", "model.latents=6",
+              "model.codebook_size=64", "train.steps=2", "train.eval_every=0", "data.eval_grids=4",
+              "train.batch_size=4"]
+    latentforge.train("dvae/tiny", *common, "model.miss_slots=true", "model.miss_run=8", name="miss", runs_dir=runs_dir)
+    result = subprocess.run([sys.executable, "-m", "bench.dvae.misses", str(runs_dir), "miss", "--grids", "20",
+                             "--device", "cpu"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "20 test grids" in result.stdout
+    counts = [int(line.split("|")[2].replace(",", "")) for line in result.stdout.splitlines()
+              if line.startswith(("| rule", "| past"))]
+    task, _, _ = latentforge.load_run("miss", runs_dir).load()
+    assert len(counts) == 4 and counts[0] > 0 and counts[1] > 0
+    assert sum(counts) == int(task.test_grids.shapes[:20].prod(1).sum())
+    latentforge.train("dvae/tiny", *common, name="even", runs_dir=runs_dir)
+    result = subprocess.run([sys.executable, "-m", "bench.dvae.misses", str(runs_dir), "even", "--device", "cpu"],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode != 0 and "does not lay its codes out by model.miss_slots" in result.stderr
 
 
 def test_dvae_dictionary_toy_lays_out_known_patterns_and_reports_the_runs(capsys, monkeypatch):

@@ -1,7 +1,7 @@
 """Where a model.miss_slots run's decoder is wrong with the true earlier cells in view (teacher forcing), and
 whether its codes tell the runs apart.
 
-    python -m bench.dvae.misses RUNS_DIR RUN [--split test|train] [--device cuda]
+    python -m bench.dvae.misses RUNS_DIR RUN [--split test|train] [--grids N] [--device cuda]
 
 A miss_slots code need only say where in its run the context rule fails and with what colour (context.py): a
 run's class is (its length, its last cell's colour, whether the rule missed there), fewer classes than codes.
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("runs_dir")
     parser.add_argument("run")
     parser.add_argument("--split", default="test", choices=("test", "train"))
+    parser.add_argument("--grids", type=int, default=0, help="the split's first N grids (0: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     run = load_run(args.run, args.runs_dir)
@@ -37,7 +38,8 @@ def main() -> None:
     if not getattr(model, "miss_slots", False):
         raise SystemExit(f"run {args.run} does not lay its codes out by model.miss_slots")
     device, precision = run.inference_device(model)
-    grids = (task.test_grids if args.split == "test" else task.train_grids).to(device)  # all, whatever eval_grids
+    grids = task.test_grids if args.split == "test" else task.train_grids  # all, whatever data.eval_grids says
+    grids = grids.select(slice(0, args.grids or len(grids))).to(device)
     kinds = ("rule right", "rule missed", "past the last code, rule right", "past the last code, rule missed")
     cells, wrong = Counter(), Counter()
     grids_fit = grids_fit_exact = 0
