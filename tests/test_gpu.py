@@ -100,12 +100,18 @@ SMALL_ARC = ("model.grid_slots=true", "model.patch_slots=false", "model.d_model=
              "train.device=cuda", "train.precision=bf16", "train.deterministic=true")
 
 
-@pytest.mark.parametrize("preset", ["dvae/arc", "dvae/arc-reinmax", "dvae/arc-vq", "dvae/arc-fsq"])
-def test_dvae_codebooks_train_compiled_as_eager_on_cuda(runs_dir, preset):
+MISS_SPLIT = ("model.autoregressive=true", "model.miss_slots=true", "model.miss_above_cells=64",
+              "model.codebook_options.split_crowded=1")
+
+
+@pytest.mark.parametrize("preset, extra", [("dvae/arc", ()), ("dvae/arc-reinmax", ()), ("dvae/arc-vq", ()),
+                                           ("dvae/arc-fsq", ()), ("dvae/arc-vq", MISS_SPLIT)],
+                         ids=["arc", "arc-reinmax", "arc-vq", "arc-fsq", "arc-vq-miss-split"])
+def test_dvae_codebooks_train_compiled_as_eager_on_cuda(runs_dir, preset, extra):
     """Every codebook kind compiles (VQ's package lookup runs eagerly inside the compiled loss) and trains as
-    the eager path does."""
-    eager = latentforge.train(preset, *SMALL_ARC, name="eager", runs_dir=runs_dir)
-    fast = latentforge.train(preset, *SMALL_ARC, "train.compile=true", name="fast", runs_dir=runs_dir)
+    the eager path does; so does VQ with split_crowded under the miss layout (autoregressive, both layouts)."""
+    eager = latentforge.train(preset, *SMALL_ARC, *extra, name="eager", runs_dir=runs_dir)
+    fast = latentforge.train(preset, *SMALL_ARC, *extra, "train.compile=true", name="fast", runs_dir=runs_dir)
     a, b = losses(eager.path), losses(fast.path)
     assert sorted(a) == sorted(b) == list(range(1, 21)) and values_finite(b)
     assert b[20] < b[1]

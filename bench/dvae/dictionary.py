@@ -1,6 +1,7 @@
 """Can the grid dVAE learn a dictionary? A toy where the answer is known, small enough for a CPU.
 
-    python -m bench.dvae.dictionary [--patterns 200] [--codebook-size 512] [--threshold 2] [--reset distance] ...
+    python -m bench.dvae.dictionary [--patterns 200] [--codebook-size 512] [--threshold 2] [--reset distance]
+        [--split-crowded 1] ...
 
 Grids of 6 x 6 cells through 12 packed grid slots, 3 cells per code (the ARC presets' model, scaled down).
 Every slot's run of 3 cells is one of P fixed patterns, drawn with Zipf frequencies (the commonest pattern
@@ -45,14 +46,15 @@ def sample(patterns: torch.Tensor, weights: torch.Tensor, batch: int,
 
 
 def train(patterns: int, codebook_size: int, threshold: float, steps: int, codebook: str = "vq",
-          reset: str = "uniform", d_model: int = 64, layers: int = 1, batch: int = 64, lr: float = 3e-3,
-          seed: int = 0) -> list[dict[str, float]]:
+          reset: str = "uniform", split_crowded: int = 0, d_model: int = 64, layers: int = 1, batch: int = 64,
+          lr: float = 3e-3, seed: int = 0) -> list[dict[str, float]]:
     """Train the toy; the evaluation rows, every steps // 4 steps and at the last."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     table = make_patterns(patterns, generator)
     weights = zipf_weights(patterns)
-    options = {"threshold_ema_dead_code": threshold, "dead_code_reset": reset} if codebook == "vq" else {}
+    options = {"threshold_ema_dead_code": threshold, "dead_code_reset": reset,
+               "split_crowded": split_crowded} if codebook == "vq" else {}
     model = GridDVAE(vocab_in=COLOURS + 1, vocab_out=COLOURS + 1, grid_size=SIDE, d_model=d_model, n_head=4,
                      mlp_ratio=2, dropout=0.0, encoder_layers=layers, pool_layers=layers, decoder_layers=layers,
                      latents=2 + SLOTS, codebook=codebook, codebook_size=codebook_size, codebook_options=options,
@@ -98,19 +100,22 @@ def main() -> None:
                         help="VQ's threshold_ema_dead_code (2: dvae/arc-vq's before 2026-12-05)")
     parser.add_argument("--reset", default="uniform", choices=["uniform", "distance"],
                         help="VQ's dead_code_reset: uniform (the package's) or distance (k-means++'s rule)")
+    parser.add_argument("--split-crowded", type=int, default=0,
+                        help="VQ's split_crowded: restart this many live codes nearest another code every step")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.patterns < 2 or args.codebook_size < SIDE or args.steps < 1:
         raise SystemExit(f"error: need --patterns >= 2, --codebook-size >= {SIDE} and --steps >= 1")
     bound = dictionary_bound(args.patterns, args.codebook_size)
-    reset = f", dead-code threshold {args.threshold} ({args.reset} reset)" if args.codebook == "vq" else ""
+    reset = (f", dead-code threshold {args.threshold} ({args.reset} reset, split_crowded {args.split_crowded})"
+             if args.codebook == "vq" else "")
     print(f"{args.codebook}, {args.codebook_size} codes, {args.patterns} patterns of {RUN} cells{reset}: one pattern "
           f"per code gets back {bound:.3f} of the runs")
     print("| step | runs exact | grids exact | rarer half's runs | codes used |")
     print("|---|---|---|---|---|")
     for row in train(args.patterns, args.codebook_size, args.threshold, args.steps, args.codebook, args.reset,
-                     seed=args.seed):
+                     args.split_crowded, seed=args.seed):
         print(f"| {row['step']} | {row['runs']:.3f} | {row['grids']:.3f} | {row['rare_runs']:.3f} "
               f"| {row['codes']:.0f} |", flush=True)
 
