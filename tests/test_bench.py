@@ -5,6 +5,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,12 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     runs, local = runs.split("commonest training runs")
     local, fitted = local.split("fitted to the content")
     fitted, context = fitted.split("context rule mispredicts")
+    context, reach = context.split("miss layout, every cell within the codes right")
+    # The token accuracy in the miss layout's reach: 1 - the rule's misses past the last code over all cells.
+    accuracy = float(reach.split("held-out token accuracy ")[1].split(";")[0])
+    counts = re.findall(r"mispredicts ([\d,]+) cells.*of the ([\d,]+)\)", reach)[0]
+    past, total = (int(x.replace(",", "")) for x in counts)
+    assert 0.85 < accuracy < 0.99 and accuracy == pytest.approx(1 - past / total, abs=1e-3)
     # Codes spent only on the cells a context rule misses: per grid slot's run, per missed cell, or either.
     layouts = [[float(x) for x in line.split("|")[2:7]] for line in context.splitlines()
                if line.startswith("| ") and "codes" not in line]
