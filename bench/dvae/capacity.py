@@ -113,10 +113,14 @@ def main(overrides: list[str]) -> None:
     # The token accuracy within the miss layout's reach: every cell within its codes right, the rule's guess past.
     cells = int(shapes.prod(1).sum())
     past = int((missed & (slot >= slots)).sum())
+    unfit = [not ok for ok in miss_fits]
+    unfit_cells = int(shapes[unfit].prod(1).sum())
     print(f"\nmiss layout, every cell within the codes right and the fitted rule's guess past the last code (from the "
           f"true earlier cells): held-out token accuracy {1 - past / cells:.3f}; the rule mispredicts {past:,} cells "
           f"past the last code ({past / cells:.3f} of the {cells:,}), so 99% needs a decoder that gets "
-          f"{max(0.0, 1 - 0.01 * cells / max(past, 1)):.2f} of them right without a code")
+          f"{max(0.0, 1 - 0.01 * cells / max(past, 1)):.2f} of them right without a code. The {sum(unfit)} grids "
+          f"that do not fit hold {unfit_cells / cells:.3f} of the cells, {1 - past / max(unfit_cells, 1):.3f} of "
+          f"theirs right so")
 
 
 def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:
