@@ -314,6 +314,18 @@ def test_dvae_misses_counts_a_miss_slots_runs_errors_by_kind_of_cell(runs_dir):
     task, _, _ = latentforge.load_run("miss", runs_dir).load()
     assert len(counts) == 4 and counts[0] > 0 and counts[1] > 0
     assert sum(counts) == int(task.test_grids.shapes[:20].prod(1).sum())
+    # Both layouts: the grids of at most 30 cells keep even runs and are left out.
+    latentforge.train("dvae/tiny", *common, "model.miss_slots=true", "model.miss_run=8", "model.miss_above_cells=30",
+                      name="both", runs_dir=runs_dir)
+    result = subprocess.run([sys.executable, "-m", "bench.dvae.misses", str(runs_dir), "both", "--grids", "20",
+                             "--device", "cpu"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    shapes = task.test_grids.shapes[:20]
+    laid_out = shapes.prod(1) > 30
+    assert f"({int((~laid_out).sum())} with even runs left out" in result.stdout and laid_out.any()
+    counts = [int(line.split("|")[2].replace(",", "")) for line in result.stdout.splitlines()
+              if line.startswith(("| rule", "| past"))]
+    assert sum(counts) == int(shapes[laid_out].prod(1).sum())
     latentforge.train("dvae/tiny", *common, name="even", runs_dir=runs_dir)
     result = subprocess.run([sys.executable, "-m", "bench.dvae.misses", str(runs_dir), "even", "--device", "cpu"],
                             capture_output=True, text=True, env=env, cwd=REPO)

@@ -204,25 +204,58 @@ def test_vq_distance_reset_draws_like_kmeans_plus_plus():
     assert (distance.min(-1).values < 1e-5).all() and on.unique().numel() == SIZE
 
 
-@pytest.mark.parametrize("split", [0, 1])
-def test_vq_split_crowded_moves_a_live_twin_to_the_pattern_that_shares_a_code(split):
-    """Every code alive on its own pattern, codes 0 and 1 twins 0.01 apart on one of them, and the batch's one
-    unserved pattern B: split_crowded=1 moves one twin to B (the distance draw), the other stays and no other
-    code moves. Without it no code is dead, so nothing moves and B stays on another pattern's code."""
+def spread_codebook(split: int):
+    """A VQ codebook with split_crowded=split whose codes each sit alive on their own pattern, 10 apart or more,
+    but codes 0 and 1: twins 0.01 apart on the first pattern (code 0 the less used)."""
     torch.manual_seed(0)
     codebook = make("vq", dead_code_reset="distance", split_crowded=split).train()
     package = codebook.vq._codebook
     patterns = 10.0 * torch.randn(SIZE - 1, DIM)
-    b = torch.full((DIM,), 100.0)
     package.embed.data[0] = torch.cat([patterns[:1] + 0.01, patterns])
-    package.cluster_size.data.fill_(50.0)  # all alive
+    package.cluster_size.data.fill_(50.0)
+    package.cluster_size.data[0, 0] = 10.0
+    package.embed_avg.data.copy_(package.embed * package.cluster_size.unsqueeze(-1))  # the EMA's own state
+    return codebook, package, patterns
+
+
+def test_vq_split_crowded_moves_the_less_used_twin_to_the_pattern_that_shares_a_code():
+    """split_crowded=1 with the batch's one unserved pattern B far away: the less used twin moves to B (the
+    distance draw) and no other code moves. With split 2 the second pick is not the other twin (that pattern
+    keeps a code) but one of the next closest pair."""
+    b = torch.full((DIM,), 100.0)
+    for split in (1, 2):
+        codebook, package, patterns = spread_codebook(split)
+        before = package.embed[0].clone()
+        package.expire_codes_(torch.cat([patterns, b[None]])[None])
+        moved = (package.embed[0] != before).any(-1)
+        assert moved.sum() == split and moved[0] and not moved[1]
+        assert torch.equal(package.embed[0, 0], b)
+
+
+def test_vq_split_crowded_runs_in_a_training_forward_and_not_in_evaluation():
+    """The package calls the restart in its training forward: a live twin moves there (split 1) and not without
+    split_crowded (no code is dead), nor in evaluation."""
+    h = torch.full((1, 4, DIM), 100.0)
+    moved = []
+    for split, train in ((1, True), (0, True), (1, False)):
+        codebook, package, _ = spread_codebook(split)
+        package.initted.data.fill_(True)  # no k-means start on this batch
+        before = package.embed[0].clone()
+        codebook.train(train)(h)
+        moved.append(bool(((package.embed[0] - before).norm(dim=-1) > 50).any()))
+    assert moved == [True, False, False]
+
+
+def test_vq_split_crowded_leaves_a_dead_codes_live_neighbour_alone():
+    """A dead code beside a live one makes no twin: with split 1 the dead code and the less used of the true twins
+    restart, the dead code's live neighbour stays."""
+    codebook, package, patterns = spread_codebook(1)
+    package.embed.data[0, 5] = package.embed[0, 4] + 0.001
+    package.cluster_size.data[0, 5] = 0.0  # dead
     before = package.embed[0].clone()
-    package.expire_codes_(torch.cat([patterns, b[None]])[None])
+    package.expire_codes_(torch.cat([patterns, torch.full((1, DIM), 100.0), -torch.full((1, DIM), 100.0)])[None])
     moved = (package.embed[0] != before).any(-1)
-    assert moved.sum() == split
-    assert (package.embed[0] == b).all(-1).any() == bool(split)
-    if split:
-        assert moved[:2].any() and not moved[2:].any()
+    assert moved.nonzero().flatten().tolist() == [0, 5]
 
 
 def _rank_resets(rank: int, store: str) -> None:
@@ -246,13 +279,19 @@ def _rank_resets(rank: int, store: str) -> None:
         assert torch.equal(codes[0], codes[1])
         restarted = package.embed[0, [3, 7]]
         assert sorted((restarted == b).all(-1).tolist()) == [False, True] and not (restarted == a).all(-1).any()
+        # split_crowded: both processes move the same twin, to B, which only the second process's batch holds.
+        codebook, package, patterns = spread_codebook(1)  # the same on both (seeded)
+        torch.manual_seed(rank)
+        package.expire_codes_((patterns if rank == 0 else torch.cat([patterns, b[None]]))[None])
+        dist.all_gather(codes, package.embed[0].contiguous())
+        assert torch.equal(codes[0], codes[1]) and torch.equal(package.embed[0, 0], b)
     finally:
         dist.destroy_process_group()
 
 
 def test_vq_distance_reset_draws_over_every_process_and_agrees_across_them(tmp_path):
-    """Two real processes: the far vector is in one process's batch only, yet both restart a dead code on it,
-    and both codebooks stay the same."""
+    """Two real processes: the far vector is in one process's batch only, yet both restart a dead code on it
+    (and, with split_crowded, the same twin), and both codebooks stay the same."""
     # spawn, not fork: a forked child can hang on the thread pool of a parent that has already run torch ops.
     torch.multiprocessing.start_processes(_rank_resets, args=(str(tmp_path / "store"),), nprocs=2,
                                           start_method="spawn")
@@ -292,7 +331,10 @@ def test_build_codebook_refuses_bad_input():
     with pytest.raises(ValueError, match="dead_code_reset must be uniform or distance"):
         build_codebook("vq", DIM, SIZE, dead_code_reset="kmeans")
     with pytest.raises(ValueError, match="split_crowded must be in"):
-        build_codebook("vq", DIM, SIZE, split_crowded=SIZE)
+        build_codebook("vq", DIM, SIZE, split_crowded=SIZE, dead_code_reset="distance")
+    for options in ({}, {"dead_code_reset": "distance", "threshold_ema_dead_code": 0}):
+        with pytest.raises(ValueError, match="split_crowded moves codes by the distance draw"):
+            build_codebook("vq", DIM, SIZE, split_crowded=1, **options)
 
 
 def test_vq_cosine_picks_the_code_of_highest_cosine_in_its_projected_space():

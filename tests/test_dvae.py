@@ -340,7 +340,7 @@ def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path, p
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
 
 
-def autoregressive_model(grid_size: int = 4, slots: str = "pack"):
+def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cells: int = 8):
     """A tiny model with an autoregressive decoder, in float64 (no ties between colours); slots: pack (packed grid
     slots), grid (grid slots), miss (grid slots where a context rule fails, runs of at most 3 cells), miss-pack
     (those, packed), miss-even (miss-pack for grids of more than 8 cells, even runs for the others), patch (patch
@@ -357,7 +357,7 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack"):
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
                      grid_slots=grid_slots, pack_slots=slots in ("pack", "miss-pack", "miss-even"),
                      patch_slots=slots == "patch", autoregressive=True, miss_slots=slots.startswith("miss"), miss_run=3,
-                     miss_above_cells=8 if slots == "miss-even" else 0,
+                     miss_above_cells=miss_above_cells if slots == "miss-even" else 0,
                      context_rule=rule if slots.startswith("miss") else None, pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
@@ -415,9 +415,14 @@ def test_miss_above_cells_keeps_even_runs_for_the_smaller_grids():
     miss = miss_layout(grids, shapes, model.context_rule, model.slots, model.miss_run)
     for b, expected in ((0, miss), (1, (even_slot, even_offset)), (2, miss), (3, (even_slot, even_offset))):
         assert torch.equal(slot[b], expected[0][b]) and torch.equal(offset[b], expected[1][b])
+    assert torch.equal(end[[0, 2]], miss[2][[0, 2]])
     # The 2 x 4 grid: four runs of two cells, each ending at its second; the 1 x 3 grid: three runs of one cell.
     assert end[1].view(4, 4)[:2].tolist() == [[False, True, False, True]] * 2 and not end[1].view(4, 4)[2:].any()
     assert end[3].view(4, 4)[0].tolist() == [True, True, True, False] and end[3].sum() == 3
+    # Even runs must fit the packed places: 4 slots of at most miss_run = 3 cells hold grids of up to 12.
+    autoregressive_model(slots="miss-even", miss_above_cells=12)
+    with pytest.raises(ValueError, match="miss_above_cells must be in"):
+        autoregressive_model(slots="miss-even", miss_above_cells=13)
 
 
 @pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even"])

@@ -96,3 +96,6 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
                  "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "miss_above_cells must be in [0, 1024]" in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.miss_above_cells=10",
+                 "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "miss_above_cells" in result.output and "miss_slots=true" in result.output

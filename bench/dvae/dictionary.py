@@ -107,6 +107,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.patterns < 2 or args.codebook_size < SIDE or args.steps < 1:
         raise SystemExit(f"error: need --patterns >= 2, --codebook-size >= {SIDE} and --steps >= 1")
+    if args.split_crowded and not (args.codebook == "vq" and args.reset == "distance"
+                                   and 0 < args.split_crowded < args.codebook_size):
+        raise SystemExit("error: --split-crowded needs --codebook vq, --reset distance and a count below "
+                         "--codebook-size")
     bound = dictionary_bound(args.patterns, args.codebook_size)
     reset = (f", dead-code threshold {args.threshold} ({args.reset} reset, split_crowded {args.split_crowded})"
              if args.codebook == "vq" else "")

@@ -138,8 +138,9 @@ class VQCodebook(Codebook):
     `cosine` by cosine similarity on the unit sphere (ViT-VQGAN's low-dimensional, l2-normalised codes).
     `dead_code_reset`: uniform (the package's) restarts a dead code on any vector of the batch; distance draws
     it in proportion to the vector's squared distance to its nearest code (k-means++'s seeding rule).
-    `split_crowded` > 0: every training step also restarts that many live codes, those nearest another code
-    (see restart_codes): where one pattern holds two codes, one of them moves to where two patterns share one."""
+    `split_crowded` > 0 (with the distance reset): every training step also restarts that many live codes that
+    have a twin (restart_codes): where one pattern holds two codes, one of them moves to where two patterns share
+    one."""
 
     def __init__(self, dim: int, size: int, decay: float = 0.99, commitment_weight: float = 0.25,
                  threshold_ema_dead_code: float = 2.0, kmeans_iters: int = 10, codebook_dim: int | None = None,
@@ -152,6 +153,9 @@ class VQCodebook(Codebook):
             raise ValueError(f"vq dead_code_reset must be uniform or distance (got {dead_code_reset!r})")
         if not 0 <= split_crowded < size:
             raise ValueError(f"vq split_crowded must be in [0, {size}) (got {split_crowded})")
+        if split_crowded and (dead_code_reset != "distance" or threshold_ema_dead_code <= 0):
+            raise ValueError("vq split_crowded moves codes by the distance draw of the dead-code reset: set "
+                             "dead_code_reset=distance and threshold_ema_dead_code > 0")
         self.size = size
         self.vq = VectorQuantize(dim=dim, codebook_size=size, codebook_dim=codebook_dim, decay=decay,
                                  commitment_weight=commitment_weight, kmeans_init=True, kmeans_iters=kmeans_iters,
@@ -178,20 +182,30 @@ class VQCodebook(Codebook):
 
 def restart_codes(codebook: nn.Module, crowded: int, batch_samples: torch.Tensor,
                   seq_mask: torch.Tensor | None = None) -> None:
-    """The package's dead-code reset (its codebook's expire_codes_), plus the `crowded` live codes nearest another
-    code. EMA codes settle where the batch's vectors are dense: a frequent pattern keeps several codes alive,
-    close together, while rare patterns that lie near one another share one code, which no decoder can then tell
-    apart (bench/dvae/misses.py: ARC's rarest runs, the same length in different colours). A dead-code reset
-    never moves a live twin. Restarting the nearest twin every step, with the distance draw (far_from_codes), moves
-    it to where the batch lies farthest from its codes; its old vectors go to the twin left behind. The choice
-    depends on the codebook alone, so processes kept in sync choose alike."""
+    """The package's dead-code reset (its codebook's expire_codes_), plus `crowded` live codes that each have a twin.
+    EMA codes settle where the batch's vectors are dense: a frequent pattern keeps several codes alive, close
+    together, while rare patterns that lie near one another share one code, which no decoder can then tell apart
+    (bench/dvae/misses.py: ARC's rarest runs, the same length in different colours). A dead-code reset never moves
+    a live twin. So every step the closest pair of live codes gives up its less used code (then the next closest
+    pair without it, and so on), which the distance draw (far_from_codes) moves to where the batch lies farthest
+    from its codes; its old vectors go to the twin left behind. The choice depends on the codebook alone, so
+    processes kept in sync choose alike."""
     if not codebook.training:
         return
     expired = codebook.cluster_size < codebook.threshold_ema_dead_code
     for head, embed in enumerate(codebook.embed):
-        gaps = torch.cdist(embed.float(), embed.float()).fill_diagonal_(torch.inf).min(-1).values
-        gaps[expired[head]] = torch.inf  # restarted anyway
-        expired[head, gaps.topk(crowded, largest=False).indices] = True
+        # Exact distances: near twins are what is ranked, and cdist's matmul path rounds them away.
+        gaps = torch.cdist(embed.float(), embed.float(), compute_mode="donot_use_mm_for_euclid_dist")
+        gaps.fill_diagonal_(torch.inf)
+        gaps[expired[head]] = torch.inf  # a dead code restarts anyway and is nobody's twin
+        gaps[:, expired[head]] = torch.inf
+        for _ in range(crowded):
+            pair = divmod(int(gaps.argmin()), gaps.shape[1])
+            if gaps[pair].isinf():
+                break
+            moved = min(pair, key=lambda code: float(codebook.cluster_size[head, code]))
+            expired[head, moved] = True
+            gaps[moved] = gaps[:, moved] = torch.inf
     codebook.replace(batch_samples.flatten(1, -2), batch_mask=expired, seq_mask=seq_mask)
 
 

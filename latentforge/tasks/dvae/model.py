@@ -23,7 +23,8 @@ ends at the k-th cell a fixed context rule mispredicts (context.py). Its slot st
 in the run (with pack_slots: from the run's cells side by side); each cell reads its run's code (its own place's
 vector), its place in the run and the rule's guess, all known from the cells before it. A grid costs codes only
 where it is hard to predict. miss_above_cells > 0 keeps even runs for grids of at most that many cells (even
-runs of up to two cells hold every grid exactly; the miss layout asks each code for more).
+runs of up to two cells fit any grid, and the presets get 99.9% of those grids back; the miss layout asks each
+code for more).
 
 autoregressive: the decoder also reads the grid's earlier cells (reading order over the canvas): each cell's
 query adds the colours of its left and upper neighbours, and its self-attention is causal. Trained with the

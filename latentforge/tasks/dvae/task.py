@@ -136,6 +136,8 @@ class DVAEModelConfig(ModelBase):
                 "ties the grid slots to the cells a decoder reading the earlier cells mispredicts: set "
                 "model.grid_slots=true and model.autoregressive=true")
         require(self.miss_run >= 1, "miss_run", f"must be >= 1 (got {self.miss_run})")
+        require(self.miss_slots or not self.miss_above_cells, "miss_above_cells",
+                "chooses between even runs and model.miss_slots's layout: set model.miss_slots=true too")
 
 
 @dataclass
