@@ -332,6 +332,17 @@ def test_dvae_misses_counts_a_miss_slots_runs_errors_by_kind_of_cell(runs_dir):
     assert result.returncode != 0 and "does not lay its codes out by model.miss_slots" in result.stderr
 
 
+def test_dvae_misses_apart_is_the_distance_of_two_class_means_over_their_spread():
+    """Two classes of a code: means 0 and (3, 4) (distance 5), each spread as +-1 along one axis (RMS 1): 5.0."""
+    from collections import Counter
+
+    from bench.dvae.misses import apart
+
+    a, b = torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.tensor([[3.0, 5.0], [3.0, 3.0]])
+    vectors = {(7, cls): [2, x.sum(0), float(x.square().sum())] for cls, x in (("a", a), ("b", b))}
+    assert apart(vectors, 7, Counter({"a": 2, "b": 2, "c": 1})) == pytest.approx(5.0)
+
+
 def test_dvae_dictionary_toy_lays_out_known_patterns_and_reports_the_runs(capsys, monkeypatch):
     """bench/dvae/dictionary.py: grids made of known 3-cell patterns in reading order, the one-pattern-per-code
     bound, and a short training whose table has every quarter's row; bad sizes are one line."""

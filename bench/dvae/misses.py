@@ -11,7 +11,10 @@ code gives the colour), and cells past the last code (no code to read: the decod
 is), which the rule gets right or not. A code shared by runs of different classes cannot be right for all of
 them: the share of runs whose code is mostly used by another class bounds the decoder's errors from the codebook
 (from above: a run cut at model.miss_run cells without a miss needs no colour, so codes shared by such runs of
-different last colours are harmless, and they are counted all the same).
+different last colours are harmless, and they are counted all the same). For a shared code, "apart" is how far
+the encoder's vectors (the codebook's input) of its two commonest classes lie from each other, in units of their
+spread: well above 1, the encoder tells them apart and the codebook merges them (more codes there would help);
+near 0, the encoder itself maps both to one place.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main() -> None:
     cells, wrong = Counter(), Counter()
     grids_fit = grids_fit_exact = 0
     classes_of_code: dict[int, Counter] = defaultdict(Counter)
+    vectors: dict[tuple[int, tuple], list] = {}  # (code, class) -> [runs, sum of h, sum of |h|^2]
+    inputs: list[torch.Tensor] = []
+    model.codebook.register_forward_hook(lambda module, args, output: inputs.append(args[0].float()))
     with torch.no_grad(), autocast(device, precision):
         for start in range(0, len(grids), task.cfg.data.eval_batch_size):
             tokens = grids.tokens[start:start + task.cfg.data.eval_batch_size]
@@ -67,9 +73,19 @@ def main() -> None:
             ends = end & coded
             batch, cell = ends.nonzero(as_tuple=True)
             codes = out.codes[batch, slot[batch, cell]]
-            for code, length, colour, miss in zip(codes.tolist(), (offset[batch, cell] + 1).tolist(),
-                                                  targets[batch, cell].tolist(), missed[batch, cell].tolist()):
-                classes_of_code[code][(length, colour, miss)] += 1
+            h = inputs.pop()[batch, slot[batch, cell]]
+            keys = torch.stack([codes, offset[batch, cell] + 1, targets[batch, cell], missed[batch, cell].long()], 1)
+            unique, inverse = keys.unique(dim=0, return_inverse=True)
+            sums = h.new_zeros(len(unique), h.shape[1]).index_add_(0, inverse, h)
+            squares = h.new_zeros(len(unique)).index_add_(0, inverse, h.square().sum(1))
+            counts = torch.bincount(inverse, minlength=len(unique))
+            for key, n, total, square in zip(unique.tolist(), counts.tolist(), sums, squares.tolist()):
+                code, cls = key[0], (key[1], key[2], bool(key[3]))
+                classes_of_code[code][cls] += n
+                entry = vectors.setdefault((code, cls), [0, torch.zeros_like(total), 0.0])
+                entry[0] += n
+                entry[1] += total
+                entry[2] += square
     read = int((grids.shapes.prod(1) > model.miss_above_cells).sum())
     left_out = f" ({len(grids) - read} with even runs left out: model.miss_above_cells)" if read < len(grids) else ""
     print(f"{args.run} at step {step}, {len(grids)} {args.split} grids{left_out}, teacher-forced:")
@@ -91,7 +107,25 @@ def main() -> None:
     for count, code in mixed[:8]:
         if count:
             top = ", ".join(f"{cls}: {n}" for cls, n in classes_of_code[code].most_common(4))
-            print(f"  code {code}: {top}")
+            print(f"  code {code}: {top}; apart {apart(vectors, code, classes_of_code[code]):.2f}")
+    pairs = [apart(vectors, code, c) for code, c in classes_of_code.items()
+             if len(c) > 1 and c.most_common(2)[1][1] >= 5]
+    if pairs:
+        median = sorted(pairs)[len(pairs) // 2]
+        print(f"codes whose two commonest classes have 5 runs or more each: {len(pairs)}; their classes lie apart by "
+              f"more than 1 spread on {sum(p > 1 for p in pairs)} of them (median {median:.2f})")
+
+
+def apart(vectors: dict[tuple[int, tuple], list], code: int, classes: Counter) -> float:
+    """The distance between the mean encoder vectors of a code's two commonest classes, over their RMS spread."""
+    (a, _), (b, _) = classes.most_common(2)
+    stats = []
+    for cls in (a, b):
+        n, total, square = vectors[(code, cls)]
+        mean = total / n
+        stats.append((mean, max(square / n - float(mean.square().sum()), 0.0)))
+    spread = ((stats[0][1] + stats[1][1]) / 2) ** 0.5
+    return float((stats[0][0] - stats[1][0]).norm()) / max(spread, 1e-12)
 
 
 if __name__ == "__main__":
