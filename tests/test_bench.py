@@ -343,6 +343,23 @@ def test_dvae_misses_apart_is_the_distance_of_two_class_means_over_their_spread(
     assert apart(vectors, 7, Counter({"a": 2, "b": 2, "c": 1})) == pytest.approx(5.0)
 
 
+def test_dvae_predictor_trains_and_counts_the_cells_each_predictor_misses():
+    """bench/dvae/predictor.py, a few steps on a few held-out grids: both rows, shares within [0, 1]; a bad width
+    is one clear line."""
+    result = subprocess.run([sys.executable, "-m", "bench.dvae.predictor", "--d-model", "16", "--layers", "1",
+                             "--steps", "2", "--batch", "2", "--eval-grids", "40"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "40 held-out grids" in result.stdout
+    rows = [line.split("|")[2:5] for line in result.stdout.splitlines() if line.startswith(("| the", "| causal"))]
+    assert len(rows) == 2
+    for missed, fits, accuracy in rows:
+        assert 0 <= float(missed) <= 1 and 0 <= float(fits.split()[0]) <= 1 and 0 <= float(accuracy) <= 1
+    bad = subprocess.run([sys.executable, "-m", "bench.dvae.predictor", "--d-model", "30"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert bad.returncode != 0 and "multiple of 4" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_dvae_dictionary_toy_lays_out_known_patterns_and_reports_the_runs(capsys, monkeypatch):
     """bench/dvae/dictionary.py: grids made of known 3-cell patterns in reading order, the one-pattern-per-code
     bound, and a short training whose table has every quarter's row; bad sizes are one line."""
