@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 import torch
 
 from latentforge.config import load_config
-from latentforge.tasks.dvae.context import fit_context_rule, miss_layout
+from latentforge.tasks.dvae.context import fit_context_rule, miss_layout, uncoded_misses
 from latentforge.tasks.dvae.data import Grids
 from latentforge.tasks.dvae.model import cells_per_code, grid_slot_layout
 from latentforge.tasks.dvae.task import DVAE, LOAD_EDGES, LOAD_NAMES
@@ -102,7 +102,8 @@ def main(overrides: list[str]) -> None:
     # model.miss_slots: runs ending at each cell the rule fitted to the training grids (context.py) mispredicts.
     rule = fit_context_rule(task.train_grids.tokens, task.train_grids.shapes)  # as the model fits it
     slot, _, _, missed, _ = miss_layout(grids.tokens, grids.shapes, rule, slots, m.miss_run)
-    miss_fits = (torch.where(missed, slot, -1).max(1).values < slots).tolist()
+    uncoded = uncoded_misses(slot, missed, slots)
+    miss_fits = (~uncoded.any(1)).tolist()
     for layout, ok in (("one per grid slot's run", runs_fit), ("one per mispredicted cell", list_fits),
                        ("either, whichever fits the grid", [a or b for a, b in zip(runs_fit, list_fits)]),
                        (f"one per cell the fitted rule mispredicts (model.miss_slots, runs <= {m.miss_run})",
@@ -112,7 +113,7 @@ def main(overrides: list[str]) -> None:
               + " | ".join(f"{sum(o) / len(o):.3f}" if o else "" for o in by_load) + " |")
     # The token accuracy within the miss layout's reach: every cell within its codes right, the rule's guess past.
     cells = int(shapes.prod(1).sum())
-    past = int((missed & (slot >= slots)).sum())
+    past = int(uncoded.sum())
     unfit = [not ok for ok in miss_fits]
     unfit_cells = int(shapes[unfit].prod(1).sum())
     print(f"\nmiss layout, every cell within the codes right and the fitted rule's guess past the last code (from the "

@@ -26,6 +26,7 @@ import torch
 
 from latentforge.api import load_run
 from latentforge.engine.loop import autocast
+from latentforge.tasks.dvae.context import uncoded_misses
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
             slot, offset, end, missed, _ = model.layout(tokens, shapes)
             targets = tokens.flatten(1)
             # Grids that keep even runs (model.miss_above_cells) are left out: their codes carry every cell.
-            laid_out = shapes.prod(1) > model.miss_above_cells
+            laid_out = ~model.keeps_even_runs(shapes)
             inside = (targets != task.pad_id) & laid_out.unsqueeze(1)
             error = (logits.argmax(-1) != targets) & inside
             coded = inside & (slot < model.slots)
@@ -66,7 +67,7 @@ def main() -> None:
             for kind, mask in zip(kinds, masks):
                 cells[kind] += int(mask.sum())
                 wrong[kind] += int((error & mask).sum())
-            fits = laid_out & ~(missed & inside & ~coded).any(1)
+            fits = laid_out & ~uncoded_misses(slot, missed, model.slots).any(1)
             grids_fit += int(fits.sum())
             grids_fit_exact += int((fits & ~error.any(1)).sum())
             # Each finished run's class, and the code its slot got.
@@ -86,7 +87,7 @@ def main() -> None:
                 entry[0] += n
                 entry[1] += total
                 entry[2] += square
-    read = int((grids.shapes.prod(1) > model.miss_above_cells).sum())
+    read = int((~model.keeps_even_runs(grids.shapes)).sum())
     left_out = f" ({len(grids) - read} with even runs left out: model.miss_above_cells)" if read < len(grids) else ""
     print(f"{args.run} at step {step}, {len(grids)} {args.split} grids{left_out}, teacher-forced:")
     print("| cells | count | share | wrong | accuracy |")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.tasks.dvae.context import fit_context_rule, inside_cells, miss_layout
+from latentforge.tasks.dvae.context import fit_context_rule, inside_cells, miss_layout, uncoded_misses
 from latentforge.tasks.dvae.data import dihedral, load_arc, permute_colors, random_color_permutations
 from latentforge.tasks.dvae.task import unseen
 
@@ -104,7 +104,7 @@ def main() -> None:
             inside = inside_cells(shapes, SIZE)
             wrong = (model(tokens, shapes).argmax(-1) != tokens.flatten(1)) & inside
             slot, _, _, missed, _ = miss_layout(tokens, shapes, rule, SLOTS, MISS_RUN)
-            past = missed & (slot >= SLOTS)
+            past = uncoded_misses(slot, missed, SLOTS)
             counts["cells"] += int(inside.sum())
             counts["rule_misses"] += int(missed.sum())
             counts["rule_fits"] += int((~past.any(1)).sum())

@@ -100,3 +100,9 @@ def miss_layout(grids: Tensor, shapes: Tensor, rule: Tensor, slots: int, run_lim
     slot = torch.where(inside & (run < slots), run, slots)
     offset = torch.where(inside, index - previous_end - 1, 0)
     return slot, offset, end, missed, guess
+
+
+def uncoded_misses(slot: Tensor, missed: Tensor, slots: int) -> Tensor:
+    """(B, S*S): the mispredicted cells past the last run, which no code carries (miss_layout's slot and missed).
+    A grid fits its codes where it has none."""
+    return missed & (slot >= slots)

@@ -239,7 +239,7 @@ class GridDVAE(nn.Module):
         codes say which, so the decoder knows it before the first cell."""
         slot, offset, end, missed, guess = miss_layout(grids, shapes, self.context_rule, self.slots, self.miss_run)
         if self.miss_above_cells:
-            even = (shapes[:, 0] * shapes[:, 1] <= self.miss_above_cells).unsqueeze(1)
+            even = self.keeps_even_runs(shapes).unsqueeze(1)
             even_slot, even_offset = grid_slot_layout(shapes, self.grid_size, self.slots)
             last = torch.zeros_like(slot[:, :1]).expand(-1, self.slots + 1).scatter_reduce(
                 1, even_slot, even_offset, "amax")  # each run's last place
@@ -247,6 +247,10 @@ class GridDVAE(nn.Module):
             slot, offset = torch.where(even, even_slot, slot), torch.where(even, even_offset, offset)
             end = torch.where(even, even_end, end)
         return slot, offset, end, missed, guess
+
+    def keeps_even_runs(self, shapes: Tensor) -> Tensor:
+        """(B,): whether each grid of these (B, 2) shapes keeps even runs under miss_slots (miss_above_cells)."""
+        return shapes[:, 0] * shapes[:, 1] <= self.miss_above_cells
 
     def neighbour_colours(self, context: Tensor) -> Tensor:
         """(B, S, S) grids -> (B, S*S, D): each cell's left and upper neighbours' colours, both earlier cells."""
