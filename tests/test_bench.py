@@ -384,3 +384,92 @@ def test_dvae_dictionary_toy_lays_out_known_patterns_and_reports_the_runs(capsys
     monkeypatch.setattr(sys, "argv", ["dictionary", "--patterns", "2000"])
     with pytest.raises(SystemExit, match="at most 1000"):
         dictionary.main()
+
+
+def _entropy_module():
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.dvae import entropy
+    finally:
+        sys.path.remove(str(REPO))
+    return entropy
+
+
+@pytest.fixture(scope="module")
+def entropy_counts():
+    """bench/dvae/entropy.py's training counts over 40 ARC training grids (the real ones, in their 8 variants)."""
+    from latentforge.tasks.dvae.data import load_arc
+
+    train = load_arc("train").select(slice(0, 40))
+    entropy = _entropy_module()
+    return entropy.training_counts(train.tokens, train.shapes, entropy.Params())
+
+
+def test_dvae_entropy_context_cells_are_the_rules_neighbours_and_the_earlier_mirrored_cells():
+    """The first eight context cells are context.neighbour_colours' and their pattern ids context.pattern_ids';
+    the mirrored cells are present exactly where they come earlier in reading order."""
+    from latentforge.tasks.dvae.context import neighbour_colours, pattern_ids
+
+    entropy = _entropy_module()
+    grid = torch.randint(0, 10, (5, 4), generator=torch.Generator().manual_seed(0))
+    cells = entropy.context_cells(grid.numpy())
+    canvas = torch.full((1, 32, 32), 10)
+    canvas[0, :5, :4] = grid
+    rule_cells = neighbour_colours(canvas, torch.tensor([[5, 4]]))[0].view(32, 32, -1)[:5, :4].reshape(20, -1)
+    assert (torch.from_numpy(cells[:, :8]) == rule_cells).all()
+    assert (torch.from_numpy(entropy.patterns(cells[:, :8])) == pattern_ids(rule_cells)).all()
+    for i, (r, c) in enumerate((r, c) for r in range(5) for c in range(4)):
+        assert cells[i, 8] == (grid[4 - r, c] if 4 - r < r else entropy.MISSING)
+        assert cells[i, 9] == (grid[r, 3 - c] if 3 - c < c else entropy.MISSING)
+        assert cells[i, 10] == (grid[4 - r, 3 - c] if (4 - r) * 4 + 3 - c < i else entropy.MISSING)
+        assert cells[i, 11] == entropy.MISSING  # not square: no diagonal
+    square = entropy.context_cells(grid[:4].numpy())
+    assert [square[r * 4 + c, 11] for r, c in ((2, 1), (1, 2))] == [grid[1, 2], entropy.MISSING]
+
+
+def test_dvae_entropy_coder_is_a_prefix_code_and_pays_for_what_it_cannot_predict(entropy_counts):
+    """Over every 1 x 3 grid the code lengths (axes given) satisfy Kraft's equality (the model's probabilities sum
+    to one); a uniform grid costs a few bits, a random one about log2(10) a cell, one whose lower half mirrors its
+    upper half about half of that, also about an axis off the middle; a grid within the budget comes back whole."""
+    import itertools
+    import math
+
+    import numpy as np
+
+    entropy = _entropy_module()
+    train, prior = entropy_counts
+    params = entropy.Params()
+    shape_bits = 2 * math.log2(30)
+    header = shape_bits + entropy.axes_bits((1, 3))
+    kraft = sum(2 ** -(entropy.code_grid(np.array([g]), 1e9, train, prior, params, axes=(0, 2))["bits"] - header)
+                for g in itertools.product(range(10), repeat=3))
+    assert kraft == pytest.approx(1.0, abs=1e-6)
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, 10, (20, 20))
+    mirrored = np.concatenate([random[:10], random[:10][::-1]])
+    bits = {name: entropy.code_grid(g, 1e9, train, prior, params)["bits"]
+            for name, g in (("uniform", np.zeros((20, 20), dtype=np.int64)), ("random", random),
+                            ("mirrored", mirrored))}
+    assert bits["uniform"] < 30
+    assert 0.95 * 400 * math.log2(10) < bits["random"] < 1.2 * 400 * math.log2(10)
+    assert bits["mirrored"] < 0.65 * bits["random"]
+    offset = np.concatenate([random[:2], random[2:10], random[2:10][::-1], random[10:14]])  # row axis 2 + 17
+    assert entropy.symmetry_axes(offset)[0] == 19
+    middle = entropy.code_grid(offset, 1e9, train, prior, params, axes=(21, 19))["bits"]
+    assert entropy.code_grid(offset, 1e9, train, prior, params)["bits"] < 0.75 * middle
+    unnamed = entropy.code_grid(offset, 1e9, train, prior, entropy.Params(middle_axes=True))["bits"]
+    assert unnamed == pytest.approx(middle - entropy.axes_bits(offset.shape))  # the middle axes, not named
+    whole = entropy.code_grid(mirrored, 1e9, train, prior, params)
+    assert whole["coded"] == whole["guessed_true"] == whole["guessed_free"] == 400
+    cut = entropy.code_grid(random, 200.0, train, prior, params)
+    assert 0 < cut["coded"] < 100 and cut["guessed_free"] < 200  # the rest of a random grid is mostly guessed wrong
+
+
+def test_dvae_entropy_reports_the_grids_within_the_budget():
+    """python -m bench.dvae.entropy on a few held-out grids: the table's row, shares within [0, 1]."""
+    result = subprocess.run([sys.executable, "-m", "bench.dvae.entropy", "--grids", "12", "--workers", "1"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "12 held-out grids" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 1152 bits"))
+    assert all(0 <= float(x) <= 1 for x in row.strip("| ").split(" | ")[1:] if x)

@@ -12,7 +12,7 @@ ARC_COLOURS = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA",
                "#870C25", "#FFFFFF"]
 
 
-def _figure(rows: int, cols: int, size: float) -> tuple[Any, Any]:
+def tickless_figure(rows: int, cols: int, size: float) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ def draw_reconstructions(inputs: torch.Tensor, recon: torch.Tensor, shapes: torc
     reconstruction titled with its wrong cells inside the grid and in its padding."""
     from matplotlib.colors import ListedColormap
 
-    fig, axes = _figure(2, len(inputs), 1.6)
+    fig, axes = tickless_figure(2, len(inputs), 1.6)
     if kind == "arc":
         cmap, vmax = ListedColormap(ARC_COLOURS[:vocab_size]), vocab_size - 1
     else:
