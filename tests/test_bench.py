@@ -473,3 +473,21 @@ def test_dvae_entropy_reports_the_grids_within_the_budget():
     assert "12 held-out grids" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 1152 bits"))
     assert all(0 <= float(x) <= 1 for x in row.strip("| ").split(" | ")[1:] if x)
+    layout = next(line for line in result.stdout.splitlines() if line.startswith("the miss layout (126 codes"))
+    shares = [float(x) for x in re.findall(r"(?:mispredicted|fit|last code) ([0-9.]+)", layout)]
+    assert len(shares) == 3 and all(0 <= x <= 1 for x in shares)
+
+
+def test_dvae_entropy_miss_layout_counts_the_misses_past_the_last_code(capsys):
+    """A grid whose 200 cells all miss has 74 misses past its 126 codes; one with a miss every 40 cells (runs cut
+    at 32 cells between them: 10 runs) fits."""
+    import numpy as np
+
+    entropy = _entropy_module()
+    every = np.ones(200, dtype=bool)
+    sparse = np.zeros(200, dtype=bool)
+    sparse[::40] = True
+    entropy.report_miss_layout([{"missed": every, "cells": 200}, {"missed": sparse, "cells": 200}], 126, 32)
+    line = capsys.readouterr().out
+    assert f"cells mispredicted {205 / 400:.4f}" in line and "grids that fit 0.500" in line
+    assert f"last code {1 - 74 / 400:.4f}" in line

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentforge.tasks.dvae.context import NEIGHBOURS
+from latentforge.tasks.dvae.context import NEIGHBOURS, miss_runs, uncoded_misses
 from latentforge.tasks.dvae.data import dihedral, load_arc
 from latentforge.tasks.dvae.model import cells_per_code
 from latentforge.tasks.dvae.render import ARC_COLOURS, tickless_figure
@@ -229,6 +229,7 @@ def code_grid(grid: np.ndarray, budget: float, train: dict, prior: np.ndarray, p
     total = bits + sum(costs)
     coded = int(np.searchsorted(np.cumsum(costs), budget - bits, side="right"))
     result = {"bits": total, "cells": h * w, "coded": coded, "guessed_true": coded + sum(hits[coded:]),
+              "missed": ~np.array(hits),
               "guessed_free": h * w, "skipped_true": h * w - skipped_wrong(costs, hits, budget - bits)}
     if coded < h * w:
         result["guessed_free"] = coded + free_running(grid, axes, coded, train, prior, params)
@@ -291,6 +292,7 @@ def main() -> None:
     parser.add_argument("--grids", type=int, default=0, help="the first N held-out grids (0: all)")
     parser.add_argument("--budget", type=float, default=128 * 9, help="bits per grid, the shape's included")
     parser.add_argument("--slots", type=int, default=126, help="the dVAE's content codes, for the buckets")
+    parser.add_argument("--miss-run", type=int, default=32, help="model.miss_run, for the miss layout's count")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--middle-axes", action="store_true",
                         help="mirror across the grid's middle row and column only (no axes in the code)")
@@ -310,6 +312,7 @@ def main() -> None:
     with Pool(args.workers, initializer=_init, initargs=(train, prior, params)) as pool:
         results = pool.map(_code, [(g, args.budget) for g in grids], chunksize=8)
     report(results, test.shapes, args.budget, args.slots, params)
+    report_miss_layout(results, args.slots, args.miss_run)
     large = [g for g in grids if g.size >= 400]
     near = sum(all(-8 <= axis - (n - 1) <= 7 for axis, n in zip(symmetry_axes(g), g.shape)) for g in large)
     print(f"\nbest axes within 8 cells of the middle (-8..7, 4 bits each): {near / max(len(large), 1):.3f} of the "
@@ -317,6 +320,25 @@ def main() -> None:
     if args.figure:
         save_figure(draw_costliest(grids, [r["bits"] for r in results], args.budget), Path(args.figure))
         print(f"\nthe costliest grids: {args.figure}")
+
+
+def report_miss_layout(results: list[dict], slots: int, run_limit: int) -> None:
+    """The count of bench.dvae.capacity's last rows with this coder's most likely colour (from the true earlier
+    cells) in place of model.miss_slots' fitted rule: runs end at its misses."""
+    cells = past = fits = missed_cells = 0
+    for r in results:
+        missed = torch.from_numpy(r["missed"])[None]
+        index = torch.arange(missed.shape[1])[None]
+        slot, _, _ = miss_runs(missed, torch.ones_like(missed), index, slots, run_limit)
+        uncoded = int(uncoded_misses(slot, missed, slots).sum())
+        cells += r["cells"]
+        past += uncoded
+        fits += uncoded == 0
+        missed_cells += int(missed.sum())
+    print(f"\nthe miss layout ({slots} codes, runs of at most {run_limit}) with runs ending where this coder's most "
+          f"likely colour is wrong: cells mispredicted {missed_cells / cells:.4f}, grids that fit "
+          f"{fits / len(results):.3f}, token accuracy with every coded cell right and the guess past the last code "
+          f"{1 - past / cells:.4f}")
 
 
 def draw_costliest(grids: list[np.ndarray], bits: list[float], budget: float, count: int = 24):

@@ -93,13 +93,20 @@ def miss_layout(grids: Tensor, shapes: Tensor, rule: Tensor, slots: int, run_lim
     index = rows * shapes[:, 1:] + cols  # the cell's place in the grid's reading order
     guess = context_guesses(grids, shapes, rule)
     missed = inside & (grids.flatten(1) != guess)  # the first cell always: all its neighbours lie outside
+    return *miss_runs(missed, inside, index, slots, run_limit), missed, guess
+
+
+def miss_runs(missed: Tensor, inside: Tensor, index: Tensor, slots: int,
+              run_limit: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The runs of miss_layout from (B, L) cells in canvas order: whether each is mispredicted, inside its grid,
+    and its place in the grid's reading order. Returns slot, offset and end as miss_layout does."""
     last_miss = torch.where(missed, index, -1).cummax(1).values
     end = inside & ((index - last_miss) % run_limit == 0)
     run = end.cumsum(1) - end.long()
     previous_end = F.pad(torch.where(end, index, -1).cummax(1).values[:, :-1], (1, 0), value=-1)
     slot = torch.where(inside & (run < slots), run, slots)
     offset = torch.where(inside, index - previous_end - 1, 0)
-    return slot, offset, end, missed, guess
+    return slot, offset, end
 
 
 def uncoded_misses(slot: Tensor, missed: Tensor, slots: int) -> Tensor:
