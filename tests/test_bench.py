@@ -199,19 +199,23 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     runs, local = runs.split("commonest training runs")
     local, fitted = local.split("fitted to the content")
     fitted, context = fitted.split("context rule mispredicts")
-    context, reach = context.split("miss layout, every cell within the codes right")
+    context, reach = context.split("miss layout, every cell within the codes right", 1)
     # The token accuracy in the miss layout's reach: 1 - the rule's misses past the last code over all cells.
     accuracy = float(reach.split("held-out token accuracy ")[1].split(";")[0])
     counts = re.findall(r"mispredicts ([\d,]+) cells.*of the ([\d,]+)\)", reach)[0]
     past, total = (int(x.replace(",", "")) for x in counts)
     assert 0.85 < accuracy < 0.99 and accuracy == pytest.approx(1 - past / total, abs=1e-3)
+    adaptive_accuracy = float(reach.split("held-out token accuracy ")[2].split(";")[0])
+    assert accuracy < adaptive_accuracy < 0.995
     # Codes spent only on the cells a context rule misses: per grid slot's run, per missed cell, or either.
     layouts = [[float(x) for x in line.split("|")[2:7]] for line in context.splitlines()
                if line.startswith("| ") and "codes" not in line]
-    assert len(layouts) == 4 and all(row[1:3] == [1.0, 1.0] or row[0] > 0.85 for row in layouts)
+    assert len(layouts) == 5 and all(row[1:3] == [1.0, 1.0] or row[0] > 0.85 for row in layouts)
     assert layouts[0][0] < layouts[1][0] <= layouts[2][0] and layouts[2][3] > layouts[0][3]
     # The rule fitted to the training grids (model.miss_slots) misses fewer cells than the fixed one.
     assert layouts[3][0] > layouts[1][0] and layouts[3][4] > layouts[0][4]
+    # The adaptive context (model.miss_context=adaptive) misses fewer still, most on the largest grids.
+    assert layouts[4][0] > layouts[3][0] and layouts[4][4] > layouts[3][4]
     for table in (local, fitted):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]

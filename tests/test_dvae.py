@@ -343,22 +343,24 @@ def test_grid_slots_encode_and_decode_through_the_cli(cli, runs_dir, tmp_path, p
 def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cells: int = 8):
     """A tiny model with an autoregressive decoder, in float64 (no ties between colours); slots: pack (packed grid
     slots), grid (grid slots), miss (grid slots where a context rule fails, runs of at most 3 cells), miss-pack
-    (those, packed), miss-even (miss-pack for grids of more than 8 cells, even runs for the others), patch (patch
-    slots) or none."""
-    from latentforge.tasks.dvae.context import fit_context_rule
+    (those, packed), miss-even (miss-pack for grids of more than 8 cells, even runs for the others), miss-adaptive
+    (miss-pack with the adaptive context in place of the rule), patch (patch slots) or none."""
+    from latentforge.tasks.dvae.context import AdaptiveContext, fit_context_rule
     from latentforge.tasks.dvae.model import GridDVAE
 
     torch.manual_seed(0)
-    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even")
-    rule = fit_context_rule(torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size))
+    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even", "miss-adaptive")
+    fitted_to = torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size)
+    rule = fit_context_rule(*fitted_to) if slots.startswith("miss") and slots != "miss-adaptive" else None
+    adaptive = AdaptiveContext(*fitted_to, colours=10) if slots == "miss-adaptive" else None
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
                      dropout=0.0, encoder_layers=1, pool_layers=1, decoder_layers=2,
                      latents=2 + 4 if grid_slots else 4, codebook="vq",
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
-                     grid_slots=grid_slots, pack_slots=slots in ("pack", "miss-pack", "miss-even"),
+                     grid_slots=grid_slots, pack_slots=slots in ("pack", "miss-pack", "miss-even", "miss-adaptive"),
                      patch_slots=slots == "patch", autoregressive=True, miss_slots=slots.startswith("miss"), miss_run=3,
                      miss_above_cells=miss_above_cells if slots == "miss-even" else 0,
-                     context_rule=rule if slots.startswith("miss") else None, pad_id=10).double().eval()
+                     context_rule=rule, adaptive_context=adaptive, pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
         for p in model.parameters():
@@ -366,7 +368,7 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
     return model
 
 
-@pytest.mark.parametrize("slots", ["pack", "grid", "miss", "miss-pack", "miss-even", "patch", "none"])
+@pytest.mark.parametrize("slots", ["pack", "grid", "miss", "miss-pack", "miss-even", "miss-adaptive", "patch", "none"])
 def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(3, model.slots, 32, dtype=torch.float64)
@@ -382,7 +384,7 @@ def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
             assert not torch.allclose(after[0, cell + 1:], before[0, cell + 1:])
 
 
-@pytest.mark.parametrize("slots", ["miss", "miss-pack", "miss-even"])
+@pytest.mark.parametrize("slots", ["miss", "miss-pack", "miss-even", "miss-adaptive"])
 def test_miss_slots_cells_read_the_code_of_their_run(slots):
     model = autoregressive_model(slots=slots)
     shapes = torch.tensor([[4, 4], [2, 4]])  # miss-even: the second grid keeps even runs
@@ -404,7 +406,7 @@ def test_miss_slots_cells_read_the_code_of_their_run(slots):
 def test_miss_above_cells_keeps_even_runs_for_the_smaller_grids():
     """miss-even: grids of at most 8 cells get grid_slot_layout's runs (each ending at its last cell), the larger
     ones miss_layout's, whatever their cells."""
-    from latentforge.tasks.dvae.context import miss_layout
+    from latentforge.tasks.dvae.context import context_guesses, miss_layout
     from latentforge.tasks.dvae.model import grid_slot_layout
 
     model = autoregressive_model(slots="miss-even")
@@ -412,7 +414,7 @@ def test_miss_above_cells_keeps_even_runs_for_the_smaller_grids():
     grids = torch.randint(0, 3, (4, 4, 4))
     slot, offset, end, _, _ = model.layout(grids, shapes)
     even_slot, even_offset = grid_slot_layout(shapes, 4, model.slots)
-    miss = miss_layout(grids, shapes, model.context_rule, model.slots, model.miss_run)
+    miss = miss_layout(grids, shapes, context_guesses(grids, shapes, model.context_rule), model.slots, model.miss_run)
     for b, expected in ((0, miss), (1, (even_slot, even_offset)), (2, miss), (3, (even_slot, even_offset))):
         assert torch.equal(slot[b], expected[0][b]) and torch.equal(offset[b], expected[1][b])
     assert torch.equal(end[[0, 2]], miss[2][[0, 2]])
@@ -425,7 +427,7 @@ def test_miss_above_cells_keeps_even_runs_for_the_smaller_grids():
         autoregressive_model(slots="miss-even", miss_above_cells=13)
 
 
-@pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even"])
+@pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even", "miss-adaptive"])
 def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(5, 4, 32, dtype=torch.float64)
@@ -445,7 +447,8 @@ def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_fo
 
 
 @pytest.mark.parametrize("slots", [["model.pack_slots=true"], ["model.miss_slots=true", "model.miss_run=8"],
-                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_above_cells=16"]])
+                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_above_cells=16"],
+                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive"]])
 def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_dir, tmp_path, slots):
     run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", *slots,
                             "model.autoregressive=true", "model.latents=6", "model.codebook_size=64",

@@ -1,12 +1,21 @@
-"""dvae: the context rule and the slots laid out where it fails (model.miss_slots)."""
+"""dvae: the context rule, the adaptive context, and the slots laid out where they fail (model.miss_slots)."""
 
+import functools
+import sys
+
+import numpy as np
+import pytest
 import torch
+from conftest import REPO
 
 from latentforge.tasks.dvae.context import (
     NEIGHBOURS,
     NO_GUESS,
     PATTERNS,
+    AdaptiveContext,
+    context_cells,
     context_guesses,
+    counts_before,
     fit_context_rule,
     miss_layout,
     pattern_ids,
@@ -46,7 +55,9 @@ def test_the_fitted_rule_copies_the_neighbour_that_predicts_the_training_grids()
 def test_runs_end_at_each_mispredicted_cell_or_after_run_limit_cells():
     grid = torch.full((1, 5, 5), 10)  # padding around a 3 x 4 grid: reading order is not the canvas order
     grid[0, :3, :4] = torch.tensor([[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 3]])
-    slot, offset, end, missed, guess = miss_layout(grid, torch.tensor([[3, 4]]), COPY_LEFT, slots=4, run_limit=3)
+    slot, offset, end, missed, guess = miss_layout(grid, torch.tensor([[3, 4]]),
+                                                   context_guesses(grid, torch.tensor([[3, 4]]), COPY_LEFT), slots=4,
+                                                   run_limit=3)
     inside = torch.arange(25).view(5, 5)[:3, :4].flatten()
     # Copying the left cell misses each row's first cell and the 2s; the last row's run of 3s ends by the limit.
     assert missed[0, inside].nonzero().flatten().tolist() == [0, 3, 4, 7, 8]
@@ -60,18 +71,24 @@ def test_runs_end_at_each_mispredicted_cell_or_after_run_limit_cells():
     assert guess[0, 1] == 1 and guess[0, 0] == NO_GUESS
 
 
-def test_a_cells_run_and_place_depend_only_on_the_cells_before_it():
+@pytest.mark.parametrize("context", ["rule", "adaptive"])
+def test_a_cells_run_and_place_depend_only_on_the_cells_before_it(context):
     torch.manual_seed(0)
     grids = torch.randint(0, 3, (4, 5, 5))
     shapes = torch.tensor([[5, 5], [4, 5], [5, 3], [2, 2]])
-    rule = fit_context_rule(torch.randint(0, 3, (64, 5, 5)), torch.full((64, 2), 5))
-    slot, offset, end, missed, guess = miss_layout(grids, shapes, rule, slots=6, run_limit=3)
+    fitted_to = torch.randint(0, 3, (64, 5, 5)), torch.full((64, 2), 5)
+    if context == "rule":
+        rule = fit_context_rule(*fitted_to)
+        guesses = functools.partial(context_guesses, rule=rule)
+    else:
+        guesses = AdaptiveContext(*fitted_to, colours=10).guesses
+    slot, offset, end, missed, guess = miss_layout(grids, shapes, guesses(grids, shapes), slots=6, run_limit=3)
     ends_toggled = 0
     for cell in range(25):
         for colour in range(10):  # the guess among them: a cell turns from missed to predicted and back
             changed = grids.clone()
             changed.view(4, -1)[:, cell] = colour
-            after = miss_layout(changed, shapes, rule, slots=6, run_limit=3)
+            after = miss_layout(changed, shapes, guesses(changed, shapes), slots=6, run_limit=3)
             # Its own run, place and guess, and everything about the cells before it, stay.
             for b, a in zip((slot, offset, guess), (after[0], after[1], after[4])):
                 assert torch.equal(a[:, :cell + 1], b[:, :cell + 1])
@@ -95,7 +112,53 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
                  "model.miss_slots=true", "model.miss_run=2", "model.miss_above_cells=100", "model.codebook_size=32",
                  "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "miss_above_cells must be in [0, 1024]" in result.output, result.output
+    for bad, message in (("model.miss_context=adaptive", "set model.miss_slots=true too"),
+                         ("model.miss_context=learned", "miss_context")):
+        result = cli("train", "dvae/tiny", "data.dataset=arc", bad, "--runs-dir", runs_dir)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.miss_above_cells=10",
                  "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "miss_above_cells" in result.output and "miss_slots=true" in result.output
+
+
+def test_counts_before_sums_the_earlier_cells_of_the_same_group_in_each_grid():
+    groups = torch.tensor([[0, 1, 0, 0, 1], [1, 1, 0, 1, 0]])
+    values = torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0], [1.0, 2.0, 4.0, 8.0, 16.0]]).unsqueeze(-1)
+    assert counts_before(groups, values, 2).squeeze(-1).tolist() == [[0, 0, 1, 5, 2], [0, 1, 0, 3, 4]]
+
+
+def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely():
+    """AdaptiveContext (vectorized, every cell at once) against bench/dvae/entropy.py's coder (cell by cell, its
+    plain Bayesian mixture and middle axes), both fitted to the same training grids: the same context cells, the
+    same most likely colour in every cell of held-out grids."""
+    from latentforge.tasks.dvae.data import load_arc
+    from latentforge.tasks.dvae.task import unseen
+
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.dvae import entropy
+    finally:
+        sys.path.remove(str(REPO))
+    train = load_arc("train").select(slice(0, 60))
+    test = unseen(load_arc("eval"), load_arc("train")).select(slice(0, 40))
+    adaptive = AdaptiveContext(train.tokens, train.shapes, colours=10)
+    params = entropy.Params(share=0.0, middle_axes=True)
+    counts, prior = entropy.training_counts(train.tokens, train.shapes, params)
+    guesses = adaptive.guesses(test.tokens, test.shapes)
+    cells = context_cells(test.tokens, test.shapes)
+    compared = 0
+    for b, (h, w) in enumerate(test.shapes.tolist()):
+        grid = test.tokens[b, :h, :w].numpy()
+        reference_cells = entropy.context_cells(grid, (h - 1, w - 1))
+        assert np.array_equal(cells[b].view(32, 32, -1)[:h, :w].reshape(h * w, -1).numpy(), reference_cells)
+        coder = entropy.Coder(counts, prior, params)
+        contexts = entropy.cell_contexts(reference_cells)
+        mine = guesses[b].view(32, 32)[:h, :w].flatten().tolist()
+        for i, colour in enumerate(grid.flatten().tolist()):
+            context = {level: (int(ids[i]), sub[i]) for level, (ids, sub) in contexts.items()}
+            p, family_p = coder.predict(context)
+            assert int(p.argmax()) == mine[i], (b, i)
+            coder.update(colour, context, family_p)
+            compared += 1
+    assert compared > 5000 and (guesses[~(test.tokens != 10).flatten(1)] == NO_GUESS).all()

@@ -40,7 +40,13 @@ from collections import Counter, defaultdict
 import torch
 
 from latentforge.config import load_config
-from latentforge.tasks.dvae.context import fit_context_rule, miss_layout, uncoded_misses
+from latentforge.tasks.dvae.context import (
+    AdaptiveContext,
+    context_guesses,
+    fit_context_rule,
+    miss_layout,
+    uncoded_misses,
+)
 from latentforge.tasks.dvae.data import Grids
 from latentforge.tasks.dvae.model import cells_per_code, grid_slot_layout
 from latentforge.tasks.dvae.task import DVAE, LOAD_EDGES, LOAD_NAMES
@@ -99,29 +105,38 @@ def main(overrides: list[str]) -> None:
     print("|---|---|" + "---|" * len(names))
     runs_fit = [fits_runs(miss, slots, m.codebook_size) for miss in misses]
     list_fits = [fits_list(miss, slots, m.codebook_size) for miss in misses]
-    # model.miss_slots: runs ending at each cell the rule fitted to the training grids (context.py) mispredicts.
-    rule = fit_context_rule(task.train_grids.tokens, task.train_grids.shapes)  # as the model fits it
-    slot, _, _, missed, _ = miss_layout(grids.tokens, grids.shapes, rule, slots, m.miss_run)
-    uncoded = uncoded_misses(slot, missed, slots)
-    miss_fits = (~uncoded.any(1)).tolist()
+    # model.miss_slots: runs ending at each cell the context fitted to the training grids (context.py) mispredicts:
+    # the fixed rule, or the adaptive context (model.miss_context), each as the model fits it.
+    rule = fit_context_rule(task.train_grids.tokens, task.train_grids.shapes)
+    adaptive = AdaptiveContext(task.train_grids.tokens, task.train_grids.shapes, colours=10)
+    uncoded = {}
+    for context, guesses in (("rule", lambda t, s: context_guesses(t, s, rule)), ("adaptive", adaptive.guesses)):
+        guess = torch.cat([guesses(grids.tokens[i:i + 256], grids.shapes[i:i + 256])
+                           for i in range(0, len(grids), 256)])
+        slot, _, _, missed, _ = miss_layout(grids.tokens, grids.shapes, guess, slots, m.miss_run)
+        uncoded[context] = uncoded_misses(slot, missed, slots)
+    miss_fits = {context: (~past.any(1)).tolist() for context, past in uncoded.items()}
     for layout, ok in (("one per grid slot's run", runs_fit), ("one per mispredicted cell", list_fits),
                        ("either, whichever fits the grid", [a or b for a, b in zip(runs_fit, list_fits)]),
                        (f"one per cell the fitted rule mispredicts (model.miss_slots, runs <= {m.miss_run})",
-                        miss_fits)):
+                        miss_fits["rule"]),
+                       (f"one per cell the adaptive context mispredicts (model.miss_context=adaptive, runs <= "
+                        f"{m.miss_run})", miss_fits["adaptive"])):
         by_load = [[o for o, b in zip(ok, bucket) if b == i] for i in range(len(names))]
         print(f"| {layout} | {sum(ok) / len(ok):.3f} | "
               + " | ".join(f"{sum(o) / len(o):.3f}" if o else "" for o in by_load) + " |")
-    # The token accuracy within the miss layout's reach: every cell within its codes right, the rule's guess past.
+    # The token accuracy within the miss layout's reach: every cell within its codes right, the guess past them.
     cells = int(shapes.prod(1).sum())
-    past = int(uncoded.sum())
-    unfit = [not ok for ok in miss_fits]
-    unfit_cells = int(shapes[unfit].prod(1).sum())
-    print(f"\nmiss layout, every cell within the codes right and the fitted rule's guess past the last code (from the "
-          f"true earlier cells): held-out token accuracy {1 - past / cells:.3f}; the rule mispredicts {past:,} cells "
-          f"past the last code ({past / cells:.3f} of the {cells:,}), so 99% needs a decoder that gets "
-          f"{max(0.0, 1 - 0.01 * cells / max(past, 1)):.2f} of them right without a code. The {sum(unfit)} grids "
-          f"that do not fit hold {unfit_cells / cells:.3f} of the cells, {1 - past / max(unfit_cells, 1):.3f} of "
-          f"theirs right so")
+    for context, name in (("rule", "fitted rule"), ("adaptive", "adaptive context")):
+        past = int(uncoded[context].sum())
+        unfit = [not ok for ok in miss_fits[context]]
+        unfit_cells = int(shapes[unfit].prod(1).sum())
+        print(f"\nmiss layout, every cell within the codes right and the {name}'s guess past the last code (from "
+              f"the true earlier cells): held-out token accuracy {1 - past / cells:.3f}; it mispredicts {past:,} "
+              f"cells past the last code ({past / cells:.3f} of the {cells:,}), so 99% needs a decoder that gets "
+              f"{max(0.0, 1 - 0.01 * cells / max(past, 1)):.2f} of them right without a code. The {sum(unfit)} "
+              f"grids that do not fit hold {unfit_cells / cells:.3f} of the cells, "
+              f"{1 - past / max(unfit_cells, 1):.3f} of theirs right so")
 
 
 def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.tasks.dvae.context import fit_context_rule, inside_cells, miss_layout, uncoded_misses
+from latentforge.tasks.dvae.context import context_guesses, fit_context_rule, inside_cells, miss_layout, uncoded_misses
 from latentforge.tasks.dvae.data import dihedral, load_arc, permute_colors, random_color_permutations
 from latentforge.tasks.dvae.task import unseen
 
@@ -103,7 +103,7 @@ def main() -> None:
             tokens, shapes = test.tokens[start:start + 64], test.shapes[start:start + 64]
             inside = inside_cells(shapes, SIZE)
             wrong = (model(tokens, shapes).argmax(-1) != tokens.flatten(1)) & inside
-            slot, _, _, missed, _ = miss_layout(tokens, shapes, rule, SLOTS, MISS_RUN)
+            slot, _, _, missed, _ = miss_layout(tokens, shapes, context_guesses(tokens, shapes, rule), SLOTS, MISS_RUN)
             past = uncoded_misses(slot, missed, SLOTS)
             counts["cells"] += int(inside.sum())
             counts["rule_misses"] += int(missed.sum())

@@ -44,7 +44,14 @@ from latentforge.nn.blocks import DecoderBlock, EncoderBlock, LatentBlock
 from latentforge.nn.codebooks import CodebookOutput, build_codebook
 from latentforge.nn.rope import grid_positions, rope_2d_tables
 from latentforge.nn.transformer import TransformerShape
-from latentforge.tasks.dvae.context import NO_GUESS, MissLayout, inside_cells, miss_layout
+from latentforge.tasks.dvae.context import (
+    NO_GUESS,
+    AdaptiveContext,
+    MissLayout,
+    context_guesses,
+    inside_cells,
+    miss_layout,
+)
 
 
 class GridDVAE(nn.Module):
@@ -54,7 +61,7 @@ class GridDVAE(nn.Module):
                  rope_base_col: float, patch_slots: bool = False, grid_slots: bool = False,
                  pack_slots: bool = False, autoregressive: bool = False, miss_slots: bool = False,
                  miss_run: int = 32, miss_above_cells: int = 0, context_rule: Tensor | None = None,
-                 pad_id: int | None = None):
+                 adaptive_context: AdaptiveContext | None = None, pad_id: int | None = None):
         super().__init__()
         if patch_slots and grid_slots:
             raise ValueError("patch_slots and grid_slots tie slots to cells in two different ways; choose one")
@@ -64,9 +71,10 @@ class GridDVAE(nn.Module):
         if pack_slots and not grid_slots:
             raise ValueError("pack_slots lays out the runs of cells that grid_slots gives each slot; "
                              "set model.grid_slots=true too")
-        if miss_slots and not (grid_slots and autoregressive and context_rule is not None):
+        if miss_slots and not (grid_slots and autoregressive and (context_rule is None) != (adaptive_context is None)):
             raise ValueError("miss_slots lays the grid slots out by what a decoder reading earlier cells mispredicts "
-                             "(and needs the context rule): set grid_slots and autoregressive")
+                             "(and needs one context: the fitted rule or the adaptive one): set grid_slots and "
+                             "autoregressive")
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents
@@ -107,7 +115,8 @@ class GridDVAE(nn.Module):
             # The rule's guess for each cell, and where a run ends (its place, and whether the rule missed there).
             self.guess_colour = nn.Embedding(vocab_out + 1, d_model)
             self.run_end = nn.Embedding(2 * miss_run, d_model)
-            self.register_buffer("context_rule", context_rule.to(torch.uint8))
+            self.register_buffer("context_rule", None if context_rule is None else context_rule.to(torch.uint8))
+            self.adaptive_context = adaptive_context
         self.decoder = nn.ModuleList(DecoderBlock(shape, causal=autoregressive) for _ in range(decoder_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_out, bias=False)
@@ -234,10 +243,13 @@ class GridDVAE(nn.Module):
         return logits
 
     def layout(self, grids: Tensor, shapes: Tensor) -> MissLayout:
-        """miss_slots: context.miss_layout of (B, S, S) grids with this model's rule and slots; a grid of at most
+        """miss_slots: context.miss_layout of (B, S, S) grids with this model's context (the fitted rule or the
+        adaptive one) and slots; a grid of at most
         miss_above_cells cells keeps grid_slot_layout's even runs instead (a run ends at its last cell). Its shape
         codes say which, so the decoder knows it before the first cell."""
-        slot, offset, end, missed, guess = miss_layout(grids, shapes, self.context_rule, self.slots, self.miss_run)
+        guess = context_guesses(grids, shapes, self.context_rule) if self.adaptive_context is None \
+            else self.adaptive_context.guesses(grids, shapes)
+        slot, offset, end, missed, guess = miss_layout(grids, shapes, guess, self.slots, self.miss_run)
         if self.miss_above_cells:
             even = self.keeps_even_runs(shapes).unsqueeze(1)
             even_slot, even_offset = grid_slot_layout(shapes, self.grid_size, self.slots)

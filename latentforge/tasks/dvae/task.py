@@ -20,7 +20,7 @@ from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
 from latentforge.nn.transformer import check_width
-from latentforge.tasks.dvae.context import fit_context_rule
+from latentforge.tasks.dvae.context import AdaptiveContext, fit_context_rule
 from latentforge.tasks.dvae.data import (
     GridBatches,
     Grids,
@@ -122,6 +122,12 @@ class DVAEModelConfig(ModelBase):
     miss_run: int = 32
     # With miss_slots: grids of at most this many cells keep even runs (0: none do).
     miss_above_cells: int = 0
+    # With miss_slots: what guesses each cell, its runs ending where the guess is wrong. rule: the fixed table of
+    # colour-blind patterns fitted to the training grids (context.fit_context_rule); adaptive: counts of those
+    # patterns, the grid's own earlier cells' too, over local and mirrored cells (context.AdaptiveContext). On
+    # the held-out grids codes at the adaptive context's misses hold 94.8% of them, at the rule's 92.1%
+    # (python -m bench.dvae.entropy --share 0 --middle-axes; python -m bench.dvae.capacity).
+    miss_context: Literal["rule", "adaptive"] = "rule"
 
     def validate(self) -> None:
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
@@ -136,6 +142,8 @@ class DVAEModelConfig(ModelBase):
                 "ties the grid slots to the cells a decoder reading the earlier cells mispredicts: set "
                 "model.grid_slots=true and model.autoregressive=true")
         require(self.miss_run >= 1, "miss_run", f"must be >= 1 (got {self.miss_run})")
+        require(self.miss_slots or self.miss_context == "rule", "miss_context",
+                "chooses what guesses the cells that model.miss_slots's layout follows: set model.miss_slots=true too")
         require(self.miss_slots or not self.miss_above_cells, "miss_above_cells",
                 "chooses between even runs and model.miss_slots's layout: set model.miss_slots=true too")
 
@@ -230,8 +238,11 @@ class DVAE(Task):
                 rope_base_row=m.rope_base_row, rope_base_col=m.rope_base_col, patch_slots=m.patch_slots,
                 grid_slots=m.grid_slots, pack_slots=m.pack_slots, autoregressive=m.autoregressive,
                 miss_slots=m.miss_slots, miss_run=m.miss_run, miss_above_cells=m.miss_above_cells,
-                context_rule=fit_context_rule(self.train_grids.tokens, self.train_grids.shapes) if m.miss_slots
-                else None, pad_id=self.pad_id)
+                context_rule=fit_context_rule(self.train_grids.tokens, self.train_grids.shapes)
+                if m.miss_slots and m.miss_context == "rule" else None,
+                adaptive_context=AdaptiveContext(self.train_grids.tokens, self.train_grids.shapes,
+                                                 self.vocab_size - (self.pad_id is not None))
+                if m.miss_slots and m.miss_context == "adaptive" else None, pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
