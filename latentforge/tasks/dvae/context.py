@@ -227,6 +227,9 @@ class AdaptiveContext(nn.Module):
         rest = torch.where(present, 0.0, new)
         return mass + n[..., -1:] * rest / rest.sum(-1, keepdim=True).clamp(min=1e-30)
 
+    # Eager inside a compiled model: bookkeeping without gradients, whose float64 count kernels Inductor (torch
+    # 2.11, Triton) fails to generate.
+    @torch.compiler.disable
     @torch.no_grad()
     def guesses(self, grids: Tensor, shapes: Tensor) -> Tensor:
         """(B, S, S) grids of (B, 2) shapes -> (B, S*S): each cell's most likely colour given the earlier cells. A
