@@ -495,3 +495,13 @@ def test_dvae_entropy_miss_layout_counts_the_misses_past_the_last_code(capsys):
     line = capsys.readouterr().out
     assert f"cells mispredicted {205 / 400:.4f}" in line and "grids that fit 0.500" in line
     assert f"last code {1 - 74 / 400:.4f}" in line
+
+
+def test_dvae_context_speed_times_both_contexts():
+    """bench/dvae/context_speed.py on the CPU, a small batch: one line per context, a positive time each."""
+    result = subprocess.run([sys.executable, "-m", "bench.dvae.context_speed", "--batch", "4", "--repeats", "1",
+                             "--device", "cpu"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    times = re.findall(r"^(fitted rule|adaptive context): ([0-9.]+) ms per batch$", result.stdout, re.MULTILINE)
+    assert [name for name, _ in times] == ["fitted rule", "adaptive context"] and all(float(t) > 0 for _, t in times)

@@ -1,0 +1,45 @@
+"""How long each miss-layout context takes to guess every cell of a batch of ARC training grids: the fitted rule's
+table lookup against the adaptive context's counts (model.miss_context), on the device given.
+
+    python -m bench.dvae.context_speed [--batch 128] [--repeats 10] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from latentforge.tasks.dvae.context import AdaptiveContext, context_guesses, fit_context_rule
+from latentforge.tasks.dvae.data import load_arc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    train = load_arc("train")
+    rule = fit_context_rule(train.tokens, train.shapes).to(device)
+    adaptive = AdaptiveContext(train.tokens, train.shapes, colours=10).to(device)
+    grids, shapes = train.tokens[:args.batch].to(device), train.shapes[:args.batch].to(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{len(grids)} ARC training grids on {name}:")
+    for context, guess in (("fitted rule", lambda: context_guesses(grids, shapes, rule)),
+                           ("adaptive context", lambda: adaptive.guesses(grids, shapes))):
+        guess()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        for _ in range(args.repeats):
+            guess()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        print(f"{context}: {(time.perf_counter() - began) / args.repeats * 1000:.1f} ms per batch")
+
+
+if __name__ == "__main__":
+    main()
