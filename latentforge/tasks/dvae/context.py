@@ -240,16 +240,20 @@ class AdaptiveContext(nn.Module):
         cells = context_cells(grids, shapes)
         seen = F.one_hot(flat, self.colours).double() * coloured.unsqueeze(-1)
         new = seen.cumsum(1) - seen + self.colour_prior
+        counted = {}  # per level (the families share their coarsest): colour counts and their total
+        for level in ADAPTIVE_LEVELS:
+            sub = cells[..., list(level)]
+            patterns = pattern_ids(sub)
+            chosen = F.one_hot(first_choices(sub, flat), len(level) + 1).double() * coloured.unsqueeze(-1)
+            own = counts_before(patterns, chosen, math.factorial(len(level) + 1))
+            n = self.training_counts(level, patterns) + self.grid_weight * own
+            counted[level] = self.colour_mass(n, sub, new), n.sum(-1, keepdim=True)
         predictions, loglik = [], []
         for family in ADAPTIVE_FAMILIES:
             p = new / new.sum(-1, keepdim=True)
             for level in family:
-                sub = cells[..., list(level)]
-                patterns = pattern_ids(sub)
-                chosen = F.one_hot(first_choices(sub, flat), len(level) + 1).double() * coloured.unsqueeze(-1)
-                own = counts_before(patterns, chosen, math.factorial(len(level) + 1))
-                n = self.training_counts(level, patterns) + self.grid_weight * own
-                p = (self.colour_mass(n, sub, new) + self.backoff * p) / (n.sum(-1, keepdim=True) + self.backoff)
+                mass, total = counted[level]
+                p = (mass + self.backoff * p) / (total + self.backoff)
                 p = p / p.sum(-1, keepdim=True)
             predictions.append(p)
             right = p.gather(-1, flat.unsqueeze(-1)).squeeze(-1).clamp(min=1e-300).log() * coloured
