@@ -125,7 +125,7 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
 def test_counts_before_sums_the_earlier_cells_of_the_same_group_in_each_grid():
     groups = torch.tensor([[0, 1, 0, 0, 1], [1, 1, 0, 1, 0]])
     values = torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0], [1.0, 2.0, 4.0, 8.0, 16.0]]).unsqueeze(-1)
-    assert counts_before(groups, values, 2).squeeze(-1).tolist() == [[0, 0, 1, 5, 2], [0, 1, 0, 3, 4]]
+    assert counts_before(groups, values).squeeze(-1).tolist() == [[0, 0, 1, 5, 2], [0, 1, 0, 3, 4]]
 
 
 def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely():

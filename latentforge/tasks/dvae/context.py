@@ -153,22 +153,20 @@ def first_choices(cells: Tensor, colours: Tensor) -> Tensor:
     return torch.where(match.any(-1), match.int().argmax(-1), cells.shape[-1])
 
 
-def counts_before(groups: Tensor, values: Tensor, group_count: int) -> Tensor:
-    """(B, L) group ids in [0, group_count) and (B, L, C) values -> (B, L, C): for each cell, the sum of `values`
-    over the earlier cells of its grid in its group (a stable sort by group, an exclusive cumulative sum, each
-    group's start subtracted)."""
+def counts_before(groups: Tensor, values: Tensor) -> Tensor:
+    """(B, L) group ids and (B, L, C) values -> (B, L, C): for each cell, the sum of `values` over the earlier
+    cells of its grid in its group. Each grid's cells sorted stably by group, an exclusive cumulative sum along
+    them, each group's start subtracted (all scans run along a grid's cells, not over the whole batch)."""
     B, L, C = values.shape
-    keys = (groups + torch.arange(B, device=groups.device).unsqueeze(1) * group_count).flatten()
-    order = torch.sort(keys, stable=True).indices
-    sorted_values = values.flatten(0, 1)[order]
-    sums = sorted_values.cumsum(0) - sorted_values
-    sorted_keys = keys[order]
-    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
-    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    first = torch.where(starts, torch.arange(len(keys), device=keys.device), 0).cummax(0).values
-    out = torch.empty_like(sums)
-    out[order] = sums - sums[first]
-    return out.view(B, L, C)
+    order = torch.sort(groups, dim=1, stable=True).indices
+    by_group = order.unsqueeze(-1).expand(-1, -1, C)
+    sorted_groups, sorted_values = groups.gather(1, order), values.gather(1, by_group)
+    sums = sorted_values.cumsum(1) - sorted_values
+    starts = torch.ones_like(sorted_groups, dtype=torch.bool)
+    starts[:, 1:] = sorted_groups[:, 1:] != sorted_groups[:, :-1]
+    first = torch.where(starts, torch.arange(L, device=groups.device), 0).cummax(1).values
+    sums = sums - sums.gather(1, first.unsqueeze(-1).expand(-1, -1, C))
+    return torch.empty_like(sums).scatter_(1, by_group, sums)
 
 
 class AdaptiveContext(nn.Module):
@@ -245,7 +243,7 @@ class AdaptiveContext(nn.Module):
             sub = cells[..., list(level)]
             patterns = pattern_ids(sub)
             chosen = F.one_hot(first_choices(sub, flat), len(level) + 1).double() * coloured.unsqueeze(-1)
-            own = counts_before(patterns, chosen, math.factorial(len(level) + 1))
+            own = counts_before(patterns, chosen)
             n = self.training_counts(level, patterns) + self.grid_weight * own
             counted[level] = self.colour_mass(n, sub, new), n.sum(-1, keepdim=True)
         predictions, loglik = [], []
