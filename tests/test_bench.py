@@ -205,17 +205,19 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     counts = re.findall(r"mispredicts ([\d,]+) cells.*of the ([\d,]+)\)", reach)[0]
     past, total = (int(x.replace(",", "")) for x in counts)
     assert 0.85 < accuracy < 0.99 and accuracy == pytest.approx(1 - past / total, abs=1e-3)
-    adaptive_accuracy = float(reach.split("held-out token accuracy ")[2].split(";")[0])
-    assert accuracy < adaptive_accuracy < 0.995
+    adaptive_accuracy, axes_accuracy = (float(reach.split("held-out token accuracy ")[i].split(";")[0])
+                                        for i in (2, 3))
+    assert accuracy < adaptive_accuracy < axes_accuracy < 0.995
     # Codes spent only on the cells a context rule misses: per grid slot's run, per missed cell, or either.
     layouts = [[float(x) for x in line.split("|")[2:7]] for line in context.splitlines()
                if line.startswith("| ") and "codes" not in line]
-    assert len(layouts) == 5 and all(row[1:3] == [1.0, 1.0] or row[0] > 0.85 for row in layouts)
+    assert len(layouts) == 6 and all(row[1:3] == [1.0, 1.0] or row[0] > 0.85 for row in layouts)
     assert layouts[0][0] < layouts[1][0] <= layouts[2][0] and layouts[2][3] > layouts[0][3]
     # The rule fitted to the training grids (model.miss_slots) misses fewer cells than the fixed one.
     assert layouts[3][0] > layouts[1][0] and layouts[3][4] > layouts[0][4]
     # The adaptive context (model.miss_context=adaptive) misses fewer still, most on the largest grids.
     assert layouts[4][0] > layouts[3][0] and layouts[4][4] > layouts[3][4]
+    assert layouts[5][0] >= layouts[4][0] and layouts[5][4] > layouts[4][4]  # about each grid's own axes
     for table in (local, fitted):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]

@@ -344,23 +344,27 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
     """A tiny model with an autoregressive decoder, in float64 (no ties between colours); slots: pack (packed grid
     slots), grid (grid slots), miss (grid slots where a context rule fails, runs of at most 3 cells), miss-pack
     (those, packed), miss-even (miss-pack for grids of more than 8 cells, even runs for the others), miss-adaptive
-    (miss-pack with the adaptive context in place of the rule), patch (patch slots) or none."""
+    (miss-pack with the adaptive context in place of the rule), miss-axes (that, mirrored about each grid's own
+    symmetry axes), patch (patch slots) or none."""
     from latentforge.tasks.dvae.context import AdaptiveContext, fit_context_rule
     from latentforge.tasks.dvae.model import GridDVAE
 
     torch.manual_seed(0)
-    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even", "miss-adaptive")
+    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-axes")
     fitted_to = torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size)
-    rule = fit_context_rule(*fitted_to) if slots.startswith("miss") and slots != "miss-adaptive" else None
-    adaptive = AdaptiveContext(*fitted_to, colours=10) if slots == "miss-adaptive" else None
+    adaptive_slots = slots in ("miss-adaptive", "miss-axes")
+    rule = fit_context_rule(*fitted_to) if slots.startswith("miss") and not adaptive_slots else None
+    adaptive = AdaptiveContext(*fitted_to, colours=10, axes=slots == "miss-axes") if adaptive_slots else None
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
                      dropout=0.0, encoder_layers=1, pool_layers=1, decoder_layers=2,
                      latents=2 + 4 if grid_slots else 4, codebook="vq",
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
-                     grid_slots=grid_slots, pack_slots=slots in ("pack", "miss-pack", "miss-even", "miss-adaptive"),
+                     grid_slots=grid_slots,
+                     pack_slots=slots in ("pack", "miss-pack", "miss-even", "miss-adaptive", "miss-axes"),
                      patch_slots=slots == "patch", autoregressive=True, miss_slots=slots.startswith("miss"), miss_run=3,
                      miss_above_cells=miss_above_cells if slots == "miss-even" else 0,
-                     context_rule=rule, adaptive_context=adaptive, pad_id=10).double().eval()
+                     context_rule=rule, adaptive_context=adaptive, miss_axes=slots == "miss-axes",
+                     pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
         for p in model.parameters():
@@ -427,6 +431,29 @@ def test_miss_above_cells_keeps_even_runs_for_the_smaller_grids():
         autoregressive_model(slots="miss-even", miss_above_cells=13)
 
 
+def test_miss_axes_ride_in_the_shape_codes_and_the_codes_alone_decode_the_reconstruction():
+    """miss-axes: the shape codes carry each grid's symmetry axes, and decoding a code sequence alone decodes its
+    codes about those axes (about others the layout differs); a decoder without the axes refuses to guess."""
+    from latentforge.tasks.dvae.context import AXIS_REACH, symmetry_axes
+
+    model = autoregressive_model(slots="miss-axes").float()
+    grids = torch.full((3, 4, 4), 10)
+    grids[0] = torch.tensor([[1, 2, 2, 1], [3, 4, 4, 3], [3, 4, 4, 3], [1, 2, 2, 1]])  # axes at the middle
+    grids[1, :3, :4] = torch.tensor([[5, 1, 1, 2], [5, 1, 1, 2], [0, 0, 0, 0]])  # rows 0 and 1 mirror: axis 1
+    grids[2, :2, :3] = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    shapes = model.grid_shapes(grids)
+    axes = symmetry_axes(grids, shapes)
+    assert axes[0].tolist() == [0, 0] and axes[1, 0] == 1 - (3 - 1)
+    codes = torch.randint(0, 64, (3, model.slots))
+    sequence = model.code_sequence(grids, codes)
+    assert torch.equal(sequence[:, :2] % 4 + 1, shapes) and torch.equal(sequence[:, :2] // 4 - AXIS_REACH, axes)
+    z = model.codebook.embed(codes)
+    assert torch.equal(model.decode_codes(sequence), model.generate(z, shapes, axes=axes))
+    assert not torch.equal(model.layout(grids, shapes, axes)[4], model.layout(grids, shapes, axes - 1)[4])
+    with pytest.raises(ValueError, match="symmetry axes"):
+        model.decode(z, shapes, grids)
+
+
 @pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even", "miss-adaptive"])
 def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing(slots):
     model = autoregressive_model(slots=slots)
@@ -448,12 +475,13 @@ def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_fo
 
 @pytest.mark.parametrize("slots", [["model.pack_slots=true"], ["model.miss_slots=true", "model.miss_run=8"],
                                    ["model.miss_slots=true", "model.miss_run=8", "model.miss_above_cells=16"],
-                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive"]])
+                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive"],
+                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive",
+                                    "model.miss_axes=true", "model.codebook_size=512"]])
 def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_dir, tmp_path, slots):
-    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", *slots,
-                            "model.autoregressive=true", "model.latents=6", "model.codebook_size=64",
-                            "train.steps=4", "train.eval_every=4", "data.eval_grids=16", "train.batch_size=4",
-                            name="ar", runs_dir=runs_dir)
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                            "model.latents=6", "model.codebook_size=64", "train.steps=4", "train.eval_every=4",
+                            "data.eval_grids=16", "train.batch_size=4", *slots, name="ar", runs_dir=runs_dir)
     assert run.status == "finished" and 0 < run.info["last_eval"]["test/token_acc"] < 1
     grid = tmp_path / "grid.json"
     grid.write_text("[[1, 2, 0], [0, 3, 4]]")

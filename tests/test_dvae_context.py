@@ -19,6 +19,7 @@ from latentforge.tasks.dvae.context import (
     fit_context_rule,
     miss_layout,
     pattern_ids,
+    symmetry_axes,
 )
 
 COPY_LEFT = torch.zeros(PATTERNS, dtype=torch.uint8)  # a rule that always guesses the left neighbour
@@ -71,7 +72,7 @@ def test_runs_end_at_each_mispredicted_cell_or_after_run_limit_cells():
     assert guess[0, 1] == 1 and guess[0, 0] == NO_GUESS
 
 
-@pytest.mark.parametrize("context", ["rule", "adaptive"])
+@pytest.mark.parametrize("context", ["rule", "adaptive", "adaptive-axes"])
 def test_a_cells_run_and_place_depend_only_on_the_cells_before_it(context):
     torch.manual_seed(0)
     grids = torch.randint(0, 3, (4, 5, 5))
@@ -80,8 +81,11 @@ def test_a_cells_run_and_place_depend_only_on_the_cells_before_it(context):
     if context == "rule":
         rule = fit_context_rule(*fitted_to)
         guesses = functools.partial(context_guesses, rule=rule)
-    else:
+    elif context == "adaptive":
         guesses = AdaptiveContext(*fitted_to, colours=10).guesses
+    else:  # the axes are the code's: they stay whatever the cells
+        axes = symmetry_axes(grids, shapes)
+        guesses = functools.partial(AdaptiveContext(*fitted_to, colours=10, axes=True).guesses, axes=axes)
     slot, offset, end, missed, guess = miss_layout(grids, shapes, guesses(grids, shapes), slots=6, run_limit=3)
     ends_toggled = 0
     for cell in range(25):
@@ -113,9 +117,14 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
                  "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "miss_above_cells must be in [0, 1024]" in result.output, result.output
     for bad, message in (("model.miss_context=adaptive", "set model.miss_slots=true too"),
-                         ("model.miss_context=learned", "miss_context")):
+                         ("model.miss_context=learned", "miss_context"),
+                         ("model.miss_axes=true", "model.miss_context=adaptive too")):
         result = cli("train", "dvae/tiny", "data.dataset=arc", bad, "--runs-dir", runs_dir)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                 "model.miss_slots=true", "model.miss_context=adaptive", "model.miss_axes=true", "model.latents=6",
+                 "model.codebook_size=256", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "codebook_size >= 512" in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.miss_above_cells=10",
                  "--runs-dir", runs_dir)
@@ -147,11 +156,17 @@ def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely()
     counts, prior = entropy.training_counts(train.tokens, train.shapes, params)
     guesses = adaptive.guesses(test.tokens, test.shapes)
     cells = context_cells(test.tokens, test.shapes)
+    axes = symmetry_axes(test.tokens, test.shapes)
+    axes_cells = context_cells(test.tokens, test.shapes, axes)
     compared = 0
     for b, (h, w) in enumerate(test.shapes.tolist()):
         grid = test.tokens[b, :h, :w].numpy()
         reference_cells = entropy.context_cells(grid, (h - 1, w - 1))
         assert np.array_equal(cells[b].view(32, 32, -1)[:h, :w].reshape(h * w, -1).numpy(), reference_cells)
+        # About the grid's own axes (symmetry_axes: the best within reach of the middle) too.
+        a, c = axes[b].tolist()
+        mirrored = axes_cells[b].view(32, 32, -1)[:h, :w].reshape(h * w, -1).numpy()
+        assert np.array_equal(mirrored, entropy.context_cells(grid, (h - 1 + a, w - 1 + c)))
         coder = entropy.Coder(counts, prior, params)
         contexts = entropy.cell_contexts(reference_cells)
         mine = guesses[b].view(32, 32)[:h, :w].flatten().tolist()
@@ -162,3 +177,4 @@ def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely()
             coder.update(colour, context, family_p)
             compared += 1
     assert compared > 5000 and (guesses[~(test.tokens != 10).flatten(1)] == NO_GUESS).all()
+    assert (axes != 0).any()  # some of these grids are symmetric about axes off their middle

@@ -45,6 +45,7 @@ from latentforge.tasks.dvae.context import (
     context_guesses,
     fit_context_rule,
     miss_layout,
+    symmetry_axes,
     uncoded_misses,
 )
 from latentforge.tasks.dvae.data import Grids
@@ -109,8 +110,10 @@ def main(overrides: list[str]) -> None:
     # the fixed rule, or the adaptive context (model.miss_context), each as the model fits it.
     rule = fit_context_rule(task.train_grids.tokens, task.train_grids.shapes)
     adaptive = AdaptiveContext(task.train_grids.tokens, task.train_grids.shapes, colours=10)
+    mirrored = AdaptiveContext(task.train_grids.tokens, task.train_grids.shapes, colours=10, axes=True)
     uncoded = {}
-    for context, guesses in (("rule", lambda t, s: context_guesses(t, s, rule)), ("adaptive", adaptive.guesses)):
+    for context, guesses in (("rule", lambda t, s: context_guesses(t, s, rule)), ("adaptive", adaptive.guesses),
+                             ("axes", lambda t, s: mirrored.guesses(t, s, symmetry_axes(t, s)))):
         guess = torch.cat([guesses(grids.tokens[i:i + 256], grids.shapes[i:i + 256])
                            for i in range(0, len(grids), 256)])
         slot, _, _, missed, _ = miss_layout(grids.tokens, grids.shapes, guess, slots, m.miss_run)
@@ -121,13 +124,15 @@ def main(overrides: list[str]) -> None:
                        (f"one per cell the fitted rule mispredicts (model.miss_slots, runs <= {m.miss_run})",
                         miss_fits["rule"]),
                        (f"one per cell the adaptive context mispredicts (model.miss_context=adaptive, runs <= "
-                        f"{m.miss_run})", miss_fits["adaptive"])):
+                        f"{m.miss_run})", miss_fits["adaptive"]),
+                       ("the same, mirrored about each grid's own axes (model.miss_axes)", miss_fits["axes"])):
         by_load = [[o for o, b in zip(ok, bucket) if b == i] for i in range(len(names))]
         print(f"| {layout} | {sum(ok) / len(ok):.3f} | "
               + " | ".join(f"{sum(o) / len(o):.3f}" if o else "" for o in by_load) + " |")
     # The token accuracy within the miss layout's reach: every cell within its codes right, the guess past them.
     cells = int(shapes.prod(1).sum())
-    for context, name in (("rule", "fitted rule"), ("adaptive", "adaptive context")):
+    for context, name in (("rule", "fitted rule"), ("adaptive", "adaptive context"),
+                          ("axes", "axes-mirrored adaptive context")):
         past = int(uncoded[context].sum())
         unfit = [not ok for ok in miss_fits[context]]
         unfit_cells = int(shapes[unfit].prod(1).sum())

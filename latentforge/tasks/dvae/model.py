@@ -45,12 +45,14 @@ from latentforge.nn.codebooks import CodebookOutput, build_codebook
 from latentforge.nn.rope import grid_positions, rope_2d_tables
 from latentforge.nn.transformer import TransformerShape
 from latentforge.tasks.dvae.context import (
+    AXIS_REACH,
     NO_GUESS,
     AdaptiveContext,
     MissLayout,
     context_guesses,
     inside_cells,
     miss_layout,
+    symmetry_axes,
 )
 
 
@@ -61,7 +63,8 @@ class GridDVAE(nn.Module):
                  rope_base_col: float, patch_slots: bool = False, grid_slots: bool = False,
                  pack_slots: bool = False, autoregressive: bool = False, miss_slots: bool = False,
                  miss_run: int = 32, miss_above_cells: int = 0, context_rule: Tensor | None = None,
-                 adaptive_context: AdaptiveContext | None = None, pad_id: int | None = None):
+                 adaptive_context: AdaptiveContext | None = None, miss_axes: bool = False,
+                 pad_id: int | None = None):
         super().__init__()
         if patch_slots and grid_slots:
             raise ValueError("patch_slots and grid_slots tie slots to cells in two different ways; choose one")
@@ -75,6 +78,11 @@ class GridDVAE(nn.Module):
             raise ValueError("miss_slots lays the grid slots out by what a decoder reading earlier cells mispredicts "
                              "(and needs one context: the fitted rule or the adaptive one): set grid_slots and "
                              "autoregressive")
+        if miss_axes != (adaptive_context is not None and adaptive_context.axes) or (
+                miss_axes and codebook_size < 2 * AXIS_REACH * grid_size):
+            raise ValueError(f"miss_axes carries each grid's symmetry axes in its two shape codes for the adaptive "
+                             f"context to mirror about: it needs an adaptive context fitted with axes and "
+                             f"codebook_size >= {2 * AXIS_REACH * grid_size} (got {codebook_size})")
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents
@@ -83,7 +91,7 @@ class GridDVAE(nn.Module):
                              f"({miss_run}) cells on {slots} slots (got {miss_above_cells})")
         self.grid_size, self.grid_slots, self.pack_slots, self.pad_id = grid_size, grid_slots, pack_slots, pad_id
         self.autoregressive, self.miss_slots, self.miss_run = autoregressive, miss_slots, miss_run
-        self.miss_above_cells = miss_above_cells
+        self.miss_above_cells, self.miss_axes = miss_above_cells, miss_axes
         shape = TransformerShape(vocab_size=vocab_in, n_head=n_head, d_model=d_model, mlp_ratio=mlp_ratio,
                                  dropout=dropout, max_len=cells)
         self.embed = nn.Embedding(vocab_in, d_model)
@@ -179,7 +187,7 @@ class GridDVAE(nn.Module):
         x = self.encoder_norm(x)
         h = self.latent_queries.expand(len(grids), -1, -1)
         if self.miss_slots and layout is None:
-            layout = self.layout(grids, shapes)
+            layout = self.layout(grids, shapes, self.grid_axes(grids, shapes))
         if self.pack_slots:
             # Each slot starts from its own cells side by side (zeros past the run's end), then pools the grid.
             slot, offset = layout[:2] if self.miss_slots else grid_slot_layout(shapes, self.grid_size, h.shape[1])
@@ -204,11 +212,11 @@ class GridDVAE(nn.Module):
         return self.codebook(self.pool_norm(h), temperature, hardness)
 
     def decode(self, z: Tensor, shapes: Tensor | None = None, context: Tensor | None = None,
-               layout: MissLayout | None = None) -> Tensor:
+               layout: MissLayout | None = None, axes: Tensor | None = None) -> Tensor:
         """Quantized slots (B, N, D) -> per-cell logits (B, S*S, vocab_out); grid_slots also needs the grids'
         (B, 2) shapes, and then pins every cell outside a grid to padding and every cell inside to a colour.
         autoregressive: `context` (B, S, S) is the grid whose earlier cells each cell's logits read (miss_slots: its
-        `layout`, computed here if None)."""
+        `layout`, computed here if None, about the grids' symmetry `axes` with miss_axes)."""
         x = self.cell_queries.expand(len(z), -1, -1)
         if self.autoregressive:
             x = x + self.neighbour_colours(context)
@@ -217,7 +225,7 @@ class GridDVAE(nn.Module):
             x = x + z[:, self.slot_of_cell].to(x.dtype)
         if self.grid_slots:
             if self.miss_slots:
-                slot, offset, _, _, guess = self.layout(context, shapes) if layout is None else layout
+                slot, offset, _, _, guess = self.layout(context, shapes, axes) if layout is None else layout
                 x = x + self.guess_colour(torch.where(guess == NO_GUESS, self.guess_colour.num_embeddings - 1, guess))
             else:
                 slot, offset = grid_slot_layout(shapes, self.grid_size, z.shape[1])
@@ -242,13 +250,13 @@ class GridDVAE(nn.Module):
             logits = logits.masked_fill(outside != is_pad, PINNED_LOGIT)
         return logits
 
-    def layout(self, grids: Tensor, shapes: Tensor) -> MissLayout:
+    def layout(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> MissLayout:
         """miss_slots: context.miss_layout of (B, S, S) grids with this model's context (the fitted rule or the
         adaptive one) and slots; a grid of at most
         miss_above_cells cells keeps grid_slot_layout's even runs instead (a run ends at its last cell). Its shape
         codes say which, so the decoder knows it before the first cell."""
         guess = context_guesses(grids, shapes, self.context_rule) if self.adaptive_context is None \
-            else self.adaptive_context.guesses(grids, shapes)
+            else self.adaptive_context.guesses(grids, shapes, axes)
         slot, offset, end, missed, guess = miss_layout(grids, shapes, guess, self.slots, self.miss_run)
         if self.miss_above_cells:
             even = self.keeps_even_runs(shapes).unsqueeze(1)
@@ -259,6 +267,11 @@ class GridDVAE(nn.Module):
             slot, offset = torch.where(even, even_slot, slot), torch.where(even, even_offset, offset)
             end = torch.where(even, even_end, end)
         return slot, offset, end, missed, guess
+
+    def grid_axes(self, grids: Tensor, shapes: Tensor | None) -> Tensor | None:
+        """miss_axes: the (B, 2) symmetry axes of (B, S, S) grids (context.symmetry_axes), which their shape codes
+        carry; else None."""
+        return symmetry_axes(grids, shapes) if self.miss_axes else None
 
     def keeps_even_runs(self, shapes: Tensor) -> Tensor:
         """(B,): whether each grid of these (B, 2) shapes keeps even runs under miss_slots (miss_above_cells)."""
@@ -278,12 +291,14 @@ class GridDVAE(nn.Module):
         the grids are masked inputs."""
         shapes = self.grid_shapes(grids) if self.grid_slots else None
         context = grids if context is None else context
-        layout = self.layout(context, shapes) if self.miss_slots else None  # one for the encoder and the decoder
+        # One layout for the encoder and the decoder, about the true grid's axes.
+        layout = self.layout(context, shapes, self.grid_axes(context, shapes)) if self.miss_slots else None
         out = self.encode(grids, temperature, hardness, shapes, layout)
         return self.decode(out.z, shapes, context, layout), out
 
     @torch.no_grad()
-    def generate(self, z: Tensor, shapes: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+    def generate(self, z: Tensor, shapes: Tensor | None = None, start: Tensor | None = None,
+                 axes: Tensor | None = None) -> Tensor:
         """Quantized slots -> the (B, S*S) grids they decode to: each cell's argmax colour. autoregressive:
         greedy decoding in reading order, by Jacobi iteration. Every pass predicts all cells in parallel from
         the last pass's grid, until a pass changes nothing. A cell reads only earlier cells, so after t passes
@@ -299,7 +314,8 @@ class GridDVAE(nn.Module):
             else start.clone()
         active = torch.arange(len(z), device=z.device)
         for _ in range(S * S + 1):
-            step = self.decode(z[active], None if shapes is None else shapes[active], grids[active])
+            step = self.decode(z[active], None if shapes is None else shapes[active], grids[active],
+                               axes=None if axes is None else axes[active])
             new = step.argmax(-1).view(-1, S, S)
             changed = (new != grids[active]).flatten(1).any(1)
             grids[active] = new
@@ -316,19 +332,27 @@ class GridDVAE(nn.Module):
         predicted = logits.argmax(-1)
         if not self.autoregressive:
             return predicted
-        return self.generate(z, self.grid_shapes(grids) if self.grid_slots else None, predicted.view_as(grids))
+        shapes = self.grid_shapes(grids) if self.grid_slots else None
+        return self.generate(z, shapes, predicted.view_as(grids), self.grid_axes(grids, shapes))
 
     def code_sequence(self, grids: Tensor, codes: Tensor) -> Tensor:
-        """What stores each grid: its N codes (with grid_slots, height - 1 and width - 1 first)."""
+        """What stores each grid: its N codes (with grid_slots, height - 1 and width - 1 first; with miss_axes
+        each plus grid_size times its symmetry axis's offset + AXIS_REACH)."""
         if not self.grid_slots:
             return codes
-        return torch.cat([self.grid_shapes(grids) - 1, codes], 1)
+        shapes = self.grid_shapes(grids)
+        shape_codes = shapes - 1
+        if self.miss_axes:
+            shape_codes = shape_codes + self.grid_size * (self.grid_axes(grids, shapes) + AXIS_REACH)
+        return torch.cat([shape_codes, codes], 1)
 
     def decode_codes(self, sequence: Tensor) -> Tensor:
         """(B, N) code sequences (as code_sequence gives them) -> the (B, S*S) grids they decode to."""
         if not self.grid_slots:
             return self.generate(self.codebook.embed(sequence))
-        return self.generate(self.codebook.embed(sequence[:, 2:]), sequence[:, :2] + 1)
+        shape_codes = sequence[:, :2]
+        axes = shape_codes // self.grid_size - AXIS_REACH if self.miss_axes else None
+        return self.generate(self.codebook.embed(sequence[:, 2:]), shape_codes % self.grid_size + 1, axes=axes)
 
 
 # The logit of a colour a cell cannot have (padding inside a grid, a colour outside it): exp() of it is 0
