@@ -315,7 +315,8 @@ def main() -> None:
     report_miss_layout(results, args.slots, args.miss_run)
     large = [g for g in grids if g.size >= 400]
     near = sum(all(-8 <= axis - (n - 1) <= 7 for axis, n in zip(symmetry_axes(g), g.shape)) for g in large)
-    print(f"\nbest axes within 8 cells of the middle (-8..7, 4 bits each): {near / max(len(large), 1):.3f} of the "
+    print(f"\nbest axes within 4 cells of the middle (offsets -8..7 in half cells, 4 bits each): "
+          f"{near / max(len(large), 1):.3f} of the "
           f"{len(large)} grids of 400 cells or more")
     if args.figure:
         save_figure(draw_costliest(grids, [r["bits"] for r in results], args.budget), Path(args.figure))

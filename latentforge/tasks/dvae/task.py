@@ -128,7 +128,7 @@ class DVAEModelConfig(ModelBase):
     # the held-out grids codes at the adaptive context's misses hold 94.8% of them, at the rule's 92.1%
     # (python -m bench.dvae.entropy --share 0 --middle-axes; python -m bench.dvae.capacity).
     miss_context: Literal["rule", "adaptive"] = "rule"
-    # With miss_context=adaptive: mirror about each grid's own symmetry axes (within 8 cells of the middle; its two
+    # With miss_context=adaptive: mirror about each grid's own symmetry axes (within 4 cells of the middle; its two
     # shape codes carry them in their spare bits, so codebook_size >= 16 x grid_size) instead of its middle. Counted
     # (python -m bench.dvae.capacity): 95.3% of the held-out grids fit, against 94.8% about the middle.
     miss_axes: bool = False
@@ -229,6 +229,9 @@ class DVAE(Task):
             if not categorical and (s.start or s.end):
                 raise ConfigError(f"task.weights.{key} needs a categorical codebook (gumbel, reinmax, softmax); "
                                   f"model.codebook={m.codebook} has no code distribution")
+        if m.miss_axes and m.codebook_size < 2 * AXIS_REACH * cfg.data.grid_size:
+            raise ConfigError(f"model.miss_axes carries each grid's symmetry axes in its two shape codes: it needs "
+                              f"model.codebook_size >= {2 * AXIS_REACH * cfg.data.grid_size} (got {m.codebook_size})")
         if m.miss_slots and m.miss_run > cfg.data.grid_size**2:
             raise ConfigError(f"model.miss_run must be at most the grid's {cfg.data.grid_size**2} cells "
                               f"(got {m.miss_run})")
@@ -406,7 +409,7 @@ class DVAE(Task):
         shape_codes = self.grid_size * (2 * AXIS_REACH if model.miss_axes else 1)
         if model.grid_slots and not all(c < shape_codes for c in codes[:2]):
             raise DataError(f"the first two codes are the grid's height - 1 and width - 1"
-                            f"{' (plus grid size x axis offset)' if model.miss_axes else ''}, each in "
+                            f"{' plus grid size x (axis offset + 8)' if model.miss_axes else ''}, each in "
                             f"0..{shape_codes - 1} (got {codes[0]} and {codes[1]})")
         grid = model.decode_codes(torch.tensor([codes], device=self.device)).view(self.grid_size, self.grid_size)
         return {"grid": grid_text(grid.cpu(), self.pad_id)}
