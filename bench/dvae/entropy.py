@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import Progress
 
 from latentforge.tasks.dvae.context import NEIGHBOURS, miss_runs, uncoded_misses
 from latentforge.tasks.dvae.data import dihedral, load_arc
@@ -309,8 +311,13 @@ def main() -> None:
         test = test.select(slice(0, args.grids))
     train, prior = training_counts(train_grids.tokens, train_grids.shapes, params)
     grids = [t[:h, :w].numpy() for t, (h, w) in zip(test.tokens, test.shapes.tolist())]
-    with Pool(args.workers, initializer=_init, initargs=(train, prior, params)) as pool:
-        results = pool.map(_code, [(g, args.budget) for g in grids], chunksize=8)
+    results = []
+    with Pool(args.workers, initializer=_init, initargs=(train, prior, params)) as pool, \
+            Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("coding the held-out grids", total=len(grids))
+        for result in pool.imap(_code, [(g, args.budget) for g in grids], chunksize=8):
+            results.append(result)
+            bar.advance(task)
     report(results, test.shapes, args.budget, args.slots, params)
     report_miss_layout(results, args.slots, args.miss_run)
     large = [g for g in grids if g.size >= 400]
@@ -376,7 +383,7 @@ def report(results: list[dict], shapes: torch.Tensor, budget: float, slots: int,
     print(f"| {budget:.0f} bits | {fits.mean():.3f} | {by_bucket} | {true_acc:.4f} | {free_acc:.4f} | {skip_acc:.4f} |")
     over = ~fits
     print(f"\nthe {over.sum()} grids over the budget hold {cells[over].sum() / cells.sum():.3f} of the cells and "
-          f"need {bits[over].sum() / cells[over].sum():.3f} bits per cell; with the budget they get "
+          f"need {bits[over].sum() / max(cells[over].sum(), 1):.3f} bits per cell; with the budget they get "
           f"{sum(r['guessed_free'] for r, o in zip(results, over) if o) / max(cells[over].sum(), 1):.3f} of their "
           f"cells right; 99% overall needs {1 - 0.01 * cells.sum() / max(cells[over].sum(), 1):.3f}")
 
