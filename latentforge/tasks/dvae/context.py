@@ -140,14 +140,13 @@ def context_cells(grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> 
     # The diagonal through the centre (a / 2, b / 2) swaps the offsets from it: (r, c) -> (c + d, r - d).
     d = (a - b).div(2, rounding_mode="floor")
     dr, dc = cols + d, rows - d
-    mirrored = [(mr, cols.expand(B, -1), None), (rows.expand(B, -1), mc, None), (mr, mc, None),
+    mirrored = [(mr, cols.expand(B, -1), True), (rows.expand(B, -1), mc, True), (mr, mc, True),
                 (dr, dc, (a - b) % 2 == 0)]
     flat = grids.flatten(1)
     cells = []
     for r, c, applies in mirrored:
         earlier = (r < rows) | ((r == rows) & (c < cols))
-        ok = inside & earlier & (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        ok = ok if applies is None else ok & applies
+        ok = inside & earlier & (r >= 0) & (r < h) & (c >= 0) & (c < w) & applies
         cells.append(torch.where(ok, flat.gather(1, (r * S + c).clamp(0, S * S - 1)), NO_GUESS))
     return torch.cat([neighbour_colours(grids, shapes), torch.stack(cells, -1)], -1)
 
@@ -155,6 +154,12 @@ def context_cells(grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> 
 # Symmetry axes as offsets from the middle in half cells, -AXIS_REACH..AXIS_REACH - 1 (4 bits each): an axis lies
 # within AXIS_REACH / 2 = 4 cells of the middle.
 AXIS_REACH = 8
+
+
+def shape_code_values(grid_size: int, axes: bool) -> int:
+    """How many values each of a grid's two shape codes takes: a size - 1 below grid_size, plus (with `axes`)
+    grid_size times an axis offset + AXIS_REACH."""
+    return grid_size * (2 * AXIS_REACH if axes else 1)
 
 
 def symmetry_axes(grids: Tensor, shapes: Tensor) -> Tensor:
@@ -221,9 +226,8 @@ class AdaptiveContext(nn.Module):
         keys: dict[tuple, list[Tensor]] = {level: [] for level in ADAPTIVE_LEVELS}
         colour_counts = torch.zeros(colours, dtype=torch.float64, device=grids.device)
         for which in range(8):
-            for start in range(0, len(grids), 512):
-                g, s = dihedral(grids[start:start + 512], shapes[start:start + 512],
-                                torch.full((len(grids[start:start + 512]),), which, device=grids.device))
+            for chunk, chunk_shapes in zip(grids.split(512), shapes.split(512)):
+                g, s = dihedral(chunk, chunk_shapes, torch.full((len(chunk),), which, device=grids.device))
                 inside = inside_cells(s, g.shape[-1])
                 cells = context_cells(g, s, symmetry_axes(g, s) if axes else None)[inside]
                 flat = g.flatten(1)[inside]

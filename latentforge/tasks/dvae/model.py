@@ -52,6 +52,7 @@ from latentforge.tasks.dvae.context import (
     context_guesses,
     inside_cells,
     miss_layout,
+    shape_code_values,
     symmetry_axes,
 )
 
@@ -79,10 +80,10 @@ class GridDVAE(nn.Module):
                              "(and needs one context: the fitted rule or the adaptive one): set grid_slots and "
                              "autoregressive")
         if miss_axes != (adaptive_context is not None and adaptive_context.axes) or (
-                miss_axes and codebook_size < 2 * AXIS_REACH * grid_size):
+                miss_axes and codebook_size < shape_code_values(grid_size, True)):
             raise ValueError(f"miss_axes carries each grid's symmetry axes in its two shape codes for the adaptive "
                              f"context to mirror about: it needs an adaptive context fitted with axes and "
-                             f"codebook_size >= {2 * AXIS_REACH * grid_size} (got {codebook_size})")
+                             f"codebook_size >= {shape_code_values(grid_size, True)} (got {codebook_size})")
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents

@@ -20,7 +20,7 @@ from latentforge.engine.schedules import ScalarSchedule
 from latentforge.engine.task import Task
 from latentforge.errors import ConfigError, DataError
 from latentforge.nn.transformer import check_width
-from latentforge.tasks.dvae.context import AXIS_REACH, AdaptiveContext, fit_context_rule
+from latentforge.tasks.dvae.context import AdaptiveContext, fit_context_rule, shape_code_values
 from latentforge.tasks.dvae.data import (
     GridBatches,
     Grids,
@@ -229,9 +229,11 @@ class DVAE(Task):
             if not categorical and (s.start or s.end):
                 raise ConfigError(f"task.weights.{key} needs a categorical codebook (gumbel, reinmax, softmax); "
                                   f"model.codebook={m.codebook} has no code distribution")
-        if m.miss_axes and m.codebook_size < 2 * AXIS_REACH * cfg.data.grid_size:
+        # Checked here as well as in the model, so that a bad size fails before the context is fitted.
+        if m.miss_axes and m.codebook_size < shape_code_values(cfg.data.grid_size, True):
             raise ConfigError(f"model.miss_axes carries each grid's symmetry axes in its two shape codes: it needs "
-                              f"model.codebook_size >= {2 * AXIS_REACH * cfg.data.grid_size} (got {m.codebook_size})")
+                              f"model.codebook_size >= {shape_code_values(cfg.data.grid_size, True)} "
+                              f"(got {m.codebook_size})")
         if m.miss_slots and m.miss_run > cfg.data.grid_size**2:
             raise ConfigError(f"model.miss_run must be at most the grid's {cfg.data.grid_size**2} cells "
                               f"(got {m.miss_run})")
@@ -406,7 +408,7 @@ class DVAE(Task):
         K, N = model.codebook.size, model.latents
         if len(codes) != N or not all(0 <= c < K for c in codes):
             raise DataError(f"this model reads {N} codes, each in 0..{K - 1} (got {len(codes)} codes)")
-        shape_codes = self.grid_size * (2 * AXIS_REACH if model.miss_axes else 1)
+        shape_codes = shape_code_values(self.grid_size, model.miss_axes)
         if model.grid_slots and not all(c < shape_codes for c in codes[:2]):
             raise DataError(f"the first two codes are the grid's height - 1 and width - 1"
                             f"{' plus grid size x (axis offset + 8)' if model.miss_axes else ''}, each in "
