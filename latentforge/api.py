@@ -93,7 +93,7 @@ class Run:
         eval mode, and that step."""
         cfg = self.config
         path = self.checkpoint_path(checkpoint)
-        task, model = build_task_and_model(cfg, resolve_device(device))
+        task, model = build_task_and_model(cfg, resolve_device(device), path)
         state = load_checkpoint(path)
         if ema:
             load_model_state(model, ema_weights(state, path), path)

@@ -354,7 +354,7 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
     fitted_to = torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size)
     adaptive_slots = slots in ("miss-adaptive", "miss-axes")
     rule = fit_context_rule(*fitted_to) if slots.startswith("miss") and not adaptive_slots else None
-    adaptive = AdaptiveContext(*fitted_to, colours=10, axes=slots == "miss-axes") if adaptive_slots else None
+    adaptive = AdaptiveContext(colours=10, axes=slots == "miss-axes").fit(*fitted_to) if adaptive_slots else None
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
                      dropout=0.0, encoder_layers=1, pool_layers=1, decoder_layers=2,
                      latents=2 + 4 if grid_slots else 4, codebook="vq",
@@ -489,3 +489,29 @@ def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_di
     decoded = cli("decode", "ar", encoded["codes"], "--runs-dir", runs_dir, "--json")
     assert decoded.exit_code == 0, decoded.output
     assert [len(row.split()) for row in json.loads(decoded.stdout)["grid"].strip().splitlines()] == [3, 3]
+
+
+def test_a_loaded_or_resumed_run_takes_its_adaptive_context_from_the_checkpoint(runs_dir, monkeypatch):
+    from latentforge.api import evaluate_all_checkpoints
+    from latentforge.tasks.dvae.context import AdaptiveContext
+
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                            "model.latents=6", "model.codebook_size=512", "train.steps=4", "train.eval_every=4",
+                            "data.eval_grids=16", "train.batch_size=4", "model.miss_slots=true", "model.miss_run=8",
+                            "model.miss_context=adaptive", "model.miss_axes=true", "checkpoint.every=2",
+                            name="adaptive", runs_dir=runs_dir)
+    fitted = run.model().adaptive_context.state_dict()
+    assert sum(len(table) for name, table in fitted.items() if name.startswith("keys")) > 100
+
+    def refit(self, grids, shapes):
+        raise AssertionError("refitted where a checkpoint holds the tables")
+
+    monkeypatch.setattr(AdaptiveContext, "fit", refit)
+    loaded = run.model(checkpoint=2).adaptive_context.state_dict()
+    assert fitted.keys() == loaded.keys() and all(torch.equal(fitted[k], loaded[k]) for k in fitted)
+    assert [row["step"] for row in evaluate_all_checkpoints("adaptive", runs_dir=runs_dir, device="cpu")] == [2, 4]
+    assert latentforge.resume("adaptive", "train.steps=6", runs_dir=runs_dir).info["step"] == 6
+    with pytest.raises(AssertionError, match="refitted"):  # a fresh run does fit
+        latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                          "model.latents=6", "model.codebook_size=512", "train.steps=1", "model.miss_slots=true",
+                          "model.miss_context=adaptive", name="fresh", runs_dir=runs_dir)

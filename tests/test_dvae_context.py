@@ -82,10 +82,10 @@ def test_a_cells_run_and_place_depend_only_on_the_cells_before_it(context):
         rule = fit_context_rule(*fitted_to)
         guesses = functools.partial(context_guesses, rule=rule)
     elif context == "adaptive":
-        guesses = AdaptiveContext(*fitted_to, colours=10).guesses
+        guesses = AdaptiveContext(colours=10).fit(*fitted_to).guesses
     else:  # the axes are the code's: they stay whatever the cells
         axes = symmetry_axes(grids, shapes)
-        guesses = functools.partial(AdaptiveContext(*fitted_to, colours=10, axes=True).guesses, axes=axes)
+        guesses = functools.partial(AdaptiveContext(colours=10, axes=True).fit(*fitted_to).guesses, axes=axes)
     slot, offset, end, missed, guess = miss_layout(grids, shapes, guesses(grids, shapes), slots=6, run_limit=3)
     ends_toggled = 0
     for cell in range(25):
@@ -151,7 +151,7 @@ def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely()
         sys.path.remove(str(REPO))
     train = load_arc("train").select(slice(0, 60))
     test = unseen(load_arc("eval"), load_arc("train")).select(slice(0, 40))
-    adaptive = AdaptiveContext(train.tokens, train.shapes, colours=10)
+    adaptive = AdaptiveContext(colours=10).fit(train.tokens, train.shapes)
     params = entropy.Params(share=0.0, middle_axes=True)
     counts, prior = entropy.training_counts(train.tokens, train.shapes, params)
     guesses = adaptive.guesses(test.tokens, test.shapes)

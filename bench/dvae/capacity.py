@@ -109,8 +109,8 @@ def main(overrides: list[str]) -> None:
     # model.miss_slots: runs ending at each cell the context fitted to the training grids (context.py) mispredicts:
     # the fixed rule, or the adaptive context (model.miss_context), each as the model fits it.
     rule = fit_context_rule(task.train_grids.tokens, task.train_grids.shapes)
-    adaptive = AdaptiveContext(task.train_grids.tokens, task.train_grids.shapes, colours=10)
-    mirrored = AdaptiveContext(task.train_grids.tokens, task.train_grids.shapes, colours=10, axes=True)
+    adaptive = AdaptiveContext(colours=10).fit(task.train_grids.tokens, task.train_grids.shapes)
+    mirrored = AdaptiveContext(colours=10, axes=True).fit(task.train_grids.tokens, task.train_grids.shapes)
     uncoded = {}
     for context, guesses in (("rule", lambda t, s: context_guesses(t, s, rule)), ("adaptive", adaptive.guesses),
                              ("axes", lambda t, s: mirrored.guesses(t, s, symmetry_axes(t, s)))):

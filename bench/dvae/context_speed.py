@@ -24,7 +24,7 @@ def main() -> None:
     device = torch.device(args.device)
     train = load_arc("train")
     rule = fit_context_rule(train.tokens, train.shapes).to(device)
-    adaptive = AdaptiveContext(train.tokens, train.shapes, colours=10).to(device)
+    adaptive = AdaptiveContext(colours=10).fit(train.tokens, train.shapes).to(device)
     grids, shapes = train.tokens[:args.batch].to(device), train.shapes[:args.batch].to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{len(grids)} ARC training grids on {name}:")

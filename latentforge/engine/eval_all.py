@@ -38,14 +38,15 @@ def evaluate_all(run: RunDir, cfg: Config, splits: list[str] | None, device: str
                  quiet: bool) -> list[dict[str, Any]]:
     """One row per kept checkpoint, in step order: its step, its metrics and how many were new."""
     dev = resolve_device(device)
-    task, model = build_task_and_model(cfg, dev)
+    steps = list_checkpoints(run.checkpoints)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {run.checkpoints}")
+    task, model = build_task_and_model(cfg, dev, run.checkpoints / step_dir_name(steps[0]))
     available = task.eval_splits()
     splits = splits or task.training_eval_splits()
     for split in splits:
         if split not in available:
             raise ConfigError(f"unknown split {split!r} (splits of this run: {', '.join(available)})")
-    if not list_checkpoints(run.checkpoints):
-        raise CheckpointError(f"no checkpoint in {run.checkpoints}")
     precision = cfg.train.precision if dev.type == "cuda" else "fp32"
     writer = None
     if cfg.track.tensorboard:

@@ -131,8 +131,12 @@ class Update:
     reason: str | None
 
 
-def build_task_and_model(cfg: Config, device: torch.device) -> tuple[Task, nn.Module]:
+def build_task_and_model(cfg: Config, device: torch.device,
+                         restore_from: Path | None = None) -> tuple[Task, nn.Module]:
+    """The task and its model on `device`. `restore_from`: the checkpoint whose weights and buffers will replace
+    the model's (Task.restoring; not for a sharded one, which is read into tensors of the model's own sizes)."""
     task = get_task(cfg.task.name)(cfg, device)
+    task.restoring = restore_from is not None and not is_sharded(restore_from)
     return task, task.build_model().to(device)
 
 
@@ -208,7 +212,7 @@ class Trainer:
         self.mirror: RemoteMirror | None = None
         seed_everything(t.seed)
         self.attention = attention_context(t.sdpa_backends, self.device)
-        self.task, self.model = build_task_and_model(cfg, self.device)
+        self.task, self.model = build_task_and_model(cfg, self.device, resume_from)
         # Where the weights came from (run.json's init_from), and what a partial load left out.
         self.init_source: dict[str, Any] | None = None
         self.notes: list[str] = []

@@ -39,6 +39,9 @@ class Task(ABC):
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg = cfg
         self.device = device
+        # True when the engine builds the model only to load a checkpoint's weights and buffers into it (resume,
+        # eval, a loaded run): build_model may then skip fitting anything to the data.
+        self.restoring = False
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:

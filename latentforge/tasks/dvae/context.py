@@ -218,18 +218,29 @@ class AdaptiveContext(nn.Module):
     coder driven by that model about the grid's middle holds 97.9% of the held-out grids within 1,152 bits, and
     this one's misses leave 94.8% of them within 126 codes (bench.dvae.capacity)."""
 
-    def __init__(self, grids: Tensor, shapes: Tensor, colours: int, train_cap: float = 4.0,
-                 grid_weight: float = 8.0, backoff: float = 2.0, axes: bool = False):
+    def __init__(self, colours: int, train_cap: float = 4.0, grid_weight: float = 8.0, backoff: float = 2.0,
+                 axes: bool = False):
         super().__init__()
         self.colours, self.train_cap, self.grid_weight, self.backoff = colours, train_cap, grid_weight, backoff
         self.axes = axes
+        # Empty until fit(), or until a checkpoint's tables are loaded (_load_from_state_dict takes their sizes).
+        for i, level in enumerate(ADAPTIVE_LEVELS):
+            self.register_buffer(f"keys_{i}", torch.zeros(0, dtype=torch.long))
+            self.register_buffer(f"counts_{i}", torch.zeros(0, len(level) + 1, dtype=torch.float64))
+        self.register_buffer("colour_prior", torch.full((colours,), 1 / colours, dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit(self, grids: Tensor, shapes: Tensor) -> AdaptiveContext:
+        """Count the context patterns of the training grids (B, S, S) of (B, 2) shapes, in their 8 rotations and
+        reflections; returns self."""
+        colours = self.colours
         keys: dict[tuple, list[Tensor]] = {level: [] for level in ADAPTIVE_LEVELS}
         colour_counts = torch.zeros(colours, dtype=torch.float64, device=grids.device)
         for which in range(8):
             for chunk, chunk_shapes in zip(grids.split(512), shapes.split(512)):
                 g, s = dihedral(chunk, chunk_shapes, torch.full((len(chunk),), which, device=grids.device))
                 inside = inside_cells(s, g.shape[-1])
-                cells = context_cells(g, s, symmetry_axes(g, s) if axes else None)[inside]
+                cells = context_cells(g, s, symmetry_axes(g, s) if self.axes else None)[inside]
                 flat = g.flatten(1)[inside]
                 colour_counts += torch.bincount(flat, minlength=colours)[:colours].double()
                 for level in ADAPTIVE_LEVELS:
@@ -241,10 +252,19 @@ class AdaptiveContext(nn.Module):
             table_keys, row = torch.unique(patterns, return_inverse=True)
             table = torch.zeros(len(table_keys), len(level) + 1, dtype=torch.float64, device=grids.device)
             table[row, choice] = n.double()
-            self.register_buffer(f"keys_{i}", table_keys)
-            self.register_buffer(f"counts_{i}", table)
+            setattr(self, f"keys_{i}", table_keys)
+            setattr(self, f"counts_{i}", table)
         # No colour impossible: one more of each.
-        self.register_buffer("colour_prior", ((colour_counts + 1) / (colour_counts.sum() + colours)).double())
+        self.colour_prior = ((colour_counts + 1) / (colour_counts.sum() + colours)).double()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The tables' sizes depend on the grids they were fitted to: take the checkpoint's.
+        for i in range(len(ADAPTIVE_LEVELS)):
+            for name in (f"keys_{i}", f"counts_{i}"):
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def training_counts(self, level: tuple, patterns: Tensor) -> Tensor:
         """(B, L) pattern ids -> (B, L, K + 1) their training counts, scaled down to at most train_cap."""
@@ -276,6 +296,8 @@ class AdaptiveContext(nn.Module):
         reads as missing where it is a context cell."""
         if self.axes != (axes is not None):
             raise ValueError("an adaptive context fitted with symmetry axes guesses with them, and one without without")
+        if not len(self.keys_0):
+            raise ValueError("an adaptive context guesses once fitted (fit) or loaded from a checkpoint")
         inside = inside_cells(shapes, grids.shape[-1])
         coloured = inside & (grids.flatten(1) < self.colours)
         flat = torch.where(coloured, grids.flatten(1), 0)
