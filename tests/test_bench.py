@@ -479,24 +479,25 @@ def test_dvae_entropy_reports_the_grids_within_the_budget():
     assert "12 held-out grids" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 1152 bits"))
     assert all(0 <= float(x) <= 1 for x in row.strip("| ").split(" | ")[1:] if x)
-    layout = next(line for line in result.stdout.splitlines() if line.startswith("the miss layout (126 codes"))
-    shares = [float(x) for x in re.findall(r"(?:mispredicted|fit|last code) ([0-9.]+)", layout)]
-    assert len(shares) == 3 and all(0 <= x <= 1 for x in shares)
+    assert next(line for line in result.stdout.splitlines() if line.startswith("the miss layout (126 codes"))
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| one run per code", "| 1 bits"))]
+    assert len(rows) == 2 and all(0 <= float(x) <= 1 for row in rows for x in row.strip("| ").split(" | ")[1:])
 
 
-def test_dvae_entropy_miss_layout_counts_the_misses_past_the_last_code(capsys):
-    """A grid whose 200 cells all miss has 74 misses past its 126 codes; one with a miss every 40 cells (runs cut
-    at 32 cells between them: 10 runs) fits."""
+def test_dvae_entropy_miss_layout_counts_the_misses_past_the_last_code_and_packs_cheap_runs(capsys):
+    """One run per code: a grid whose 200 cells all miss has 74 misses past its 126 codes. Runs packed until
+    they cost 1 bit: at half a bit a miss, two runs a code, 100 codes, and it fits; a cheap run followed by a
+    costly one (8.5 bits together, over log2(512 - 32 * 11) bits) share a code that cannot be exact."""
     import numpy as np
 
     entropy = _entropy_module()
-    every = np.ones(200, dtype=bool)
-    sparse = np.zeros(200, dtype=bool)
-    sparse[::40] = True
-    entropy.report_miss_layout([{"missed": every, "cells": 200}, {"missed": sparse, "cells": 200}], 126, 32)
-    line = capsys.readouterr().out
-    assert f"cells mispredicted {205 / 400:.4f}" in line and "grids that fit 0.500" in line
-    assert f"last code {1 - 74 / 400:.4f}" in line
+    cheap = {"missed": np.ones(200, dtype=bool), "costs": np.full(200, 0.5), "cells": 200}
+    costly = {"missed": np.array([True, True, False, False]), "costs": np.array([0.5, 8.0, 0.0, 0.0]), "cells": 4}
+    entropy.report_miss_layout([cheap, costly], 126, 32, 512)
+    out = capsys.readouterr().out
+    assert f"cells mispredicted {202 / 204:.4f}" in out
+    assert f"| one run per code | 0.500 | 0.000 | {1 - 74 / 204:.4f} |" in out
+    assert f"| 1 bits | 0.500 | {1 / 102:.3f} | {1 - 2 / 204:.4f} |" in out
 
 
 def test_dvae_context_speed_times_both_contexts():

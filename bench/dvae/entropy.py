@@ -38,7 +38,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from latentforge.tasks.dvae.context import NEIGHBOURS, miss_runs, uncoded_misses
+from latentforge.tasks.dvae.context import NEIGHBOURS, miss_runs
 from latentforge.tasks.dvae.data import dihedral, load_arc
 from latentforge.tasks.dvae.model import cells_per_code
 from latentforge.tasks.dvae.render import ARC_COLOURS, tickless_figure
@@ -231,7 +231,7 @@ def code_grid(grid: np.ndarray, budget: float, train: dict, prior: np.ndarray, p
     total = bits + sum(costs)
     coded = int(np.searchsorted(np.cumsum(costs), budget - bits, side="right"))
     result = {"bits": total, "cells": h * w, "coded": coded, "guessed_true": coded + sum(hits[coded:]),
-              "missed": ~np.array(hits),
+              "missed": ~np.array(hits), "costs": np.array(costs),
               "guessed_free": h * w, "skipped_true": h * w - skipped_wrong(costs, hits, budget - bits)}
     if coded < h * w:
         result["guessed_free"] = coded + free_running(grid, axes, coded, train, prior, params)
@@ -295,6 +295,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=128 * 9, help="bits per grid, the shape's included")
     parser.add_argument("--slots", type=int, default=126, help="the dVAE's content codes, for the buckets")
     parser.add_argument("--miss-run", type=int, default=32, help="model.miss_run, for the miss layout's count")
+    parser.add_argument("--codebook-size", type=int, default=512, help="a code's size, for the packed count")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--middle-axes", action="store_true",
                         help="mirror across the grid's middle row and column only (no axes in the code)")
@@ -319,7 +320,7 @@ def main() -> None:
             results.append(result)
             bar.advance(task)
     report(results, test.shapes, args.budget, args.slots, params)
-    report_miss_layout(results, args.slots, args.miss_run)
+    report_miss_layout(results, args.slots, args.miss_run, args.codebook_size)
     large = [g for g in grids if g.size >= 400]
     near = sum(all(-8 <= axis - (n - 1) <= 7 for axis, n in zip(symmetry_axes(g), g.shape)) for g in large)
     print(f"\nbest axes within 4 cells of the middle (offsets -8..7 in half cells, 4 bits each): "
@@ -330,23 +331,51 @@ def main() -> None:
         print(f"\nthe costliest grids: {args.figure}")
 
 
-def report_miss_layout(results: list[dict], slots: int, run_limit: int) -> None:
+def packed_codes(run: np.ndarray, costs: np.ndarray, close_bits: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's code, and each code's bits, when consecutive runs (miss_runs' run of each cell, unbounded)
+    share a code until their cells have cost `close_bits` under the coder: the run that reaches it is the code's
+    last. A decoder that reads the cells in order knows where a code ends once it has read its last run, so the
+    layout stays causal. close_bits 0: one run per code."""
+    run_bits = np.bincount(run, weights=costs)
+    code_of_run, code, spent = np.zeros(len(run_bits), dtype=np.int64), 0, 0.0
+    for i, bits in enumerate(run_bits):
+        code_of_run[i], spent = code, spent + bits
+        if spent >= close_bits:
+            code, spent = code + 1, 0.0
+    return code_of_run[run], np.bincount(code_of_run, weights=run_bits), np.bincount(code_of_run)
+
+
+def report_miss_layout(results: list[dict], slots: int, run_limit: int, codebook_size: int) -> None:
     """The count of bench.dvae.capacity's last rows with this coder's most likely colour (from the true earlier
-    cells) in place of model.miss_slots' fitted rule: runs end at its misses."""
-    cells = past = fits = missed_cells = 0
-    for r in results:
-        missed = torch.from_numpy(r["missed"])[None]
-        index = torch.arange(missed.shape[1])[None]
-        slot, _, _ = miss_runs(missed, torch.ones_like(missed), index, slots, run_limit)
-        uncoded = int(uncoded_misses(slot, missed, slots).sum())
-        cells += r["cells"]
-        past += uncoded
-        fits += uncoded == 0
-        missed_cells += int(missed.sum())
+    cells) in place of model.miss_slots' fitted rule: runs end at its misses. Then with a variable rate inside
+    the fixed codes (packed_codes). A code of one run can always be exact: a run is one of run_limit x
+    (COLOURS + 1) kinds (its length, and its last cell's colour or no miss), each with a code of its own. The
+    codes left over can hold the contents of several runs that cost at most log2 of their number under the coder
+    (by Kraft's inequality no more contents than that are as likely). A grid fits where it needs at most `slots`
+    codes and each can be exact; past the last code, or in one that cannot, a mispredicted cell counts as wrong."""
+    cells = sum(r["cells"] for r in results)
+    missed_cells = sum(int(r["missed"].sum()) for r in results)
+    several_bits = math.log2(codebook_size - run_limit * (COLOURS + 1))
     print(f"\nthe miss layout ({slots} codes, runs of at most {run_limit}) with runs ending where this coder's most "
-          f"likely colour is wrong: cells mispredicted {missed_cells / cells:.4f}, grids that fit "
-          f"{fits / len(results):.3f}, token accuracy with every coded cell right and the guess past the last code "
-          f"{1 - past / cells:.4f}")
+          f"likely colour is wrong: cells mispredicted {missed_cells / cells:.4f}")
+    print(f"\n| a code closes after the run at which its runs have cost | grids that fit | codes of several runs "
+          f"over {several_bits:.2f} bits | token accuracy, every other cell right |")
+    print("|---|---|---|---|")
+    for close_bits in (0, 1, 2, 3, 4, 5, 6):
+        past = fits = over = codes = 0
+        for r in results:
+            missed = torch.from_numpy(r["missed"])[None]
+            index = torch.arange(missed.shape[1])[None]
+            _, _, end = miss_runs(missed, torch.ones_like(missed), index, missed.shape[1] + 1, run_limit)
+            code, bits, runs = packed_codes((end.cumsum(1) - end.long())[0].numpy(), r["costs"], close_bits)
+            inexact = (runs > 1) & (bits > several_bits)
+            lost = (code >= slots) | inexact[code]
+            past += int((r["missed"] & lost).sum())
+            fits += not lost.any()
+            over += int(inexact[:slots].sum())
+            codes += min(len(bits), slots)
+        name = "one run per code" if close_bits == 0 else f"{close_bits:g} bits"
+        print(f"| {name} | {fits / len(results):.3f} | {over / codes:.3f} | {1 - past / cells:.4f} |")
 
 
 def draw_costliest(grids: list[np.ndarray], bits: list[float], budget: float, count: int = 24):
