@@ -499,7 +499,7 @@ def test_a_loaded_or_resumed_run_takes_its_adaptive_context_from_the_checkpoint(
                             "model.latents=6", "model.codebook_size=512", "train.steps=4", "train.eval_every=4",
                             "data.eval_grids=16", "train.batch_size=4", "model.miss_slots=true", "model.miss_run=8",
                             "model.miss_context=adaptive", "model.miss_axes=true", "checkpoint.every=2",
-                            name="adaptive", runs_dir=runs_dir)
+                            "checkpoint.keep=3", name="adaptive", runs_dir=runs_dir)
     fitted = run.model().adaptive_context.state_dict()
     assert sum(len(table) for name, table in fitted.items() if name.startswith("keys")) > 100
 
@@ -510,7 +510,10 @@ def test_a_loaded_or_resumed_run_takes_its_adaptive_context_from_the_checkpoint(
     loaded = run.model(checkpoint=2).adaptive_context.state_dict()
     assert fitted.keys() == loaded.keys() and all(torch.equal(fitted[k], loaded[k]) for k in fitted)
     assert [row["step"] for row in evaluate_all_checkpoints("adaptive", runs_dir=runs_dir, device="cpu")] == [2, 4]
-    assert latentforge.resume("adaptive", "train.steps=6", runs_dir=runs_dir).info["step"] == 6
+    # Resumed from step 2 with the checkpoint's tables, it ends where the run ended, bit for bit.
+    ended = run.model().state_dict()
+    resumed = latentforge.resume("adaptive", checkpoint=2, runs_dir=runs_dir).model().state_dict()
+    assert all(torch.equal(ended[k], resumed[k]) for k in ended)
     with pytest.raises(AssertionError, match="refitted"):  # a fresh run does fit
         latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
                           "model.latents=6", "model.codebook_size=512", "train.steps=1", "model.miss_slots=true",
