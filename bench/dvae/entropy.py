@@ -331,8 +331,9 @@ def main() -> None:
         print(f"\nthe costliest grids: {args.figure}")
 
 
-def packed_codes(run: np.ndarray, costs: np.ndarray, close_bits: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each cell's code, and each code's bits, when consecutive runs (miss_runs' run of each cell, unbounded)
+def packed_codes(run: np.ndarray, costs: np.ndarray,
+                 close_bits: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cell's code, and each code's bits and runs, when consecutive runs (miss_runs' run of each cell, unbounded)
     share a code until their cells have cost `close_bits` under the coder: the run that reaches it is the code's
     last. A decoder that reads the cells in order knows where a code ends once it has read its last run, so the
     layout stays causal. close_bits 0: one run per code."""
@@ -361,13 +362,16 @@ def report_miss_layout(results: list[dict], slots: int, run_limit: int, codebook
     print(f"\n| a code closes after the run at which its runs have cost | grids that fit | codes of several runs "
           f"over {several_bits:.2f} bits | token accuracy, every other cell right |")
     print("|---|---|---|---|")
+    run_of_cell = []  # each grid's miss_runs run of each cell, unbounded by the slots
+    for r in results:
+        missed = torch.from_numpy(r["missed"])[None]
+        index = torch.arange(missed.shape[1])[None]
+        _, _, end = miss_runs(missed, torch.ones_like(missed), index, missed.shape[1] + 1, run_limit)
+        run_of_cell.append((end.cumsum(1) - end.long())[0].numpy())
     for close_bits in (0, 1, 2, 3, 4, 5, 6):
         past = fits = over = codes = 0
-        for r in results:
-            missed = torch.from_numpy(r["missed"])[None]
-            index = torch.arange(missed.shape[1])[None]
-            _, _, end = miss_runs(missed, torch.ones_like(missed), index, missed.shape[1] + 1, run_limit)
-            code, bits, runs = packed_codes((end.cumsum(1) - end.long())[0].numpy(), r["costs"], close_bits)
+        for r, run in zip(results, run_of_cell):
+            code, bits, runs = packed_codes(run, r["costs"], close_bits)
             inexact = (runs > 1) & (bits > several_bits)
             lost = (code >= slots) | inexact[code]
             past += int((r["missed"] & lost).sum())

@@ -229,11 +229,6 @@ class DVAE(Task):
             if not categorical and (s.start or s.end):
                 raise ConfigError(f"task.weights.{key} needs a categorical codebook (gumbel, reinmax, softmax); "
                                   f"model.codebook={m.codebook} has no code distribution")
-        # Checked here as well as in the model, so that a bad size fails before the context is fitted.
-        if m.miss_axes and m.codebook_size < shape_code_values(cfg.data.grid_size, True):
-            raise ConfigError(f"model.miss_axes carries each grid's symmetry axes in its two shape codes: it needs "
-                              f"model.codebook_size >= {shape_code_values(cfg.data.grid_size, True)} "
-                              f"(got {m.codebook_size})")
         if m.miss_slots and m.miss_run > cfg.data.grid_size**2:
             raise ConfigError(f"model.miss_run must be at most the grid's {cfg.data.grid_size**2} cells "
                               f"(got {m.miss_run})")
@@ -241,8 +236,10 @@ class DVAE(Task):
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
+        adaptive = AdaptiveContext(self.vocab_size - (self.pad_id is not None), axes=m.miss_axes) \
+            if m.miss_slots and m.miss_context == "adaptive" else None
         try:
-            return GridDVAE(
+            model = GridDVAE(
                 vocab_in=self.vocab_size + 1, vocab_out=self.vocab_size, grid_size=self.grid_size, d_model=m.d_model,
                 n_head=m.n_head, mlp_ratio=m.mlp_ratio, dropout=m.dropout, encoder_layers=m.encoder_layers,
                 pool_layers=m.pool_layers, decoder_layers=m.decoder_layers, latents=m.latents, codebook=m.codebook,
@@ -252,16 +249,14 @@ class DVAE(Task):
                 miss_slots=m.miss_slots, miss_run=m.miss_run, miss_above_cells=m.miss_above_cells,
                 context_rule=fit_context_rule(self.train_grids.tokens, self.train_grids.shapes)
                 if m.miss_slots and m.miss_context == "rule" else None,
-                adaptive_context=self.adaptive_context() if m.miss_slots and m.miss_context == "adaptive" else None,
-                miss_axes=m.miss_axes, pad_id=self.pad_id)
+                adaptive_context=adaptive, miss_axes=m.miss_axes, pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
-
-    def adaptive_context(self) -> AdaptiveContext:
-        """model.miss_context=adaptive: the context fitted to the training grids (5-8 s on two CPU cores), or
-        unfitted where a checkpoint's tables will replace it."""
-        context = AdaptiveContext(self.vocab_size - (self.pad_id is not None), axes=self.cfg.model.miss_axes)
-        return context if self.restoring else context.fit(self.train_grids.tokens, self.train_grids.shapes)
+        # Fitted once the model's checks have passed (5-8 s on two CPU cores), unless a checkpoint's tables will
+        # replace it.
+        if adaptive is not None and not self.restoring:
+            adaptive.fit(self.train_grids.tokens, self.train_grids.shapes)
+        return model
 
     # ------------------------------------------------------------------ training
     def train_batches(self) -> GridBatches:
