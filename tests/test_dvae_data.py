@@ -22,6 +22,7 @@ from latentforge.tasks.dvae.data import (
     permute_colors,
     random_color_permutations,
     read_grid_file,
+    repeat_large,
     variant_key,
     without_variants,
 )
@@ -206,6 +207,33 @@ def test_grid_batches_are_a_pure_function_of_seed_and_index(arc):
     rewound = stream(grids)
     rewound.load_state_dict({"index": 3})
     assert same(rewound.next_batch(), batches[3])
+
+
+def test_repeat_large_draws_the_large_grids_that_many_times_per_epoch(cli, runs_dir):
+    from latentforge.config import load_config
+    from latentforge.tasks.dvae.task import DVAE
+
+    grids = load_arc("train").select(slice(0, 40))
+    cells = grids.shapes.prod(1)
+    large = cells > 200
+    assert 0 < int(large.sum()) < 40
+    repeated = repeat_large(grids, 200, 3)
+    assert len(repeated) == 40 + 2 * int(large.sum())
+    # Every large grid three times, every other grid once, in their order.
+    keys = [t.tobytes() for t in grids.tokens.numpy()]
+    counts = [sum(t.tobytes() == key for t in repeated.tokens.numpy()) for key in keys]
+    assert counts == [3 if big else 1 for big in large.tolist()]
+    assert torch.equal(repeat_large(grids, 200, 1).tokens, grids.tokens)
+
+    cpu = torch.device("cpu")
+    task = DVAE(load_config("dvae/arc-vq", ["train.device=cpu", "data.repeat_above_cells=400",
+                                            "data.repeats=4"]), cpu)
+    stream_grids = task.train_batches().grids
+    n_large = int((task.train_grids.shapes.prod(1) > 400).sum())
+    assert len(stream_grids) == len(task.train_grids) + 3 * n_large
+    assert int((stream_grids.shapes.prod(1) > 400).sum()) == 4 * n_large
+    result = cli("train", "dvae/tiny", "data.repeats=0", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "data.repeats" in result.output and "Traceback" not in result.output
 
 
 def test_variant_key_is_shared_by_rotations_reflections_and_recolourings_only():

@@ -96,6 +96,13 @@ def concat(parts: list[Grids]) -> Grids:
                  parts[0].pad_id)
 
 
+def repeat_large(grids: Grids, above_cells: int, times: int) -> Grids:
+    """The grids of more than `above_cells` cells `times` times each, the others once: an epoch over them draws
+    the large grids, whose codes each carry the most cells, that much more often."""
+    counts = torch.where(grids.shapes.prod(1) > above_cells, times, 1)
+    return grids.select(torch.repeat_interleave(torch.arange(len(grids)), counts))
+
+
 def variant_key(grid: np.ndarray) -> tuple[int, int, bytes]:
     """One key for a grid and all its rotations, reflections and recolourings: over the 8 dihedral
     transforms, the smallest (shape, colours renamed in order of first appearance in reading order)."""

@@ -29,6 +29,7 @@ from latentforge.tasks.dvae.data import (
     load_digits,
     pad_grid,
     read_grid_file,
+    repeat_large,
     without_variants,
 )
 from latentforge.tasks.dvae.losses import (
@@ -169,6 +170,10 @@ class DVAEDataConfig:
     # keep_background: 0 stays, all).
     augment: bool = True
     colors: Literal["none", "keep_background", "all"] = "keep_background"
+    # Training grids of more than repeat_above_cells cells appear `repeats` times in each epoch (the held-out grids
+    # and the fitted context rule see each grid once).
+    repeat_above_cells: int = 0
+    repeats: int = 1
     # digits: intensity levels (0..16 quantized to this many tokens).
     digit_levels: int = 16
     eval_splits: list[str] = field(default_factory=lambda: ["test"])
@@ -183,6 +188,8 @@ class DVAEDataConfig:
         require(1 <= self.grid_size <= 64, "grid_size", f"must be in [1, 64] (got {self.grid_size})")
         require(self.arc_version not in self.arc_extra, "arc_extra",
                 f"adds versions other than data.arc_version ({self.arc_version}), whose evaluation grids are held out")
+        require(self.repeat_above_cells >= 0, "repeat_above_cells", f"must be >= 0 (got {self.repeat_above_cells})")
+        require(self.repeats >= 1, "repeats", f"must be >= 1 (got {self.repeats})")
         require(2 <= self.digit_levels <= 17, "digit_levels", f"must be in [2, 17] (got {self.digit_levels})")
         require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1 (got {self.eval_batch_size})")
         require(self.eval_grids >= 0, "eval_grids", f"must be >= 0 (got {self.eval_grids})")
@@ -261,7 +268,8 @@ class DVAE(Task):
     # ------------------------------------------------------------------ training
     def train_batches(self) -> GridBatches:
         d, t = self.cfg.data, self.cfg.train
-        return GridBatches(self.train_grids, t.batch_size, d.seed, self.device, d.augment, d.colors,
+        grids = repeat_large(self.train_grids, d.repeat_above_cells, d.repeats)
+        return GridBatches(grids, t.batch_size, d.seed, self.device, d.augment, d.colors,
                            lambda index: self.scheduled(index // t.grad_accum), self.mask_id)
 
     def scheduled(self, step: int) -> dict[str, float]:
