@@ -99,6 +99,18 @@ def test_every_spec_line_is_a_valid_config(spec: Path):
         assert load_config(preset, overrides).task.name, name
 
 
+def test_the_arc_vq_miss_preset_is_the_run_that_docs_results_reports():
+    """docs/results/dvae.md's 94.5% run is the last line of bench/dvae/miss-adaptive.txt; the preset must train
+    exactly that configuration (checkpoint and compile settings aside)."""
+    import dataclasses
+
+    line = (REPO / "bench" / "dvae" / "miss-adaptive.txt").read_text().strip().splitlines()[-1].split()
+    assert line[0] == "arc-vq-miss-axes-run16-large-6k"
+    spec = load_config(line[1], line[2:])
+    preset = load_config("dvae/arc-vq-miss", ["train.compile=true", "checkpoint.every=500"])
+    assert dataclasses.asdict(preset) == dataclasses.asdict(spec)
+
+
 def test_lm_head_loss_variants_agree_in_loss_and_gradients():
     """bench/lm_head_loss.py times ways of writing the head and cross-entropy that must be the same
     function: the padded columns masked, a head without padding, the rows in chunks."""
