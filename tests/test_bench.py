@@ -494,6 +494,8 @@ def test_dvae_entropy_reports_the_grids_within_the_budget():
     assert next(line for line in result.stdout.splitlines() if line.startswith("the miss layout (126 codes"))
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| one run per code", "| 1 bits"))]
     assert len(rows) == 2 and all(0 <= float(x) <= 1 for row in rows for x in row.strip("| ").split(" | ")[1:])
+    paired = [line.strip("| ").split(" | ") for line in result.stdout.splitlines() if line.startswith("| 8 | at most")]
+    assert len(paired) == 2 and all(0 <= float(x) <= 1 for row in paired for x in row[3:])
 
 
 def test_dvae_entropy_miss_layout_counts_the_misses_past_the_last_code_and_packs_cheap_runs(capsys):
@@ -510,6 +512,25 @@ def test_dvae_entropy_miss_layout_counts_the_misses_past_the_last_code_and_packs
     assert f"cells mispredicted {202 / 204:.4f}" in out
     assert f"| one run per code | 0.500 | 0.000 | {1 - 74 / 204:.4f} |" in out
     assert f"| 1 bits | 0.500 | {1 / 102:.3f} | {1 - 2 / 204:.4f} |" in out
+
+
+def test_dvae_entropy_pairs_a_cheap_miss_with_the_next_and_counts_every_kind_of_code():
+    """A code ends at a miss ranked above pair_rank, at its second miss, or after run_limit cells; the kinds counted
+    are exactly the first codes that every rank sequence of run_limit cells can start with."""
+    import itertools
+
+    import numpy as np
+
+    entropy = _entropy_module()
+    ranks = np.array([0, 1, 0, 3, 0, 0, 1, 0, 2, 0, 1, 1, 0])
+    assert entropy.paired_miss_codes(ranks, 4, 1).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 4]
+    assert entropy.paired_miss_codes(ranks, 4, 0).tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5, 6]
+    for run_limit, pair_rank in ((3, 0), (3, 1), (4, 1), (4, 2)):
+        firsts = set()
+        for sequence in itertools.product(range(10), repeat=run_limit):
+            codes = entropy.paired_miss_codes(np.array(sequence), run_limit, pair_rank)
+            firsts.add(sequence[:int((codes == 0).sum())])
+        assert len(firsts) == entropy.paired_miss_kinds(run_limit, pair_rank)
 
 
 def test_dvae_context_speed_times_both_contexts():
