@@ -21,6 +21,9 @@ A grid within the budget comes back exactly; for one over it, the coder codes ce
 bits run out and then guesses each later cell (its most likely colour), either from the true earlier cells (an
 optimistic count) or from its own guesses (what a decoder would do). The shape costs 2 log2(30) bits.
 
+The last tables count the dVAE's miss layout with this coder's guesses: one run per code, several runs per code
+by their cost, and two misses per code where the first is the coder's second (or third) guess.
+
 The model's few parameters were chosen on the held-out grids: this favours the coder, which is the side to err
 on when the question is whether the bar's budget suffices at all.
 """
