@@ -171,7 +171,7 @@ class DVAEDataConfig:
     augment: bool = True
     colors: Literal["none", "keep_background", "all"] = "keep_background"
     # Training grids of more than repeat_above_cells cells appear `repeats` times in each epoch (the held-out grids
-    # and the fitted context rule see each grid once).
+    # and the fitted context see each grid once).
     repeat_above_cells: int = 0
     repeats: int = 1
     # digits: intensity levels (0..16 quantized to this many tokens).
