@@ -212,6 +212,7 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     local, fitted = local.split("fitted to the content")
     fitted, context = fitted.split("context rule mispredicts")
     context, reach = context.split("miss layout, every cell within the codes right", 1)
+    reach, paired = reach.split("two to a code where the first is cheap")
     # The token accuracy in the miss layout's reach: 1 - the rule's misses past the last code over all cells.
     accuracy = float(reach.split("held-out token accuracy ")[1].split(";")[0])
     counts = re.findall(r"mispredicts ([\d,]+) cells.*of the ([\d,]+)\)", reach)[0]
@@ -230,6 +231,11 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     # The adaptive context (model.miss_context=adaptive) misses fewer still, most on the largest grids.
     assert layouts[4][0] > layouts[3][0] and layouts[4][4] > layouts[3][4]
     assert layouts[5][0] >= layouts[4][0] and layouts[5][4] > layouts[4][4]  # about each grid's own axes
+    # Counted again from the context's ranks, one miss per code is that layout; two where the first is cheap fit more.
+    pairs = [[float(x) for x in line.split("|")[4:6]] for line in paired.splitlines() if line.startswith("| ")
+             and "runs" not in line]
+    assert len(pairs) == 3 and pairs[0] == [layouts[5][0], pytest.approx(axes_accuracy, abs=1e-3)]
+    assert all(row[0] > pairs[0][0] and row[1] > pairs[0][1] for row in pairs[1:])
     for table in (local, fitted):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]

@@ -140,7 +140,7 @@ def test_counts_before_sums_the_earlier_cells_of_the_same_group_in_each_grid():
 def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely():
     """AdaptiveContext (vectorized, every cell at once) against bench/dvae/entropy.py's coder (cell by cell, its
     plain Bayesian mixture and middle axes), both fitted to the same training grids: the same context cells, the
-    same most likely colour in every cell of held-out grids."""
+    same most likely colour in every cell of held-out grids, and the same rank of each cell's own colour."""
     from latentforge.tasks.dvae.data import load_arc
     from latentforge.tasks.dvae.task import unseen
 
@@ -155,6 +155,7 @@ def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely()
     params = entropy.Params(share=0.0, middle_axes=True)
     counts, prior = entropy.training_counts(train.tokens, train.shapes, params)
     guesses = adaptive.guesses(test.tokens, test.shapes)
+    ranks = adaptive.ranks(test.tokens, test.shapes)
     cells = context_cells(test.tokens, test.shapes)
     axes = symmetry_axes(test.tokens, test.shapes)
     axes_cells = context_cells(test.tokens, test.shapes, axes)
@@ -170,10 +171,13 @@ def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely()
         coder = entropy.Coder(counts, prior, params)
         contexts = entropy.cell_contexts(reference_cells)
         mine = guesses[b].view(32, 32)[:h, :w].flatten().tolist()
+        my_ranks = ranks[b].view(32, 32)[:h, :w].flatten().tolist()
         for i, colour in enumerate(grid.flatten().tolist()):
             context = {level: (int(ids[i]), sub[i]) for level, (ids, sub) in contexts.items()}
             p, family_p = coder.predict(context)
             assert int(p.argmax()) == mine[i], (b, i)
+            assert int((p > p[colour]).sum() + (p[:colour] == p[colour]).sum()) == my_ranks[i], (b, i)
+            assert (my_ranks[i] == 0) == (colour == mine[i])
             coder.update(colour, context, family_p)
             compared += 1
     assert compared > 5000 and (guesses[~(test.tokens != 10).flatten(1)] == NO_GUESS).all()

@@ -294,6 +294,22 @@ class AdaptiveContext(nn.Module):
         mirrored about the (B, 2) `axes` (symmetry_axes' offsets: needed where fitted with axes, else the middle).
         A cell inside a grid that holds no colour (padding or a mask, in a grid being decoded) counts as none, and
         reads as missing where it is a context cell."""
+        inside = inside_cells(shapes, grids.shape[-1])
+        return torch.where(inside, self.distribution(grids, shapes, axes).argmax(-1), NO_GUESS)
+
+    @torch.no_grad()
+    def ranks(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> Tensor:
+        """(B, S*S): where each cell's own colour stands among the context's choices (0: its guess, 1: its second
+        choice, ...; ties in colour order, as the guess takes them); 0 outside the grid."""
+        p = self.distribution(grids, shapes, axes)
+        inside = inside_cells(shapes, grids.shape[-1])
+        colour = torch.where(inside, grids.flatten(1), 0).clamp(max=self.colours - 1).unsqueeze(-1)
+        own = p.gather(-1, colour)
+        before = (p > own) | ((p == own) & (torch.arange(self.colours, device=p.device) < colour))
+        return torch.where(inside, before.sum(-1), 0)
+
+    def distribution(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> Tensor:
+        """(B, S*S, colours): each cell's colour distribution given the earlier cells (guesses' arguments)."""
         if self.axes != (axes is not None):
             raise ValueError("an adaptive context fitted with symmetry axes guesses with them, and one without without")
         if not len(self.keys_0):
@@ -324,5 +340,4 @@ class AdaptiveContext(nn.Module):
             right = p.gather(-1, flat.unsqueeze(-1)).squeeze(-1).clamp(min=1e-300).log() * coloured
             loglik.append(F.pad(right.cumsum(1)[:, :-1], (1, 0)))  # over the earlier cells only, exactly
         weights = torch.stack(loglik, -1).softmax(-1)  # (B, L, families)
-        mixed = (torch.stack(predictions, -1) * weights.unsqueeze(-2)).sum(-1)
-        return torch.where(inside, mixed.argmax(-1), NO_GUESS)
+        return (torch.stack(predictions, -1) * weights.unsqueeze(-2)).sum(-1)
