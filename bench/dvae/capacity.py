@@ -149,30 +149,18 @@ def main(overrides: list[str]) -> None:
 def report_paired_misses(grids: Grids, context: AdaptiveContext, slots: int, miss_run: int) -> None:
     """bench.dvae.entropy's two misses to a code where the first is cheap, counted with the model's own context
     (model.miss_axes'): its misses and the ranks of their colours, the first row one miss per code as model.miss_slots
-    lays them out. A grid fits where no miss is past the codes; the token accuracy takes every cell within them
-    right and the context's guess past them."""
-    from bench.dvae.entropy import paired_miss_codes, paired_miss_kinds
+    lays them out."""
+    from bench.dvae import entropy
 
     axes = symmetry_axes(grids.tokens, grids.shapes)
     ranks = torch.cat([context.ranks(grids.tokens[i:i + 256], grids.shapes[i:i + 256], axes[i:i + 256])
                        for i in range(0, len(grids), 256)])
     inside = inside_cells(grids.shapes, grids.tokens.shape[-1])
     per_grid = [r[keep].numpy() for r, keep in zip(ranks, inside)]  # reading order: the grid sits top-left
-    cells = int(inside.sum())
-    print("\nmisses of the axes-mirrored adaptive context named by their rank, two to a code where the first is "
-          "cheap (bench.dvae.entropy's last table, with the model's context):")
-    print("| runs of at most | a second miss after a first of rank | kinds of code | grids that fit | "
-          "token accuracy, every other cell right |")
-    print("|---|---|---|---|---|")
-    for run_limit, pair_rank in ((miss_run, 0), (10, 1), (7, 2)):
-        fits = past = 0
-        for grid_ranks in per_grid:
-            lost = (paired_miss_codes(grid_ranks, run_limit, pair_rank) >= slots) & (grid_ranks > 0)
-            fits += not lost.any()
-            past += int(lost.sum())
-        first = "none (one miss per code)" if pair_rank == 0 else f"at most {pair_rank}"
-        print(f"| {run_limit} | {first} | {paired_miss_kinds(run_limit, pair_rank)} | {fits / len(per_grid):.3f} "
-              f"| {1 - past / cells:.4f} |")
+    entropy.report_paired_misses(per_grid, slots, ((miss_run, 0), (10, 1), (7, 2)),
+                                 "misses of the axes-mirrored adaptive context named by their rank, two to a code "
+                                 "where the first is cheap (bench.dvae.entropy's last table, with the model's "
+                                 "context)")
 
 
 def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:

@@ -229,8 +229,8 @@ def code_grid(grid: np.ndarray, budget: float, train: dict, prior: np.ndarray, p
         context = {level: (int(ids[i]), sub[i]) for level, (ids, sub) in contexts.items()}
         p, family_p = coder.predict(context)
         costs.append(-math.log2(max(p[colour], 1e-12)))
-        hits.append(int(p.argmax()) == colour)
-        ranks.append(int((p > p[colour]).sum()))
+        ranks.append(colour_rank(p, colour))
+        hits.append(ranks[-1] == 0)
         coder.update(colour, context, family_p)
     total = bits + sum(costs)
     coded = int(np.searchsorted(np.cumsum(costs), budget - bits, side="right"))
@@ -240,6 +240,12 @@ def code_grid(grid: np.ndarray, budget: float, train: dict, prior: np.ndarray, p
     if coded < h * w:
         result["guessed_free"] = coded + free_running(grid, axes, coded, train, prior, params)
     return result
+
+
+def colour_rank(p: np.ndarray, colour: int) -> int:
+    """Where `colour` stands among the choices of the distribution p: 0 where it is the most likely (ties in colour
+    order, as argmax takes them), 1 where it is the second choice, and so on."""
+    return int((p > p[colour]).sum() + (p[:colour] == p[colour]).sum())
 
 
 def skipped_wrong(costs: list[float], hits: list[bool], budget: float) -> int:
@@ -325,7 +331,9 @@ def main() -> None:
             bar.advance(task)
     report(results, test.shapes, args.budget, args.slots, params)
     report_miss_layout(results, args.slots, args.miss_run, args.codebook_size)
-    report_paired_misses(results, args.slots)
+    report_paired_misses([r["ranks"] for r in results], args.slots,
+                         ((16, 0), (32, 0), (6, 1), (8, 1), (10, 1), (6, 2), (7, 2), (8, 2)),
+                         "misses named by their rank under the coder, two to a code where the first is cheap")
     large = [g for g in grids if g.size >= 400]
     near = sum(all(-8 <= axis - (n - 1) <= 7 for axis, n in zip(symmetry_axes(g), g.shape)) for g in large)
     print(f"\nbest axes within 4 cells of the middle (offsets -8..7 in half cells, 4 bits each): "
@@ -411,24 +419,25 @@ def paired_miss_kinds(run_limit: int, pair_rank: int) -> int:
     return (ranks - pair_rank) * run_limit + pair_rank * pairs * ranks + pair_rank * run_limit + 1
 
 
-def report_paired_misses(results: list[dict], slots: int) -> None:
-    """Two misses per code where the first is cheap (paired_miss_codes), against one per code: grids within the
-    codes, and token accuracy if every cell within them is right and the coder's guess (from the true earlier
-    cells) fills the rest. A code's miss is named by its rank under the context, so a code of the 512 names any
-    content of the kinds counted (the hybrid's even runs take 110 more)."""
-    cells = sum(r["cells"] for r in results)
-    print("\nmisses named by their rank under the coder, two to a code where the first is cheap:\n")
+def report_paired_misses(ranks: list[np.ndarray], slots: int, layouts: tuple[tuple[int, int], ...], title: str) -> None:
+    """Two misses per code where the first is cheap (paired_miss_codes), for each (run_limit, pair_rank) of
+    `layouts`, from each grid's ranks of its cells' colours in reading order (0: the context's guess, so not a
+    miss): grids within the codes, and token accuracy if every cell within them is right and the context's guess
+    (from the true earlier cells) fills the rest. A code's miss is named by its rank under the context, so a code of
+    the 512 names any content of the kinds counted (the hybrid's even runs take 110 more)."""
+    cells = sum(len(r) for r in ranks)
+    print(f"\n{title}:\n")
     print("| runs of at most | a second miss after a first of rank | kinds of code | grids that fit | "
           "token accuracy, every other cell right |")
     print("|---|---|---|---|---|")
-    for run_limit, pair_rank in ((16, 0), (32, 0), (6, 1), (8, 1), (10, 1), (6, 2), (7, 2), (8, 2)):
+    for run_limit, pair_rank in layouts:
         fits = past = 0
-        for r in results:
-            lost = paired_miss_codes(r["ranks"], run_limit, pair_rank) >= slots
-            fits += not (lost & r["missed"]).any()
-            past += int((lost & r["missed"]).sum())
+        for grid_ranks in ranks:
+            lost = (paired_miss_codes(grid_ranks, run_limit, pair_rank) >= slots) & (grid_ranks > 0)
+            fits += not lost.any()
+            past += int(lost.sum())
         first = "none (one miss per code)" if pair_rank == 0 else f"at most {pair_rank}"
-        print(f"| {run_limit} | {first} | {paired_miss_kinds(run_limit, pair_rank)} | {fits / len(results):.3f} "
+        print(f"| {run_limit} | {first} | {paired_miss_kinds(run_limit, pair_rank)} | {fits / len(ranks):.3f} "
               f"| {1 - past / cells:.4f} |")
 
 
