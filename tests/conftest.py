@@ -1,3 +1,4 @@
+import importlib
 import importlib.util
 import json
 import os
@@ -22,6 +23,15 @@ ICOT = REPO / "latentforge" / "tasks" / "multiply" / "icot"
 # Small and fast: what most engine and CLI tests train.
 TINY = ["train.steps=12", "train.log_every=1", "train.eval_every=6", "checkpoint.every=4",
         "data.test_size=100", "data.train_eval_size=100", "train.batch_size=16"]
+
+
+def bench_module(name: str):
+    """A module of the repository's bench/ (not an installed package), e.g. "dvae.entropy"."""
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(str(REPO))
 
 
 @pytest.fixture

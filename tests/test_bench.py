@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, bench_module
 
 import latentforge
 from latentforge.config import load_config
@@ -411,12 +411,7 @@ def test_dvae_dictionary_toy_lays_out_known_patterns_and_reports_the_runs(capsys
 
 
 def _entropy_module():
-    sys.path.insert(0, str(REPO))
-    try:
-        from bench.dvae import entropy
-    finally:
-        sys.path.remove(str(REPO))
-    return entropy
+    return bench_module("dvae.entropy")
 
 
 @pytest.fixture(scope="module")

@@ -345,14 +345,15 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
     slots), grid (grid slots), miss (grid slots where a context rule fails, runs of at most 3 cells), miss-pack
     (those, packed), miss-even (miss-pack for grids of more than 8 cells, even runs for the others), miss-adaptive
     (miss-pack with the adaptive context in place of the rule), miss-axes (that, mirrored about each grid's own
-    symmetry axes), patch (patch slots) or none."""
+    symmetry axes), miss-pairs (miss-adaptive with codes that name ranks, two misses to a code where the first is
+    the context's second choice), patch (patch slots) or none."""
     from latentforge.tasks.dvae.context import AdaptiveContext, fit_context_rule
     from latentforge.tasks.dvae.model import GridDVAE
 
     torch.manual_seed(0)
-    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-axes")
+    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-axes", "miss-pairs")
     fitted_to = torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size)
-    adaptive_slots = slots in ("miss-adaptive", "miss-axes")
+    adaptive_slots = slots in ("miss-adaptive", "miss-axes", "miss-pairs")
     rule = fit_context_rule(*fitted_to) if slots.startswith("miss") and not adaptive_slots else None
     adaptive = AdaptiveContext(colours=10, axes=slots == "miss-axes").fit(*fitted_to) if adaptive_slots else None
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
@@ -360,11 +361,11 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
                      latents=2 + 4 if grid_slots else 4, codebook="vq",
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
                      grid_slots=grid_slots,
-                     pack_slots=slots in ("pack", "miss-pack", "miss-even", "miss-adaptive", "miss-axes"),
+                     pack_slots=slots in ("pack", "miss-pack", "miss-even", "miss-adaptive", "miss-axes", "miss-pairs"),
                      patch_slots=slots == "patch", autoregressive=True, miss_slots=slots.startswith("miss"), miss_run=3,
                      miss_above_cells=miss_above_cells if slots == "miss-even" else 0,
                      context_rule=rule, adaptive_context=adaptive, miss_axes=slots == "miss-axes",
-                     pad_id=10).double().eval()
+                     miss_pair_rank=1 if slots == "miss-pairs" else 0, pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
         for p in model.parameters():
@@ -372,7 +373,8 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
     return model
 
 
-@pytest.mark.parametrize("slots", ["pack", "grid", "miss", "miss-pack", "miss-even", "miss-adaptive", "patch", "none"])
+@pytest.mark.parametrize("slots", ["pack", "grid", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs",
+                                   "patch", "none"])
 def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(3, model.slots, 32, dtype=torch.float64)
@@ -388,7 +390,7 @@ def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
             assert not torch.allclose(after[0, cell + 1:], before[0, cell + 1:])
 
 
-@pytest.mark.parametrize("slots", ["miss", "miss-pack", "miss-even", "miss-adaptive"])
+@pytest.mark.parametrize("slots", ["miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs"])
 def test_miss_slots_cells_read_the_code_of_their_run(slots):
     model = autoregressive_model(slots=slots)
     shapes = torch.tensor([[4, 4], [2, 4]])  # miss-even: the second grid keeps even runs
@@ -416,7 +418,7 @@ def test_miss_above_cells_keeps_even_runs_for_the_smaller_grids():
     model = autoregressive_model(slots="miss-even")
     shapes = torch.tensor([[4, 4], [2, 4], [3, 3], [1, 3]])
     grids = torch.randint(0, 3, (4, 4, 4))
-    slot, offset, end, _, _ = model.layout(grids, shapes)
+    slot, offset, end = model.layout(grids, shapes)[:3]
     even_slot, even_offset = grid_slot_layout(shapes, 4, model.slots)
     miss = miss_layout(grids, shapes, context_guesses(grids, shapes, model.context_rule), model.slots, model.miss_run)
     for b, expected in ((0, miss), (1, (even_slot, even_offset)), (2, miss), (3, (even_slot, even_offset))):
@@ -429,6 +431,32 @@ def test_miss_above_cells_keeps_even_runs_for_the_smaller_grids():
     autoregressive_model(slots="miss-even", miss_above_cells=12)
     with pytest.raises(ValueError, match="miss_above_cells must be in"):
         autoregressive_model(slots="miss-even", miss_above_cells=13)
+
+
+def test_paired_codes_name_ranks_that_the_contexts_choices_turn_into_colours():
+    """miss-pairs: the head's logit for rank r becomes the logit of the context's r-th choice in each cell; a run
+    ends at a miss ranked above 1 and holds at most two misses, the first of them the context's second choice."""
+    from latentforge.tasks.dvae.context import inside_cells
+
+    model = autoregressive_model(slots="miss-pairs")
+    shapes = torch.tensor([[4, 4], [3, 4], [4, 4]])
+    context = torch.randint(0, 4, (3, 4, 4))
+    heads = []
+    model.head.register_forward_hook(lambda module, args, out: heads.append(out))
+    logits = model.decode(torch.randn(3, model.slots, 32, dtype=torch.float64), shapes, context)
+    layout = model.layout(context, shapes)
+    inside = inside_cells(shapes, 4)
+    assert torch.equal(logits[..., :10].gather(-1, layout.choices)[inside], heads[0][..., :10][inside])
+    ranks = model.adaptive_context.ranks(context, shapes)
+    assert torch.equal(layout.missed, inside & (ranks > 0)) and (ranks > 1).any()
+    assert layout.end[ranks > 1].all()
+    pairs = 0
+    for b in range(3):
+        for k in range(model.slots):
+            misses = ranks[b][(layout.slot[b] == k) & layout.missed[b]].tolist()
+            assert len(misses) <= 2 and (len(misses) < 2 or misses[0] == 1)
+            pairs += len(misses) == 2
+    assert pairs > 0
 
 
 def test_miss_axes_ride_in_the_shape_codes_and_the_codes_alone_decode_the_reconstruction():
@@ -454,7 +482,7 @@ def test_miss_axes_ride_in_the_shape_codes_and_the_codes_alone_decode_the_recons
         model.decode(z, shapes, grids)
 
 
-@pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even", "miss-adaptive"])
+@pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs"])
 def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(5, 4, 32, dtype=torch.float64)
@@ -477,7 +505,9 @@ def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_fo
                                    ["model.miss_slots=true", "model.miss_run=8", "model.miss_above_cells=16"],
                                    ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive"],
                                    ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive",
-                                    "model.miss_axes=true", "model.codebook_size=512"]])
+                                    "model.miss_axes=true", "model.codebook_size=512"],
+                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive",
+                                    "model.miss_axes=true", "model.codebook_size=512", "model.miss_pair_rank=1"]])
 def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_dir, tmp_path, slots):
     run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
                             "model.latents=6", "model.codebook_size=64", "train.steps=4", "train.eval_every=4",

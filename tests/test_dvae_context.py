@@ -1,12 +1,11 @@
 """dvae: the context rule, the adaptive context, and the slots laid out where they fail (model.miss_slots)."""
 
 import functools
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import bench_module
 
 from latentforge.tasks.dvae.context import (
     NEIGHBOURS,
@@ -17,7 +16,10 @@ from latentforge.tasks.dvae.context import (
     context_guesses,
     counts_before,
     fit_context_rule,
+    inside_cells,
     miss_layout,
+    miss_runs,
+    paired_miss_runs,
     pattern_ids,
     symmetry_axes,
 )
@@ -56,9 +58,9 @@ def test_the_fitted_rule_copies_the_neighbour_that_predicts_the_training_grids()
 def test_runs_end_at_each_mispredicted_cell_or_after_run_limit_cells():
     grid = torch.full((1, 5, 5), 10)  # padding around a 3 x 4 grid: reading order is not the canvas order
     grid[0, :3, :4] = torch.tensor([[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 3]])
-    slot, offset, end, missed, guess = miss_layout(grid, torch.tensor([[3, 4]]),
-                                                   context_guesses(grid, torch.tensor([[3, 4]]), COPY_LEFT), slots=4,
-                                                   run_limit=3)
+    slot, offset, end, missed, guess, _ = miss_layout(grid, torch.tensor([[3, 4]]),
+                                                      context_guesses(grid, torch.tensor([[3, 4]]), COPY_LEFT), slots=4,
+                                                      run_limit=3)
     inside = torch.arange(25).view(5, 5)[:3, :4].flatten()
     # Copying the left cell misses each row's first cell and the 2s; the last row's run of 3s ends by the limit.
     assert missed[0, inside].nonzero().flatten().tolist() == [0, 3, 4, 7, 8]
@@ -86,7 +88,7 @@ def test_a_cells_run_and_place_depend_only_on_the_cells_before_it(context):
     else:  # the axes are the code's: they stay whatever the cells
         axes = symmetry_axes(grids, shapes)
         guesses = functools.partial(AdaptiveContext(colours=10, axes=True).fit(*fitted_to).guesses, axes=axes)
-    slot, offset, end, missed, guess = miss_layout(grids, shapes, guesses(grids, shapes), slots=6, run_limit=3)
+    slot, offset, end, missed, guess, _ = miss_layout(grids, shapes, guesses(grids, shapes), slots=6, run_limit=3)
     ends_toggled = 0
     for cell in range(25):
         for colour in range(10):  # the guess among them: a cell turns from missed to predicted and back
@@ -137,6 +139,34 @@ def test_counts_before_sums_the_earlier_cells_of_the_same_group_in_each_grid():
     assert counts_before(groups, values).squeeze(-1).tolist() == [[0, 0, 1, 5, 2], [0, 1, 0, 3, 4]]
 
 
+def test_paired_runs_are_the_entropy_coders_paired_codes_and_miss_runs_without_pairs():
+    """paired_miss_runs (every cell at once, by a prefix scan) against bench.dvae.entropy.paired_miss_codes (cell by
+    cell), on random ranks in grids of random shapes; at pair_rank 0, miss_runs' runs."""
+    from latentforge.nn.rope import grid_positions
+
+    paired_miss_codes = bench_module("dvae.entropy").paired_miss_codes
+    torch.manual_seed(0)
+    rows, cols = grid_positions(6, 6, torch.device("cpu"))
+    checked = {0: 0, 1: 0, 2: 0}
+    for _ in range(60):
+        shapes = torch.randint(1, 7, (4, 2))
+        inside = inside_cells(shapes, 6)
+        ranks = torch.where(torch.rand(4, 36) < 0.6, 0, torch.randint(1, 10, (4, 36)))
+        run_limit, pair_rank, slots = (int(torch.randint(lo, hi, ())) for lo, hi in ((1, 6), (0, 3), (1, 12)))
+        slot, offset, end = paired_miss_runs(ranks, inside, slots, run_limit, pair_rank)
+        for b in range(4):
+            code = paired_miss_codes(ranks[b][inside[b]].numpy(), run_limit, pair_rank)
+            assert slot[b][inside[b]].tolist() == np.minimum(code, slots).tolist()
+            assert offset[b][inside[b]].tolist() == [int((code[:i] == c).sum()) for i, c in enumerate(code)]
+            assert end[b][inside[b]][:-1].tolist() == (code[1:] != code[:-1]).tolist()
+            assert (slot[b][~inside[b]] == slots).all() and not end[b][~inside[b]].any()
+        checked[pair_rank] += 1
+        if pair_rank == 0:
+            runs = miss_runs(inside & (ranks > 0), inside, rows * shapes[:, 1:] + cols, slots, run_limit)
+            assert all(torch.equal(a, b) for a, b in zip(runs, (slot, offset, end)))
+    assert min(checked.values()) > 5
+
+
 def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely():
     """AdaptiveContext (vectorized, every cell at once) against bench/dvae/entropy.py's coder (cell by cell, its
     plain Bayesian mixture and middle axes), both fitted to the same training grids: the same context cells, the
@@ -144,11 +174,7 @@ def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely()
     from latentforge.tasks.dvae.data import load_arc
     from latentforge.tasks.dvae.task import unseen
 
-    sys.path.insert(0, str(REPO))
-    try:
-        from bench.dvae import entropy
-    finally:
-        sys.path.remove(str(REPO))
+    entropy = bench_module("dvae.entropy")
     train = load_arc("train").select(slice(0, 60))
     test = unseen(load_arc("eval"), load_arc("train")).select(slice(0, 40))
     adaptive = AdaptiveContext(colours=10).fit(train.tokens, train.shapes)
@@ -156,6 +182,8 @@ def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely()
     counts, prior = entropy.training_counts(train.tokens, train.shapes, params)
     guesses = adaptive.guesses(test.tokens, test.shapes)
     ranks = adaptive.ranks(test.tokens, test.shapes)
+    inside = test.tokens.flatten(1) != 10
+    assert torch.equal(adaptive.choices(test.tokens, test.shapes)[..., 0][inside], guesses[inside])
     cells = context_cells(test.tokens, test.shapes)
     axes = symmetry_axes(test.tokens, test.shapes)
     axes_cells = context_cells(test.tokens, test.shapes, axes)

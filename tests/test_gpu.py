@@ -108,13 +108,15 @@ MISS_SPLIT = ("model.autoregressive=true", "model.miss_slots=true", "model.miss_
                                            ("dvae/arc-fsq", ()), ("dvae/arc-vq", MISS_SPLIT),
                                            ("dvae/arc-vq", (*MISS_SPLIT, "model.miss_context=adaptive")),
                                            ("dvae/arc-vq", (*MISS_SPLIT, "model.miss_context=adaptive",
-                                                            "model.miss_axes=true"))],
+                                                            "model.miss_axes=true")),
+                                           ("dvae/arc-vq-pairs", ())],
                          ids=["arc", "arc-reinmax", "arc-vq", "arc-fsq", "arc-vq-miss-split", "arc-vq-miss-adaptive",
-                              "arc-vq-miss-axes"])
+                              "arc-vq-miss-axes", "arc-vq-pairs"])
 def test_dvae_codebooks_train_compiled_as_eager_on_cuda(runs_dir, preset, extra):
     """Every codebook kind compiles (VQ's package lookup runs eagerly inside the compiled loss) and trains as
     the eager path does; so does VQ with split_crowded under the miss layout (autoregressive, both layouts), with
-    the fitted rule or the adaptive context (about the middle or each grid's axes)."""
+    the fitted rule or the adaptive context (about the middle or each grid's axes), and with codes that name
+    the adaptive context's ranks, two misses to a code (dvae/arc-vq-pairs)."""
     eager = latentforge.train(preset, *SMALL_ARC, *extra, name="eager", runs_dir=runs_dir)
     fast = latentforge.train(preset, *SMALL_ARC, *extra, "train.compile=true", name="fast", runs_dir=runs_dir)
     a, b = losses(eager.path), losses(fast.path)

@@ -117,8 +117,8 @@ def main(overrides: list[str]) -> None:
                              ("axes", lambda t, s: mirrored.guesses(t, s, symmetry_axes(t, s)))):
         guess = torch.cat([guesses(grids.tokens[i:i + 256], grids.shapes[i:i + 256])
                            for i in range(0, len(grids), 256)])
-        slot, _, _, missed, _ = miss_layout(grids.tokens, grids.shapes, guess, slots, m.miss_run)
-        uncoded[context] = uncoded_misses(slot, missed, slots)
+        layout = miss_layout(grids.tokens, grids.shapes, guess, slots, m.miss_run)
+        uncoded[context] = uncoded_misses(layout.slot, layout.missed, slots)
     miss_fits = {context: (~past.any(1)).tolist() for context, past in uncoded.items()}
     for layout, ok in (("one per grid slot's run", runs_fit), ("one per mispredicted cell", list_fits),
                        ("either, whichever fits the grid", [a or b for a, b in zip(runs_fit, list_fits)]),

@@ -56,7 +56,7 @@ def main() -> None:
             tokens = grids.tokens[start:start + task.cfg.data.eval_batch_size]
             shapes = model.grid_shapes(tokens)
             logits, out = model(tokens)
-            slot, offset, end, missed, _ = model.layout(tokens, shapes, model.grid_axes(tokens, shapes))
+            slot, offset, end, missed = model.layout(tokens, shapes, model.grid_axes(tokens, shapes))[:4]
             targets = tokens.flatten(1)
             # Grids that keep even runs (model.miss_above_cells) are left out: their codes carry every cell.
             laid_out = ~model.keeps_even_runs(shapes)

@@ -103,7 +103,7 @@ def main() -> None:
             tokens, shapes = test.tokens[start:start + 64], test.shapes[start:start + 64]
             inside = inside_cells(shapes, SIZE)
             wrong = (model(tokens, shapes).argmax(-1) != tokens.flatten(1)) & inside
-            slot, _, _, missed, _ = miss_layout(tokens, shapes, context_guesses(tokens, shapes, rule), SLOTS, MISS_RUN)
+            slot, _, _, missed = miss_layout(tokens, shapes, context_guesses(tokens, shapes, rule), SLOTS, MISS_RUN)[:4]
             past = uncoded_misses(slot, missed, SLOTS)
             counts["cells"] += int(inside.sum())
             counts["rule_misses"] += int(missed.sum())

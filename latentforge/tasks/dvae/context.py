@@ -17,6 +17,7 @@ Counted on ARC-AGI-1's held-out grids, 126 such codes hold every mispredicted ce
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,18 @@ from latentforge.tasks.dvae.data import dihedral
 NEIGHBOURS = ((0, -1), (-1, 0), (-1, -1), (-1, 1), (0, -2), (-2, 0), (-1, -2), (-2, -1))
 PATTERNS = math.factorial(len(NEIGHBOURS) + 1)
 NO_GUESS = -1  # a neighbour outside the grid, or the rule's guess where no neighbour will do
-MissLayout = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # slot, offset, end, missed, guess (miss_layout)
+
+
+class MissLayout(NamedTuple):
+    """Codes tied to the cells a context mispredicts (miss_layout, paired_miss_runs), each (B, S*S)."""
+
+    slot: Tensor  # the run of each cell, `slots` outside the grid and past the last code
+    offset: Tensor  # its place in its run
+    end: Tensor  # whether its run ends there
+    missed: Tensor  # whether the guess is wrong there
+    guess: Tensor  # the guess given
+    # Codes that name ranks (model.miss_pair_rank): (B, S*S, colours), each cell's colours as the context ranks them.
+    choices: Tensor | None = None
 
 
 def inside_cells(shapes: Tensor, grid_size: int) -> Tensor:
@@ -94,7 +106,7 @@ def miss_layout(grids: Tensor, shapes: Tensor, guess: Tensor, slots: int, run_li
     inside = inside_cells(shapes, S)
     index = rows * shapes[:, 1:] + cols  # the cell's place in the grid's reading order
     missed = inside & (grids.flatten(1) != guess)  # the rule's first cell always: all its neighbours lie outside
-    return *miss_runs(missed, inside, index, slots, run_limit), missed, guess
+    return MissLayout(*miss_runs(missed, inside, index, slots, run_limit), missed, guess)
 
 
 def miss_runs(missed: Tensor, inside: Tensor, index: Tensor, slots: int,
@@ -108,6 +120,40 @@ def miss_runs(missed: Tensor, inside: Tensor, index: Tensor, slots: int,
     slot = torch.where(inside & (run < slots), run, slots)
     offset = torch.where(inside, index - previous_end - 1, 0)
     return slot, offset, end
+
+
+def paired_miss_runs(ranks: Tensor, inside: Tensor, slots: int, run_limit: int,
+                     pair_rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The runs of model.miss_pair_rank from (B, L) cells in canvas order: the rank of each cell's colour under the
+    context (0: its guess) and whether it is inside its grid. A run ends at a miss ranked above pair_rank, at its
+    second miss, or at its run_limit-th cell, so a cheap miss lets its code go on to hold a second (pair_rank 0:
+    miss_runs' runs). Returns slot, offset and end as miss_layout does.
+    A run's state (its cells and misses so far) is a finite automaton over the cells, so the state before every
+    cell is a prefix composition of per-cell transitions: log2(L) parallel steps rather than L sequential ones."""
+    state = torch.arange(2 * run_limit, device=ranks.device)  # misses so far * run_limit + cells so far
+    misses, length = state // run_limit, state % run_limit
+    full = length + 1 == run_limit
+    # Per kind of cell (a hit, a cheap miss, a dear one, outside the grid): whether the run ends, and the state after.
+    ends = torch.stack([full, full | (misses == 1), torch.ones_like(full), torch.zeros_like(full)])
+    after = torch.stack([state + 1, run_limit + length + 1, state, state])
+    after = torch.where(ends, 0, after)
+    kind = torch.where(inside, (ranks > 0).long() + (ranks > pair_rank).long(), 3)
+    prefix = after[kind]  # (B, L, states): prefix[:, i, s], the state after cells ..i from state s before them
+    span = 1
+    while span < prefix.shape[1]:
+        prefix = torch.cat([prefix[:, :span], prefix[:, span:].gather(2, prefix[:, :-span])], 1)
+        span *= 2
+    before = F.pad(prefix[:, :-1, 0], (1, 0))
+    end = ends[kind, before]
+    run = end.cumsum(1) - end.long()
+    slot = torch.where(inside & (run < slots), run, slots)
+    return slot, torch.where(inside, before % run_limit, 0), end
+
+
+def colour_ranks(choices: Tensor, colours: Tensor) -> Tensor:
+    """(..., C) colours as a context ranks them and (...) colours -> each colour's rank (0: the guess); 0 for a
+    token that is no colour."""
+    return (choices == colours.unsqueeze(-1)).int().argmax(-1)
 
 
 def uncoded_misses(slot: Tensor, missed: Tensor, slots: int) -> Tensor:
@@ -300,13 +346,17 @@ class AdaptiveContext(nn.Module):
     @torch.no_grad()
     def ranks(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> Tensor:
         """(B, S*S): where each cell's own colour stands among the context's choices (0: its guess, 1: its second
-        choice, ...; ties in colour order, as the guess takes them); 0 outside the grid."""
-        p = self.distribution(grids, shapes, axes)
+        choice, ...); 0 outside the grid."""
         inside = inside_cells(shapes, grids.shape[-1])
-        colour = torch.where(inside, grids.flatten(1), 0).clamp(max=self.colours - 1).unsqueeze(-1)
-        own = p.gather(-1, colour)
-        before = (p > own) | ((p == own) & (torch.arange(self.colours, device=p.device) < colour))
-        return torch.where(inside, before.sum(-1), 0)
+        colour = torch.where(inside, grids.flatten(1), 0).clamp(max=self.colours - 1)
+        return torch.where(inside, colour_ranks(self.choices(grids, shapes, axes), colour), 0)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def choices(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> Tensor:
+        """(B, S*S, colours): each cell's colours, likeliest first given the earlier cells (ties in colour order,
+        as the guess takes them)."""
+        return self.distribution(grids, shapes, axes).sort(dim=-1, descending=True, stable=True).indices
 
     def distribution(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> Tensor:
         """(B, S*S, colours): each cell's colour distribution given the earlier cells (guesses' arguments)."""

@@ -133,6 +133,10 @@ class DVAEModelConfig(ModelBase):
     # shape codes carry them in their spare bits, so codebook_size >= 16 x grid_size) instead of its middle. Counted
     # (python -m bench.dvae.capacity): 95.3% of the held-out grids fit, against 94.8% about the middle.
     miss_axes: bool = False
+    # With miss_context=adaptive: codes name their misses by rank among the context's choices, two to a code where
+    # the first is ranked at most this (1: the context's second choice); 0: one miss to a code, named by its colour
+    # (model.py). Counted (python -m bench.dvae.capacity), with miss_run=9: 96.8% of the held-out grids fit.
+    miss_pair_rank: int = 0
 
     def validate(self) -> None:
         check_width(self.d_model, self.n_head, self.mlp_ratio, self.dropout, rope_axes=2)
@@ -152,6 +156,11 @@ class DVAEModelConfig(ModelBase):
         require(not self.miss_axes or (self.miss_slots and self.miss_context == "adaptive"), "miss_axes",
                 "gives the adaptive context each grid's symmetry axes: set model.miss_slots=true and "
                 "model.miss_context=adaptive too")
+        require(not self.miss_pair_rank or (self.miss_slots and self.miss_context == "adaptive"), "miss_pair_rank",
+                "names misses by their rank under the adaptive context: set model.miss_slots=true and "
+                "model.miss_context=adaptive too")
+        require(0 <= self.miss_pair_rank <= 8, "miss_pair_rank",
+                f"must be in [0, 8], a rank among the 10 colours below the last (got {self.miss_pair_rank})")
         require(self.miss_slots or not self.miss_above_cells, "miss_above_cells",
                 "chooses between even runs and model.miss_slots's layout: set model.miss_slots=true too")
 
@@ -256,7 +265,8 @@ class DVAE(Task):
                 miss_slots=m.miss_slots, miss_run=m.miss_run, miss_above_cells=m.miss_above_cells,
                 context_rule=fit_context_rule(self.train_grids.tokens, self.train_grids.shapes)
                 if m.miss_slots and m.miss_context == "rule" else None,
-                adaptive_context=adaptive, miss_axes=m.miss_axes, pad_id=self.pad_id)
+                adaptive_context=adaptive, miss_axes=m.miss_axes, miss_pair_rank=m.miss_pair_rank,
+                pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
         # Fitted once the model's checks have passed (5-8 s on two CPU cores), unless a checkpoint's tables will
