@@ -542,3 +542,29 @@ def test_dvae_context_speed_times_both_contexts():
     assert result.returncode == 0, result.stderr
     times = re.findall(r"^(fitted rule|adaptive context): ([0-9.]+) ms per batch$", result.stdout, re.MULTILINE)
     assert [name for name, _ in times] == ["fitted rule", "adaptive context"] and all(float(t) > 0 for _, t in times)
+
+
+def test_layout_reach_decodes_the_uncoded_cells_from_its_own_guesses():
+    """bench.dvae.layout_reach: with 12 codes most large held-out grids do not fit; the cells past the last code take
+    the context's guess, from the true earlier cells or, as greedy decoding does, one cell at a time from the
+    guesses before them."""
+    from latentforge.tasks.dvae.context import inside_cells
+    from latentforge.tasks.dvae.task import DVAE
+
+    layout_reach = bench_module("dvae.layout_reach").layout_reach
+    cfg = load_config("dvae/arc-vq-pairs", ["train.device=cpu", "model.latents=14"])
+    task = DVAE(cfg, torch.device("cpu"))
+    model = task.build_model()
+    grids = task.grids("test")
+    large = (grids.shapes.long().prod(1) > 100).nonzero().flatten()[:6]
+    tokens, shapes = grids.tokens[large].long(), grids.shapes[large].long()
+    fit, wrong_true, wrong_free = layout_reach(model, tokens, shapes)
+    assert not fit.all() and (wrong_true[~fit] > 0).all() and (wrong_true[fit] == 0).all()
+    assert int(wrong_free.sum()) > int(wrong_true.sum())  # a miss left uncoded leads later guesses astray
+    axes = model.grid_axes(tokens, shapes)
+    past = inside_cells(shapes, 32) & (model.layout(tokens, shapes, axes).slot >= model.slots)
+    decoded = tokens.flatten(1).clone()
+    for cell in past.any(0).nonzero().flatten().tolist():
+        guess = model.layout(decoded.view_as(tokens), shapes, axes).guess[:, cell]
+        decoded[:, cell] = torch.where(past[:, cell], guess, decoded[:, cell])
+    assert torch.equal((decoded != tokens.flatten(1)).sum(1), wrong_free)
