@@ -521,6 +521,17 @@ def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_di
     assert [len(row.split()) for row in json.loads(decoded.stdout)["grid"].strip().splitlines()] == [3, 3]
 
 
+def test_the_paired_miss_layout_trains_compiled_on_the_cpu(runs_dir):
+    """torch.compile traces the miss layout (the GPU runs compile it): a run with paired codes, the adaptive context
+    and its axes trains compiled and evaluates (tests/test_gpu.py compares it with eager on CUDA)."""
+    run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                            "model.latents=6", "model.codebook_size=512", "model.miss_slots=true", "model.miss_run=8",
+                            "model.miss_context=adaptive", "model.miss_axes=true", "model.miss_pair_rank=1",
+                            "model.miss_above_cells=8", "train.compile=true", "train.steps=2", "train.eval_every=2",
+                            "data.eval_grids=8", "train.batch_size=4", name="compiled", runs_dir=runs_dir)
+    assert run.status == "finished" and 0 < run.info["last_eval"]["test/token_acc"] < 1
+
+
 def test_a_loaded_or_resumed_run_takes_its_adaptive_context_from_the_checkpoint(runs_dir, monkeypatch):
     from latentforge.api import evaluate_all_checkpoints
     from latentforge.tasks.dvae.context import AdaptiveContext

@@ -302,7 +302,7 @@ class GridDVAE(nn.Module):
             even_end = inside_cells(shapes, self.grid_size) & (even_offset == last.gather(1, even_slot))
             slot, offset = torch.where(even, even_slot, slot), torch.where(even, even_offset, offset)
             end = torch.where(even, even_end, end)
-        return layout._replace(slot=slot, offset=offset, end=end)
+        return MissLayout(slot, offset, end, layout.missed, layout.guess, layout.choices)
 
     def grid_axes(self, grids: Tensor, shapes: Tensor | None) -> Tensor | None:
         """miss_axes: the (B, 2) symmetry axes of (B, S, S) grids (context.symmetry_axes), which their shape codes
