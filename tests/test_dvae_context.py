@@ -120,7 +120,9 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
     assert result.exit_code == 2 and "miss_above_cells must be in [0, 1024]" in result.output, result.output
     for bad, message in (("model.miss_context=adaptive", "set model.miss_slots=true too"),
                          ("model.miss_context=learned", "miss_context"),
-                         ("model.miss_axes=true", "model.miss_context=adaptive too")):
+                         ("model.miss_axes=true", "model.miss_context=adaptive too"),
+                         ("model.miss_pair_rank=1", "model.miss_context=adaptive too"),
+                         ("model.miss_pair_rank=9", "must be in [0, 8]")):
         result = cli("train", "dvae/tiny", "data.dataset=arc", bad, "--runs-dir", runs_dir)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",

@@ -156,11 +156,11 @@ class DVAEModelConfig(ModelBase):
         require(not self.miss_axes or (self.miss_slots and self.miss_context == "adaptive"), "miss_axes",
                 "gives the adaptive context each grid's symmetry axes: set model.miss_slots=true and "
                 "model.miss_context=adaptive too")
+        require(0 <= self.miss_pair_rank <= 8, "miss_pair_rank",
+                f"must be in [0, 8], a rank among the 10 colours below the last (got {self.miss_pair_rank})")
         require(not self.miss_pair_rank or (self.miss_slots and self.miss_context == "adaptive"), "miss_pair_rank",
                 "names misses by their rank under the adaptive context: set model.miss_slots=true and "
                 "model.miss_context=adaptive too")
-        require(0 <= self.miss_pair_rank <= 8, "miss_pair_rank",
-                f"must be in [0, 8], a rank among the 10 colours below the last (got {self.miss_pair_rank})")
         require(self.miss_slots or not self.miss_above_cells, "miss_above_cells",
                 "chooses between even runs and model.miss_slots's layout: set model.miss_slots=true too")
 
