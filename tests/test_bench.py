@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, bench_module
@@ -213,6 +214,7 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     fitted, context = fitted.split("context rule mispredicts")
     context, reach = context.split("miss layout, every cell within the codes right", 1)
     reach, paired = reach.split("two to a code where the first is cheap")
+    paired, tunstall = paired.split("a Tunstall dictionary")
     # The token accuracy in the miss layout's reach: 1 - the rule's misses past the last code over all cells.
     accuracy = float(reach.split("held-out token accuracy ")[1].split(";")[0])
     counts = re.findall(r"mispredicts ([\d,]+) cells.*of the ([\d,]+)\)", reach)[0]
@@ -236,6 +238,9 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
              and "runs" not in line]
     assert len(pairs) == 3 and pairs[0] == [layouts[5][0], pytest.approx(axes_accuracy, abs=1e-3)]
     assert all(row[0] > pairs[0][0] and row[1] > pairs[0][1] for row in pairs[1:])
+    # The best fixed dictionary for independent ranks fits more grids than the pairs within the same 512 codes.
+    row = [line.split("|")[1:4] for line in tunstall.splitlines() if line.startswith("| 505")][0]
+    assert float(row[1]) > max(p[0] for p in pairs) and float(row[2]) > pairs[0][1]
     for table in (local, fitted):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]
@@ -542,6 +547,23 @@ def test_dvae_context_speed_times_both_contexts():
     assert result.returncode == 0, result.stderr
     times = re.findall(r"^(fitted rule|adaptive context): ([0-9.]+) ms per batch$", result.stdout, re.MULTILINE)
     assert [name for name, _ in times] == ["fitted rule", "adaptive context"] and all(float(t) > 0 for _, t in times)
+
+
+def test_a_tunstall_tree_parses_any_ranks_into_its_leaves():
+    """bench.dvae.entropy.tunstall_dictionary: at most `leaves` leaves, grown where ranks are likely; any rank
+    sequence parses into codes that are leaves (every proper prefix an internal node, the code itself not)."""
+    entropy = _entropy_module()
+    p = np.array([0.8, 0.1, 0.05, 0.05])
+    tree = entropy.tunstall_dictionary(p, 40)
+    leaves = 1 + (len(p) - 1) * len(tree)
+    assert leaves <= 40 < leaves + len(p) - 1
+    assert (0,) * 6 in tree and (3, 3) not in tree  # the likely runs of hits are long, the unlikely ranks short
+    ranks = np.random.default_rng(0).choice(len(p), size=500, p=p)
+    codes = entropy.tunstall_codes(ranks, tree)
+    assert codes[0] == 0 and (np.diff(codes) >= 0).all() and (np.diff(codes) <= 1).all()
+    for code in range(codes[-1]):  # the last code may end with the sequence
+        word = tuple(ranks[codes == code].tolist())
+        assert word not in tree and all(word[:k] in tree for k in range(len(word)))
 
 
 def test_layout_reach_decodes_the_uncoded_cells_from_its_own_guesses():

@@ -37,6 +37,7 @@ import math
 import sys
 from collections import Counter, defaultdict
 
+import numpy as np
 import torch
 
 from latentforge.config import load_config
@@ -143,24 +144,43 @@ def main(overrides: list[str]) -> None:
               f"{max(0.0, 1 - 0.01 * cells / max(past, 1)):.2f} of them right without a code. The {sum(unfit)} "
               f"grids that do not fit hold {unfit_cells / cells:.3f} of the cells, "
               f"{1 - past / max(unfit_cells, 1):.3f} of theirs right so")
-    report_paired_misses(grids, mirrored, slots, m.miss_run)
+    report_paired_misses(grids, task.train_grids, mirrored, slots, m.miss_run, m.codebook_size)
 
 
-def report_paired_misses(grids: Grids, context: AdaptiveContext, slots: int, miss_run: int) -> None:
-    """bench.dvae.entropy's two misses to a code where the first is cheap, counted with the model's own context
-    (model.miss_axes'): its misses and the ranks of their colours, the first row one miss per code as model.miss_slots
-    lays them out."""
-    from bench.dvae import entropy
-
+def grid_ranks(grids: Grids, context: AdaptiveContext) -> list:
+    """Each grid's ranks of its cells' colours under the context (mirrored about each grid's own axes), in reading
+    order."""
     axes = symmetry_axes(grids.tokens, grids.shapes)
     ranks = torch.cat([context.ranks(grids.tokens[i:i + 256], grids.shapes[i:i + 256], axes[i:i + 256])
                        for i in range(0, len(grids), 256)])
     inside = inside_cells(grids.shapes, grids.tokens.shape[-1])
-    per_grid = [r[keep].numpy() for r, keep in zip(ranks, inside)]  # reading order: the grid sits top-left
+    return [r[keep].numpy() for r, keep in zip(ranks, inside)]  # reading order: the grid sits top-left
+
+
+def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, slots: int, miss_run: int,
+                         codebook_size: int) -> None:
+    """bench.dvae.entropy's two misses to a code where the first is cheap, counted with the model's own context
+    (model.miss_axes'): its misses and the ranks of their colours, the first row one miss per code as model.miss_slots
+    lays them out. Then the best fixed dictionary of rank sequences for ranks drawn independently, a Tunstall tree
+    fitted to the training grids' ranks."""
+    from bench.dvae import entropy
+
+    per_grid = grid_ranks(grids, context)
     entropy.report_paired_misses(per_grid, slots, ((miss_run, 0), (10, 1), (7, 2)),
                                  "misses of the axes-mirrored adaptive context named by their rank, two to a code "
                                  "where the first is cheap (bench.dvae.entropy's last table, with the model's "
                                  "context)")
+    train_ranks = np.concatenate(grid_ranks(train, context))
+    p = np.bincount(train_ranks, minlength=context.colours) / len(train_ranks)
+    # A tree over 10 ranks has 1 + 9k leaves.
+    leaves = 1 + (codebook_size - 1) // (context.colours - 1) * (context.colours - 1)
+    tree = entropy.tunstall_dictionary(p, leaves)
+    fits, accuracy = entropy.uncoded(per_grid, [entropy.tunstall_codes(r, tree) for r in per_grid], slots)
+    print(f"\na Tunstall dictionary of rank sequences, fitted to the training grids' ranks (rank 0 {p[0]:.3f} of "
+          f"their cells), its longest code {max(map(len, tree)) + 1} cells:\n")
+    print("| codes of | grids that fit | token accuracy, every other cell right |")
+    print("|---|---|---|")
+    print(f"| {leaves} | {fits:.3f} | {accuracy:.4f} |")
 
 
 def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:

@@ -31,6 +31,7 @@ on when the question is whether the bar's budget suffices at all.
 from __future__ import annotations
 
 import argparse
+import heapq
 import math
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -419,26 +420,61 @@ def paired_miss_kinds(run_limit: int, pair_rank: int) -> int:
     return (ranks - pair_rank) * run_limit + pair_rank * pairs * ranks + pair_rank * run_limit + 1
 
 
+def tunstall_dictionary(p: np.ndarray, leaves: int) -> set[tuple[int, ...]]:
+    """The internal nodes of a Tunstall tree over ranks drawn with probabilities p: from the root, the likeliest
+    leaf splits into its len(p) children while the leaves number at most `leaves`. Its leaves are the rank
+    sequences codes would name: of all dictionaries of that many, the one with the most cells per code when the
+    ranks are independent draws from p (pairs of misses are one such dictionary, built by hand)."""
+    heap = [(-p[r], (r,)) for r in range(len(p))]
+    heapq.heapify(heap)
+    internal, count = {()}, len(p)
+    while count + len(p) - 1 <= leaves:
+        q, node = heapq.heappop(heap)
+        internal.add(node)
+        for r in range(len(p)):
+            heapq.heappush(heap, (q * p[r], node + (r,)))
+        count += len(p) - 1
+    return internal
+
+
+def tunstall_codes(ranks: np.ndarray, internal: set[tuple[int, ...]]) -> np.ndarray:
+    """Each cell's code when its grid's ranks are parsed into the leaves of a Tunstall tree (tunstall_dictionary):
+    a code ends where its ranks leave the tree's internal nodes. Causal, as the paired codes are."""
+    code = np.empty(len(ranks), dtype=np.int64)
+    current, node = 0, ()
+    for i, rank in enumerate(ranks.tolist()):
+        code[i] = current
+        node = node + (rank,)
+        if node not in internal:
+            current, node = current + 1, ()
+    return code
+
+
+def uncoded(ranks: list[np.ndarray], codes: list[np.ndarray], slots: int) -> tuple[float, float]:
+    """Grids whose every miss (rank > 0) is within `slots` codes, and the token accuracy if every cell within them
+    is right and the context's guess (from the true earlier cells) fills the rest."""
+    fits = past = 0
+    for grid_ranks, grid_codes in zip(ranks, codes):
+        lost = (grid_codes >= slots) & (grid_ranks > 0)
+        fits += not lost.any()
+        past += int(lost.sum())
+    return fits / len(ranks), 1 - past / sum(len(r) for r in ranks)
+
+
 def report_paired_misses(ranks: list[np.ndarray], slots: int, layouts: tuple[tuple[int, int], ...], title: str) -> None:
     """Two misses per code where the first is cheap (paired_miss_codes), for each (run_limit, pair_rank) of
     `layouts`, from each grid's ranks of its cells' colours in reading order (0: the context's guess, so not a
     miss): grids within the codes, and token accuracy if every cell within them is right and the context's guess
     (from the true earlier cells) fills the rest. A code's miss is named by its rank under the context, so a code of
     the 512 names any content of the kinds counted (the hybrid's even runs take 110 more)."""
-    cells = sum(len(r) for r in ranks)
     print(f"\n{title}:\n")
     print("| runs of at most | a second miss after a first of rank | kinds of code | grids that fit | "
           "token accuracy, every other cell right |")
     print("|---|---|---|---|---|")
     for run_limit, pair_rank in layouts:
-        fits = past = 0
-        for grid_ranks in ranks:
-            lost = (paired_miss_codes(grid_ranks, run_limit, pair_rank) >= slots) & (grid_ranks > 0)
-            fits += not lost.any()
-            past += int(lost.sum())
+        fits, accuracy = uncoded(ranks, [paired_miss_codes(r, run_limit, pair_rank) for r in ranks], slots)
         first = "none (one miss per code)" if pair_rank == 0 else f"at most {pair_rank}"
-        print(f"| {run_limit} | {first} | {paired_miss_kinds(run_limit, pair_rank)} | {fits / len(ranks):.3f} "
-              f"| {1 - past / cells:.4f} |")
+        print(f"| {run_limit} | {first} | {paired_miss_kinds(run_limit, pair_rank)} | {fits:.3f} | {accuracy:.4f} |")
 
 
 def draw_costliest(grids: list[np.ndarray], bits: list[float], budget: float, count: int = 24):
