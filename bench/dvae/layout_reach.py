@@ -26,19 +26,27 @@ from latentforge.tasks.dvae.task import DVAE
 def layout_reach(model: GridDVAE, tokens: torch.Tensor, shapes: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """For (B, S, S) grids of (B, 2) shapes: whether each fits the model's codes, and its cells wrong when those past
     the last code take the context's guess from the true earlier cells, and from the guesses before them (a Jacobi
-    iteration to the fixed point, as GridDVAE.generate decodes)."""
+    iteration to the fixed point, as GridDVAE.generate decodes). A grid that fits is decoded right: only the others
+    are iterated."""
     axes = model.grid_axes(tokens, shapes)
     layout = model.layout(tokens, shapes, axes)
     past = inside_cells(shapes, model.grid_size) & (layout.slot >= model.slots)
     wrong_true = (past & layout.missed).sum(1)
-    truth = tokens.flatten(1)
+    fit = wrong_true == 0
+    wrong_free = torch.zeros_like(wrong_true)
+    if fit.all():
+        return fit, wrong_true, wrong_free
+    unfit, past = ~fit, past[~fit]
+    grids, grid_shapes, grid_axes = tokens[unfit], shapes[unfit], None if axes is None else axes[unfit]
+    truth = grids.flatten(1)
     decoded = truth.clone()
     for _ in range(int(past.sum(1).max()) + 1):
-        guessed = torch.where(past, model.layout(decoded.view_as(tokens), shapes, axes).guess, truth)
+        guessed = torch.where(past, model.layout(decoded.view_as(grids), grid_shapes, grid_axes).guess, truth)
         if torch.equal(guessed, decoded):
             break
         decoded = guessed
-    return wrong_true == 0, wrong_true, (decoded != truth).sum(1)
+    wrong_free[unfit] = (decoded != truth).sum(1)
+    return fit, wrong_true, wrong_free
 
 
 def main(args: list[str]) -> None:
@@ -52,16 +60,10 @@ def main(args: list[str]) -> None:
     fits, wrong_true, wrong_free = [], [], []
     for i in track(range(0, len(grids), 128), description="held-out grids", transient=True):
         tokens, shapes = grids.tokens[i:i + 128].long(), grids.shapes[i:i + 128].long()
-        # Only the grids that do not fit need the iteration: decode those alone.
-        fit, _, _ = layout_reach(model, tokens, shapes)
-        unfit = ~fit
-        wrong = torch.zeros(2, len(tokens), dtype=torch.long)
-        if unfit.any():
-            _, true_wrong, free_wrong = layout_reach(model, tokens[unfit], shapes[unfit])
-            wrong[0, unfit], wrong[1, unfit] = true_wrong, free_wrong
+        fit, true_wrong, free_wrong = layout_reach(model, tokens, shapes)
         fits.append(fit)
-        wrong_true.append(wrong[0])
-        wrong_free.append(wrong[1])
+        wrong_true.append(true_wrong)
+        wrong_free.append(free_wrong)
     fit, wrong_true, wrong_free = torch.cat(fits), torch.cat(wrong_true), torch.cat(wrong_free)
     cells = grids.shapes.long().prod(1)
     total = int(cells.sum())
