@@ -267,3 +267,15 @@ def test_an_autocast_residual_follows_the_fp32_stream_compiled_on_cuda(runs_dir,
     assert sorted(a) == sorted(b) == list(range(1, 31)) and a != b
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-2, abs=2e-2)
+
+
+def test_adaptive_context_fitted_on_cuda_equals_the_cpu_fit():
+    """The task fits the context's tables on the run's device: the same tables as on the CPU."""
+    from latentforge.tasks.dvae.context import AdaptiveContext
+    from latentforge.tasks.dvae.data import load_arc
+
+    grids = load_arc("train").select(slice(0, 300))
+    cpu = AdaptiveContext(10, axes=True).fit(grids.tokens, grids.shapes)
+    cuda = AdaptiveContext(10, axes=True).fit(grids.tokens.cuda(), grids.shapes.cuda())
+    for name, value in cpu.state_dict().items():
+        assert torch.equal(cuda.state_dict()[name].cpu(), value), name

@@ -269,10 +269,11 @@ class DVAE(Task):
                 pad_id=self.pad_id)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
-        # Fitted once the model's checks have passed (5-8 s on two CPU cores), unless a checkpoint's tables will
-        # replace it.
+        # Fitted once the model's checks have passed, unless a checkpoint's tables will replace it; on the run's
+        # device (about 90 s on two CPU cores, where several runs beside each other on one GPU host would share
+        # its cores for minutes).
         if adaptive is not None and not self.restoring:
-            adaptive.fit(self.train_grids.tokens, self.train_grids.shapes)
+            adaptive.fit(self.train_grids.tokens.to(self.device), self.train_grids.shapes.to(self.device))
         return model
 
     # ------------------------------------------------------------------ training
