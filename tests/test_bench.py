@@ -215,6 +215,7 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     context, reach = context.split("miss layout, every cell within the codes right", 1)
     reach, paired = reach.split("two to a code where the first is cheap")
     paired, tunstall = paired.split("a Tunstall dictionary")
+    tunstall, interval = tunstall.split("split at each cell by the probabilities of its ranks")
     # The token accuracy in the miss layout's reach: 1 - the rule's misses past the last code over all cells.
     accuracy = float(reach.split("held-out token accuracy ")[1].split(";")[0])
     counts = re.findall(r"mispredicts ([\d,]+) cells.*of the ([\d,]+)\)", reach)[0]
@@ -241,6 +242,17 @@ def test_dvae_capacity_counts_the_cells_each_code_carries(capsys):
     # The best fixed dictionary for independent ranks fits more grids than the pairs within the same 512 codes.
     row = [line.split("|")[1:4] for line in tunstall.splitlines() if line.startswith("| 505")][0]
     assert float(row[1]) > max(p[0] for p in pairs) and float(row[2]) > pairs[0][1]
+    # Interval codes split by fixed rank frequencies are near that dictionary; by each cell's confidence class, or by
+    # the context's own probabilities, they fit more grids than any fixed dictionary.
+    splits = [[float(x) for x in line.split("|")[2:4]] for line in interval.splitlines() if line.startswith("| ")
+              and "split by" not in line]
+    assert len(splits) == 4 and abs(splits[0][0] - float(row[1])) < 0.01
+    assert float(row[1]) < splits[1][0] <= splits[2][0] and float(row[2]) < splits[1][1] <= splits[2][1]
+    # An arithmetic coder with the same probabilities bounds them all; from its own guesses each keeps less.
+    own = [float(line.split("|")[4]) for line in interval.splitlines() if line.startswith("| ")
+           and "split by" not in line]
+    assert splits[3][0] >= splits[2][0] and splits[3][1] >= splits[2][1] and own[1] <= own[2] <= own[3]
+    assert all(o < t for o, (_, t) in zip(own, splits))
     for table in (local, fitted):
         bound = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "K" not in line]
         assert [int(k) for k, _, _ in bound] == [512, 4096]
@@ -564,6 +576,52 @@ def test_a_tunstall_tree_parses_any_ranks_into_its_leaves():
     for code in range(codes[-1]):  # the last code may end with the sequence
         word = tuple(ranks[codes == code].tolist())
         assert word not in tree and all(word[:k] in tree for k in range(len(word)))
+
+
+def test_interval_codes_decode_to_their_ranks_and_spend_codes_by_surprisal():
+    """bench.dvae.entropy.interval_codes: every code's value lies in the codebook and, with the same probabilities at
+    each cell, interval_decode gives back every rank; likely cells share a code, an unlikely one costs most of one."""
+    entropy = _entropy_module()
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 300))
+        probs = -np.sort(-rng.dirichlet(np.full(10, 0.3), size=n), axis=1)
+        ranks = np.array([rng.choice(10, p=p) for p in probs])
+        code, values = entropy.interval_codes(ranks, probs, 512)
+        assert code[0] == 0 and (np.diff(code) >= 0).all() and len(values) == code[-1] + 1
+        assert all(0 <= v < 512 for v in values)
+        assert np.array_equal(entropy.interval_decode(values, probs, 512), ranks)
+    sure = np.tile([0.991] + [0.001] * 9, (2000, 1))
+    hits = entropy.interval_codes(np.zeros(2000, dtype=np.int64), sure, 512)[0]
+    # At most 511 cells a code (each keeps one value for the escape); log2(512) / -log2(0.991) would be 690.
+    assert 400 < len(hits) / (hits[-1] + 1) <= 511
+    misses = entropy.interval_codes(np.full(4, 9), sure, 512)[0]
+    assert misses.tolist() == [0, 1, 2, 3]  # a rank of 1/1000 takes a code of its own
+
+
+def test_own_guess_accuracy_counts_the_cells_past_the_coded_ones():
+    """bench.dvae.capacity.own_guess_accuracy: every cell coded gives every cell back; fewer coded cells, fewer right,
+    and with none the context guesses every cell from its own guesses."""
+    from latentforge.tasks.dvae.context import AdaptiveContext, symmetry_axes
+    from latentforge.tasks.dvae.data import load_arc
+
+    capacity = bench_module("dvae.capacity")
+    train, test = load_arc("train").select(slice(0, 200)), load_arc("eval").select(slice(0, 90))
+    context = AdaptiveContext(10, axes=True).fit(train.tokens, train.shapes)
+    cells = test.shapes.prod(1)
+    accuracy = [capacity.own_guess_accuracy(test, context, coded) for coded in (cells, cells // 2, 0 * cells)]
+    assert accuracy[0] == 1.0 and accuracy[0] > accuracy[1] > accuracy[2] > 0.3
+    # The second half of a grid decoded one cell at a time, in reading order, from the cells decoded before it.
+    grid = test.select(slice(79, 80))  # 9 x 4, half its second half guessed wrong
+    (h, w), size = grid.shapes[0].tolist(), grid.tokens.shape[-1]
+    axes = symmetry_axes(grid.tokens, grid.shapes)
+    decoded = grid.tokens.clone()
+    for place in range(h * w // 2, h * w):
+        cell = (place // w) * size + place % w
+        decoded.view(1, -1)[0, cell] = context.guesses(decoded, grid.shapes, axes)[0, cell]
+    right = int((decoded == grid.tokens)[0, :h, :w].sum())
+    assert h != w and right < h * w
+    assert capacity.own_guess_accuracy(grid, context, grid.shapes.prod(1) // 2) == pytest.approx(right / (h * w))
 
 
 def test_layout_reach_decodes_the_uncoded_cells_from_its_own_guesses():

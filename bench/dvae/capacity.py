@@ -29,6 +29,10 @@ layout of model.miss_slots: runs that end at each cell the rule of latentforge/t
 training grids, eight neighbours) mispredicts, or after model.miss_run cells without one; a grid fits if its last
 mispredicted cell is in one of the N - 2 runs. The last line is the token accuracy that layout can reach if
 every cell within its codes comes back and the rule guesses the cells past the last code.
+The last tables count codes at the misses of the model's adaptive context (model.miss_axes), two to a code where
+the first is cheap (model.miss_pair_rank); the best fixed dictionary of rank sequences (a Tunstall tree); and
+interval codes, whose content depends on what the decoder knows (bench.dvae.entropy.interval_codes), with the
+cells past the last code guessed from the true earlier cells and, as greedy decoding does, from its own guesses.
 """
 
 from __future__ import annotations
@@ -147,14 +151,22 @@ def main(overrides: list[str]) -> None:
     report_paired_misses(grids, task.train_grids, mirrored, slots, m.miss_run, m.codebook_size)
 
 
-def grid_ranks(grids: Grids, context: AdaptiveContext) -> list:
-    """Each grid's ranks of its cells' colours under the context (mirrored about each grid's own axes), in reading
-    order."""
+def grid_ranks(grids: Grids, context: AdaptiveContext) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each grid's ranks of its cells' colours under the context (mirrored about each grid's own axes), and its
+    cells' colour probabilities sorted likeliest first (cells, colours), in reading order."""
     axes = symmetry_axes(grids.tokens, grids.shapes)
-    ranks = torch.cat([context.ranks(grids.tokens[i:i + 256], grids.shapes[i:i + 256], axes[i:i + 256])
-                       for i in range(0, len(grids), 256)])
-    inside = inside_cells(grids.shapes, grids.tokens.shape[-1])
-    return [r[keep].numpy() for r, keep in zip(ranks, inside)]  # reading order: the grid sits top-left
+    ranks, probs = [], []
+    for i in range(0, len(grids), 256):
+        tokens, shapes = grids.tokens[i:i + 256], grids.shapes[i:i + 256]
+        sorted_probs, choices = context.distribution(tokens, shapes, axes[i:i + 256]).sort(dim=-1, descending=True,
+                                                                                            stable=True)
+        inside = inside_cells(shapes, tokens.shape[-1])
+        colours = torch.where(inside, tokens.flatten(1), 0).clamp(max=context.colours - 1)
+        rank = (choices == colours.unsqueeze(-1)).int().argmax(-1)
+        for r, p, keep in zip(rank, sorted_probs, inside):  # reading order: the grid sits top-left
+            ranks.append(r[keep].numpy())
+            probs.append(p[keep].float().numpy())
+    return ranks, probs
 
 
 def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, slots: int, miss_run: int,
@@ -162,16 +174,17 @@ def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, s
     """bench.dvae.entropy's two misses to a code where the first is cheap, counted with the model's own context
     (model.miss_axes'): its misses and the ranks of their colours, the first row one miss per code as model.miss_slots
     lays them out. Then the best fixed dictionary of rank sequences for ranks drawn independently, a Tunstall tree
-    fitted to the training grids' ranks."""
+    fitted to the training grids' ranks; and codes whose content depends on what the decoder knows, intervals split
+    at each cell by the probabilities of its ranks (bench.dvae.entropy.interval_codes)."""
     from bench.dvae import entropy
 
-    per_grid = grid_ranks(grids, context)
+    per_grid, per_grid_probs = grid_ranks(grids, context)
     entropy.report_paired_misses(per_grid, slots, ((miss_run, 0), (10, 1), (7, 2)),
                                  "misses of the axes-mirrored adaptive context named by their rank, two to a code "
                                  "where the first is cheap (bench.dvae.entropy's last table, with the model's "
                                  "context)")
-    train_ranks = np.concatenate(grid_ranks(train, context))
-    p = np.bincount(train_ranks, minlength=context.colours) / len(train_ranks)
+    train_ranks, train_probs = grid_ranks(train, context)
+    p = np.bincount(np.concatenate(train_ranks), minlength=context.colours) / sum(map(len, train_ranks))
     # A tree over 10 ranks has 1 + 9k leaves.
     leaves = 1 + (codebook_size - 1) // (context.colours - 1) * (context.colours - 1)
     tree = entropy.tunstall_dictionary(p, leaves)
@@ -181,6 +194,54 @@ def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, s
     print("| codes of | grids that fit | token accuracy, every other cell right |")
     print("|---|---|---|")
     print(f"| {leaves} | {fits:.3f} | {accuracy:.4f} |")
+    table = entropy.class_rank_table(train_ranks, [q[:, 0] for q in train_probs])
+    splits = (("the training grids' rank frequencies (as the Tunstall tree)", lambda q: np.broadcast_to(p, q.shape)),
+              ("the rank frequencies of the cell's confidence class (the context's probability of its first "
+               "choice, 7 classes, fitted to the training grids)",
+               lambda q: table[np.digitize(q[:, 0], entropy.CONFIDENCE_EDGES)]),
+              ("the context's own probabilities", lambda q: q))
+    print(f"\ncodes of {codebook_size} values split at each cell by the probabilities of its ranks "
+          f"(bench.dvae.entropy.interval_codes):\n")
+    print("| each cell's split by | grids that fit | token accuracy, every other cell right | the rest from its own "
+          "guesses |")
+    print("|---|---|---|---|")
+    for name, split in splits:
+        codes = [entropy.interval_codes(r, split(q), codebook_size)[0] for r, q in zip(per_grid, per_grid_probs)]
+        fits, accuracy = entropy.uncoded(per_grid, codes, slots)
+        coded = torch.tensor([int((c < slots).sum()) for c in codes])
+        print(f"| {name} | {fits:.3f} | {accuracy:.4f} | {own_guess_accuracy(grids, context, coded):.4f} |")
+    # No code boundaries: an ideal arithmetic coder with the context's probabilities, cut at the codes' bits.
+    budget = slots * math.log2(codebook_size)
+    costs = [np.cumsum(-np.log2(q[np.arange(len(r)), r].clip(min=1e-12))) for r, q in zip(per_grid, per_grid_probs)]
+    coded = torch.tensor([int((c <= budget).sum()) for c in costs])
+    lost = [int((r[n:] > 0).sum()) for r, n in zip(per_grid, coded.tolist())]
+    print(f"| no code boundaries: an ideal arithmetic coder with the context's probabilities, cut at {budget:.0f} bits "
+          f"| {np.mean([n == 0 for n in lost]):.3f} | {1 - sum(lost) / sum(map(len, per_grid)):.4f} | "
+          f"{own_guess_accuracy(grids, context, coded):.4f} |")
+
+
+def own_guess_accuracy(grids: Grids, context: AdaptiveContext, coded: torch.Tensor) -> float:
+    """The held-out token accuracy when each grid's first `coded` cells (in reading order) come back right and the
+    rest are the context's guesses from the decoded earlier cells, as greedy decoding makes them
+    (bench.dvae.layout_reach.own_guesses)."""
+    from bench.dvae.layout_reach import own_guesses
+
+    tokens, shapes = grids.tokens.long(), grids.shapes.long()
+    size = tokens.shape[-1]
+    rows, cols = torch.arange(size).repeat_interleave(size), torch.arange(size).repeat(size)
+    reading = rows * shapes[:, 1:] + cols  # each inside cell's place in reading order
+    past = inside_cells(shapes, size) & (reading >= coded.unsqueeze(1))
+    axes = symmetry_axes(tokens, shapes)
+    wrong = 0
+    for i in range(0, len(grids), 256):
+        part = slice(i, i + 256)
+        tail = past[part].any(1)
+        if tail.any():
+            grid, grid_shapes, grid_axes = tokens[part][tail], shapes[part][tail], axes[part][tail]
+            decoded = own_guesses(lambda g, s=grid_shapes, a=grid_axes: context.guesses(g, s, a), grid,
+                                  past[part][tail])
+            wrong += int((decoded != grid.flatten(1)).sum())
+    return 1 - wrong / int(shapes.prod(1).sum())
 
 
 def slot_runs(grids: Grids, slots: int) -> list[list[tuple[int, ...]]]:

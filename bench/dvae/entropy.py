@@ -450,6 +450,75 @@ def tunstall_codes(ranks: np.ndarray, internal: set[tuple[int, ...]]) -> np.ndar
     return code
 
 
+# A cell's confidence class: which of these its context's probability of its first choice is under.
+CONFIDENCE_EDGES = np.array([0.5, 0.7, 0.85, 0.95, 0.99, 0.999])
+
+
+def class_rank_table(ranks: list[np.ndarray], first: list[np.ndarray], colours: int = COLOURS) -> np.ndarray:
+    """(classes, colours): each confidence class's frequencies of the ranks (half a count added to each), from each
+    grid's ranks and its context's probability of the first choice at each cell."""
+    classes = np.digitize(np.concatenate(first), CONFIDENCE_EDGES)
+    ranks_all = np.concatenate(ranks)
+    table = np.stack([np.bincount(ranks_all[classes == k], minlength=colours) + 0.5
+                      for k in range(len(CONFIDENCE_EDGES) + 1)])
+    return table / table.sum(1, keepdims=True)
+
+
+def interval_split(p: np.ndarray, size: int, first: bool) -> np.ndarray:
+    """How a code's `size` remaining values split among the ranks (probabilities p, likeliest first): rank r gets
+    floor(p_r (size - 1)) of them, rank 0 the rest but the last value, which says "none of these: the cell opens the
+    next code". At a code's first cell every rank gets at least one, so every cell can be coded."""
+    shares = np.floor(p * (size - 1)).astype(np.int64)
+    if first:
+        shares = np.maximum(shares, 1)
+    shares[0] += size - 1 - shares.sum()
+    return shares
+
+
+def interval_codes(ranks: np.ndarray, probs: np.ndarray, size: int) -> tuple[np.ndarray, list[int]]:
+    """Each cell's code, and each code's value, when a code is an interval of `size` values that each cell splits
+    among its ranks by probs (cells, ranks) that a decoder knows from the earlier cells (interval_split): the code
+    takes cells while the interval left to the cell's rank holds more than one value; a cell whose rank has none
+    opens the next code. A variable-to-fixed arithmetic code: a code holds many likely cells or few unlikely ones,
+    and by construction never more than `size` contents for what the decoder knows. Decoded by interval_decode."""
+    code = np.empty(len(ranks), dtype=np.int64)
+    values, current, low, left, first = [], 0, 0, size, True
+    i = 0
+    while i < len(ranks):
+        shares = interval_split(probs[i], left, first)
+        rank = ranks[i]
+        if shares[rank] == 0:  # the escape value: this cell opens the next code
+            values.append(low + left - 1)
+            current, low, left, first = current + 1, 0, size, True
+            continue
+        code[i] = current
+        low, left, first = low + int(shares[:rank].sum()), int(shares[rank]), False
+        i += 1
+        if left == 1:
+            values.append(low)
+            current, low, left, first = current + 1, 0, size, True
+    if not first:
+        values.append(low)
+    return code, values
+
+
+def interval_decode(values: list[int], probs: np.ndarray, size: int) -> np.ndarray:
+    """The ranks of interval_codes' values, given the same probabilities at each cell."""
+    ranks = np.empty(len(probs), dtype=np.int64)
+    codes, i = iter(values), 0
+    while i < len(probs):
+        value, low, left, first = next(codes), 0, size, True
+        while i < len(probs) and left > 1:
+            shares = interval_split(probs[i], left, first)
+            ends = low + np.cumsum(shares)
+            if value >= ends[-1]:  # the escape value
+                break
+            rank = int(np.searchsorted(ends, value, side="right"))
+            ranks[i], i = rank, i + 1
+            low, left, first = int(ends[rank] - shares[rank]), int(shares[rank]), False
+    return ranks
+
+
 def uncoded(ranks: list[np.ndarray], codes: list[np.ndarray], slots: int) -> tuple[float, float]:
     """Grids whose every miss (rank > 0) is within `slots` codes, and the token accuracy if every cell within them
     is right and the context's guess (from the true earlier cells) fills the rest."""

@@ -12,6 +12,7 @@ are all right would score, the ceiling of its held-out token accuracy.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from rich.progress import track
@@ -36,17 +37,25 @@ def layout_reach(model: GridDVAE, tokens: torch.Tensor, shapes: torch.Tensor) ->
     wrong_free = torch.zeros_like(wrong_true)
     if fit.all():
         return fit, wrong_true, wrong_free
-    unfit, past = ~fit, past[~fit]
+    unfit = ~fit
     grids, grid_shapes, grid_axes = tokens[unfit], shapes[unfit], None if axes is None else axes[unfit]
+    decoded = own_guesses(lambda g: model.layout(g, grid_shapes, grid_axes).guess, grids, past[unfit])
+    wrong_free[unfit] = (decoded != grids.flatten(1)).sum(1)
+    return fit, wrong_true, wrong_free
+
+
+def own_guesses(guess: Callable[[torch.Tensor], torch.Tensor], grids: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) grids -> (B, S*S) them with the cells of `past` (B, S*S) decoded as greedy decoding does: each the
+    guess (B, S*S) from the decoded grid's earlier cells, iterated to the fixed point (a Jacobi iteration; the guess
+    reads only earlier cells, so each pass fixes at least one more)."""
     truth = grids.flatten(1)
     decoded = truth.clone()
     for _ in range(int(past.sum(1).max()) + 1):
-        guessed = torch.where(past, model.layout(decoded.view_as(grids), grid_shapes, grid_axes).guess, truth)
+        guessed = torch.where(past, guess(decoded.view_as(grids)), truth)
         if torch.equal(guessed, decoded):
             break
         decoded = guessed
-    wrong_free[unfit] = (decoded != truth).sum(1)
-    return fit, wrong_true, wrong_free
+    return decoded
 
 
 def main(args: list[str]) -> None:
