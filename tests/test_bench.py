@@ -648,3 +648,16 @@ def test_layout_reach_decodes_the_uncoded_cells_from_its_own_guesses():
         guess = model.layout(decoded.view_as(tokens), shapes, axes).guess[:, cell]
         decoded[:, cell] = torch.where(past[:, cell], guess, decoded[:, cell])
     assert torch.equal((decoded != tokens.flatten(1)).sum(1), wrong_free)
+
+
+def test_interval_toy_codes_hold_more_cells_and_are_learned():
+    """bench.dvae.interval_toy: at the same contents interval codes hold more cells than a Tunstall dictionary's,
+    and a few hundred steps of the toy dVAE decode most fresh runs of either exactly."""
+    toy = bench_module("dvae.interval_toy")
+    per_code = {}
+    for layout in ("tunstall", "interval"):
+        rows = toy.train(layout, 128, 64, 300)
+        per_code[layout] = rows.pop()["cells_per_code"]
+        assert rows[-1]["step"] == 300 and rows[-1]["runs"] > 0.8 and rows[-1]["cells"] > 0.95
+        assert rows[-1]["codes"] > 64
+    assert per_code["interval"] > 1.05 * per_code["tunstall"]
