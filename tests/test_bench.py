@@ -593,10 +593,15 @@ def test_interval_codes_decode_to_their_ranks_and_spend_codes_by_surprisal():
         assert np.array_equal(entropy.interval_decode(values, probs, 512), ranks)
     sure = np.tile([0.991] + [0.001] * 9, (2000, 1))
     hits = entropy.interval_codes(np.zeros(2000, dtype=np.int64), sure, 512)[0]
-    # At most 511 cells a code (each keeps one value for the escape); log2(512) / -log2(0.991) would be 690.
-    assert 400 < len(hits) / (hits[-1] + 1) <= 511
+    # log2(512) / -log2(0.991) = 690 would be the ideal; the rare ranks' values and the escape cost some of it.
+    assert 250 < len(hits) / (hits[-1] + 1) < 690
     misses = entropy.interval_codes(np.full(4, 9), sure, 512)[0]
-    assert misses.tolist() == [0, 1, 2, 3]  # a rank of 1/1000 takes a code of its own
+    assert misses.tolist() == [0, 1, 2, 3]  # a rank of 1/1000 takes (nearly) a code of its own
+    # Four equally likely ranks: a code holds at most log2(512) / log2(4) = 4.5 cells, and loses less than one to
+    # the rounding.
+    flat = np.full((90, 4), 0.25)
+    code = entropy.interval_codes(np.arange(90) % 4, flat, 512)[0]
+    assert 3.5 < 90 / (code[-1] + 1) <= 4.5
 
 
 def test_own_guess_accuracy_counts_the_cells_past_the_coded_ones():
@@ -658,6 +663,6 @@ def test_interval_toy_codes_hold_more_cells_and_are_learned():
     for layout in ("tunstall", "interval"):
         rows = toy.train(layout, 128, 64, 300)
         per_code[layout] = rows.pop()["cells_per_code"]
-        assert rows[-1]["step"] == 300 and rows[-1]["runs"] > 0.8 and rows[-1]["cells"] > 0.95
+        assert rows[-1]["step"] == 300 and rows[-1]["runs"] > 0.75 and rows[-1]["cells"] > 0.93
         assert rows[-1]["codes"] > 64
-    assert per_code["interval"] > 1.05 * per_code["tunstall"]
+    assert per_code["interval"] > 1.1 * per_code["tunstall"]
