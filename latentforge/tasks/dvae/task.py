@@ -270,8 +270,8 @@ class DVAE(Task):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
         # Fitted once the model's checks have passed, unless a checkpoint's tables will replace it; on the run's
-        # device (about 90 s on two CPU cores, where several runs beside each other on one GPU host would share
-        # its cores for minutes).
+        # device: 7 s on two idle CPU cores, but four runs side by side on one GPU host, fitting on its CPU at
+        # once, did not finish in 7 minutes.
         if adaptive is not None and not self.restoring:
             adaptive.fit(self.train_grids.tokens.to(self.device), self.train_grids.shapes.to(self.device))
         return model
