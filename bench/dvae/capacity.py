@@ -45,8 +45,10 @@ import numpy as np
 import torch
 
 from latentforge.config import load_config
+from latentforge.nn.rope import grid_positions
 from latentforge.tasks.dvae.context import (
     AdaptiveContext,
+    colour_ranks,
     context_guesses,
     fit_context_rule,
     inside_cells,
@@ -151,18 +153,19 @@ def main(overrides: list[str]) -> None:
     report_paired_misses(grids, task.train_grids, mirrored, slots, m.miss_run, m.codebook_size)
 
 
-def grid_ranks(grids: Grids, context: AdaptiveContext) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each grid's ranks of its cells' colours under the context (mirrored about each grid's own axes), and its
-    cells' colour probabilities sorted likeliest first (cells, colours), in reading order."""
-    axes = symmetry_axes(grids.tokens, grids.shapes)
+def grid_ranks(grids: Grids, context: AdaptiveContext,
+               axes: torch.Tensor | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each grid's ranks of its cells' colours under the context (mirrored about each grid's own `axes`, computed
+    if None), and its cells' colour probabilities sorted likeliest first (cells, colours), in reading order."""
+    axes = symmetry_axes(grids.tokens, grids.shapes) if axes is None else axes
     ranks, probs = [], []
     for i in range(0, len(grids), 256):
         tokens, shapes = grids.tokens[i:i + 256], grids.shapes[i:i + 256]
+        # AdaptiveContext.choices' order, with the probabilities beside it.
         sorted_probs, choices = context.distribution(tokens, shapes, axes[i:i + 256]).sort(dim=-1, descending=True,
                                                                                             stable=True)
         inside = inside_cells(shapes, tokens.shape[-1])
-        colours = torch.where(inside, tokens.flatten(1), 0).clamp(max=context.colours - 1)
-        rank = (choices == colours.unsqueeze(-1)).int().argmax(-1)
+        rank = colour_ranks(choices, torch.where(inside, tokens.flatten(1), 0).clamp(max=context.colours - 1))
         for r, p, keep in zip(rank, sorted_probs, inside):  # reading order: the grid sits top-left
             ranks.append(r[keep].numpy())
             probs.append(p[keep].float().numpy())
@@ -178,7 +181,8 @@ def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, s
     at each cell by the probabilities of its ranks (bench.dvae.entropy.interval_codes)."""
     from bench.dvae import entropy
 
-    per_grid, per_grid_probs = grid_ranks(grids, context)
+    axes = symmetry_axes(grids.tokens, grids.shapes)
+    per_grid, per_grid_probs = grid_ranks(grids, context, axes)
     entropy.report_paired_misses(per_grid, slots, ((miss_run, 0), (10, 1), (7, 2)),
                                  "misses of the axes-mirrored adaptive context named by their rank, two to a code "
                                  "where the first is cheap (bench.dvae.entropy's last table, with the model's "
@@ -205,33 +209,34 @@ def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, s
     print("| each cell's split by | grids that fit | token accuracy, every other cell right | the rest from its own "
           "guesses |")
     print("|---|---|---|---|")
-    for name, split in splits:
-        codes = [entropy.interval_codes(r, split(q), codebook_size)[0] for r, q in zip(per_grid, per_grid_probs)]
+    layouts = [(name, [entropy.interval_codes(r, split(q), codebook_size)[0] for r, q in zip(per_grid, per_grid_probs)])
+               for name, split in splits]
+    # No code boundaries: an ideal arithmetic coder with the context's probabilities, cut at the codes' bits (every
+    # cell within them in code 0, the others past the last).
+    budget = slots * math.log2(codebook_size)
+    ideal = [np.where(np.cumsum(-np.log2(q[np.arange(len(r)), r].clip(min=1e-12))) <= budget, 0, slots)
+             for r, q in zip(per_grid, per_grid_probs)]
+    layouts.append((f"no code boundaries: an ideal arithmetic coder with the context's probabilities, cut at "
+                    f"{budget:.0f} bits", ideal))
+    for name, codes in layouts:
         fits, accuracy = entropy.uncoded(per_grid, codes, slots)
         coded = torch.tensor([int((c < slots).sum()) for c in codes])
-        print(f"| {name} | {fits:.3f} | {accuracy:.4f} | {own_guess_accuracy(grids, context, coded):.4f} |")
-    # No code boundaries: an ideal arithmetic coder with the context's probabilities, cut at the codes' bits.
-    budget = slots * math.log2(codebook_size)
-    costs = [np.cumsum(-np.log2(q[np.arange(len(r)), r].clip(min=1e-12))) for r, q in zip(per_grid, per_grid_probs)]
-    coded = torch.tensor([int((c <= budget).sum()) for c in costs])
-    lost = [int((r[n:] > 0).sum()) for r, n in zip(per_grid, coded.tolist())]
-    print(f"| no code boundaries: an ideal arithmetic coder with the context's probabilities, cut at {budget:.0f} bits "
-          f"| {np.mean([n == 0 for n in lost]):.3f} | {1 - sum(lost) / sum(map(len, per_grid)):.4f} | "
-          f"{own_guess_accuracy(grids, context, coded):.4f} |")
+        print(f"| {name} | {fits:.3f} | {accuracy:.4f} | {own_guess_accuracy(grids, context, coded, axes):.4f} |")
 
 
-def own_guess_accuracy(grids: Grids, context: AdaptiveContext, coded: torch.Tensor) -> float:
+def own_guess_accuracy(grids: Grids, context: AdaptiveContext, coded: torch.Tensor,
+                       axes: torch.Tensor | None = None) -> float:
     """The held-out token accuracy when each grid's first `coded` cells (in reading order) come back right and the
     rest are the context's guesses from the decoded earlier cells, as greedy decoding makes them
-    (bench.dvae.layout_reach.own_guesses)."""
+    (bench.dvae.layout_reach.own_guesses), mirrored about each grid's `axes` (computed if None)."""
     from bench.dvae.layout_reach import own_guesses
 
     tokens, shapes = grids.tokens.long(), grids.shapes.long()
     size = tokens.shape[-1]
-    rows, cols = torch.arange(size).repeat_interleave(size), torch.arange(size).repeat(size)
+    rows, cols = grid_positions(size, size, tokens.device)
     reading = rows * shapes[:, 1:] + cols  # each inside cell's place in reading order
     past = inside_cells(shapes, size) & (reading >= coded.unsqueeze(1))
-    axes = symmetry_axes(tokens, shapes)
+    axes = symmetry_axes(tokens, shapes) if axes is None else axes
     wrong = 0
     for i in range(0, len(grids), 256):
         part = slice(i, i + 256)
