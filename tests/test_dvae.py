@@ -346,14 +346,15 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
     (those, packed), miss-even (miss-pack for grids of more than 8 cells, even runs for the others), miss-adaptive
     (miss-pack with the adaptive context in place of the rule), miss-axes (that, mirrored about each grid's own
     symmetry axes), miss-pairs (miss-adaptive with codes that name ranks, two misses to a code where the first is
-    the context's second choice), patch (patch slots) or none."""
+    the context's second choice), miss-interval (miss-adaptive with interval codes: runs of up to 7 cells split by the
+    context's probabilities), patch (patch slots) or none."""
     from latentforge.tasks.dvae.context import AdaptiveContext, fit_context_rule
     from latentforge.tasks.dvae.model import GridDVAE
 
     torch.manual_seed(0)
-    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-axes", "miss-pairs")
+    adaptive_slots = slots in ("miss-adaptive", "miss-axes", "miss-pairs", "miss-interval")
+    grid_slots = slots in ("grid", "pack", "miss", "miss-pack", "miss-even") or adaptive_slots
     fitted_to = torch.randint(0, 3, (64, grid_size, grid_size)), torch.full((64, 2), grid_size)
-    adaptive_slots = slots in ("miss-adaptive", "miss-axes", "miss-pairs")
     rule = fit_context_rule(*fitted_to) if slots.startswith("miss") and not adaptive_slots else None
     adaptive = AdaptiveContext(colours=10, axes=slots == "miss-axes").fit(*fitted_to) if adaptive_slots else None
     model = GridDVAE(vocab_in=12, vocab_out=11, grid_size=grid_size, d_model=32, n_head=2, mlp_ratio=2,
@@ -361,11 +362,13 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
                      latents=2 + 4 if grid_slots else 4, codebook="vq",
                      codebook_size=64, codebook_options={}, rope_base_row=20.0, rope_base_col=20.0,
                      grid_slots=grid_slots,
-                     pack_slots=slots in ("pack", "miss-pack", "miss-even", "miss-adaptive", "miss-axes", "miss-pairs"),
-                     patch_slots=slots == "patch", autoregressive=True, miss_slots=slots.startswith("miss"), miss_run=3,
+                     pack_slots=slots in ("pack", "miss-pack", "miss-even") or adaptive_slots,
+                     patch_slots=slots == "patch", autoregressive=True, miss_slots=slots.startswith("miss"),
+                     miss_run=7 if slots == "miss-interval" else 3,
                      miss_above_cells=miss_above_cells if slots == "miss-even" else 0,
                      context_rule=rule, adaptive_context=adaptive, miss_axes=slots == "miss-axes",
-                     miss_pair_rank=1 if slots == "miss-pairs" else 0, pad_id=10).double().eval()
+                     miss_pair_rank=1 if slots == "miss-pairs" else 0, miss_interval=slots == "miss-interval",
+                     pad_id=10).double().eval()
     # Larger weights than the init's, so that each cell's colour depends on the cells before it.
     with torch.no_grad():
         for p in model.parameters():
@@ -374,7 +377,7 @@ def autoregressive_model(grid_size: int = 4, slots: str = "pack", miss_above_cel
 
 
 @pytest.mark.parametrize("slots", ["pack", "grid", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs",
-                                   "patch", "none"])
+                                   "miss-interval", "patch", "none"])
 def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(3, model.slots, 32, dtype=torch.float64)
@@ -390,7 +393,7 @@ def test_the_autoregressive_decoder_reads_only_earlier_cells(slots):
             assert not torch.allclose(after[0, cell + 1:], before[0, cell + 1:])
 
 
-@pytest.mark.parametrize("slots", ["miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs"])
+@pytest.mark.parametrize("slots", ["miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs", "miss-interval"])
 def test_miss_slots_cells_read_the_code_of_their_run(slots):
     model = autoregressive_model(slots=slots)
     shapes = torch.tensor([[4, 4], [2, 4]])  # miss-even: the second grid keeps even runs
@@ -459,6 +462,48 @@ def test_paired_codes_name_ranks_that_the_contexts_choices_turn_into_colours():
     assert pairs > 0
 
 
+def test_interval_codes_split_what_is_left_by_the_contexts_probabilities():
+    """miss-interval: each run starts with the codebook's 64 values, every cell keeps its rank's share of what is left
+    (the split the cell reads: log shares of the values left), and a run ends at the cell that leaves fewer than the
+    10 colours; the head names ranks, as the pairs' does."""
+    from latentforge.tasks.dvae.context import inside_cells
+
+    model = autoregressive_model(slots="miss-interval")
+    shapes = torch.tensor([[4, 4], [3, 4], [4, 4]])
+    context = torch.randint(0, 4, (3, 4, 4))
+    layout = model.layout(context, shapes)
+    inside = inside_cells(shapes, 4)
+    ranks = model.adaptive_context.ranks(context, shapes)
+    shares = layout.split.exp() * layout.left.unsqueeze(-1)
+    assert torch.allclose(shares.sum(-1)[inside], layout.left[inside].double())
+    assert torch.allclose(shares, shares.round()) and (shares[inside] >= 1 - 1e-9).all()
+    kept = shares.gather(-1, ranks.unsqueeze(-1)).squeeze(-1).round().long()
+    assert torch.equal(layout.end, inside & (kept < 10))
+    starts = inside & (layout.offset == 0)
+    assert (layout.left[starts] == 64).all() and (layout.left[inside & ~starts] < 64).all()
+    following = inside[:, 1:] & ~layout.end[:, :-1] & ~starts[:, 1:]
+    assert torch.equal(layout.left[:, 1:][following], kept[:, :-1][following])
+    assert layout.end.sum() >= 3 and (layout.offset > 0).any()
+    heads = []
+    model.head.register_forward_hook(lambda module, args, out: heads.append(out))
+    logits = model.decode(torch.randn(3, model.slots, 32, dtype=torch.float64), shapes, context)
+    assert torch.equal(logits[..., :10].gather(-1, layout.choices)[inside], heads[0][..., :10][inside])
+    with pytest.raises(ValueError, match="miss_run >= 7"):
+        GridDVAE_with(model, miss_run=6)
+
+
+def GridDVAE_with(model, **changes):
+    """A GridDVAE built as `model` was (autoregressive_model's miss-interval), with `changes` to its arguments."""
+    from latentforge.tasks.dvae.model import GridDVAE
+
+    arguments = dict(vocab_in=12, vocab_out=11, grid_size=4, d_model=32, n_head=2, mlp_ratio=2, dropout=0.0,
+                     encoder_layers=1, pool_layers=1, decoder_layers=2, latents=6, codebook="vq", codebook_size=64,
+                     codebook_options={}, rope_base_row=20.0, rope_base_col=20.0, grid_slots=True, pack_slots=True,
+                     autoregressive=True, miss_slots=True, miss_run=7, adaptive_context=model.adaptive_context,
+                     miss_interval=True, pad_id=10)
+    return GridDVAE(**{**arguments, **changes})
+
+
 def test_miss_axes_ride_in_the_shape_codes_and_the_codes_alone_decode_the_reconstruction():
     """miss-axes: the shape codes carry each grid's symmetry axes, and decoding a code sequence alone decodes its
     codes about those axes (about others the layout differs); a decoder without the axes refuses to guess."""
@@ -482,7 +527,8 @@ def test_miss_axes_ride_in_the_shape_codes_and_the_codes_alone_decode_the_recons
         model.decode(z, shapes, grids)
 
 
-@pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs"])
+@pytest.mark.parametrize("slots", ["pack", "miss", "miss-pack", "miss-even", "miss-adaptive", "miss-pairs",
+                                   "miss-interval"])
 def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_forcing(slots):
     model = autoregressive_model(slots=slots)
     z = torch.randn(5, 4, 32, dtype=torch.float64)
@@ -507,7 +553,9 @@ def test_generate_is_greedy_decoding_and_its_grid_is_a_fixed_point_of_teacher_fo
                                    ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive",
                                     "model.miss_axes=true", "model.codebook_size=512"],
                                    ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive",
-                                    "model.miss_axes=true", "model.codebook_size=512", "model.miss_pair_rank=1"]])
+                                    "model.miss_axes=true", "model.codebook_size=512", "model.miss_pair_rank=1"],
+                                   ["model.miss_slots=true", "model.miss_run=8", "model.miss_context=adaptive",
+                                    "model.miss_interval=true"]])
 def test_an_autoregressive_run_trains_evaluates_encodes_and_decodes(cli, runs_dir, tmp_path, slots):
     run = latentforge.train("dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
                             "model.latents=6", "model.codebook_size=64", "train.steps=4", "train.eval_every=4",

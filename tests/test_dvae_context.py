@@ -17,6 +17,8 @@ from latentforge.tasks.dvae.context import (
     counts_before,
     fit_context_rule,
     inside_cells,
+    interval_run_bound,
+    interval_runs,
     miss_layout,
     miss_runs,
     paired_miss_runs,
@@ -58,9 +60,9 @@ def test_the_fitted_rule_copies_the_neighbour_that_predicts_the_training_grids()
 def test_runs_end_at_each_mispredicted_cell_or_after_run_limit_cells():
     grid = torch.full((1, 5, 5), 10)  # padding around a 3 x 4 grid: reading order is not the canvas order
     grid[0, :3, :4] = torch.tensor([[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 3]])
-    slot, offset, end, missed, guess, _ = miss_layout(grid, torch.tensor([[3, 4]]),
-                                                      context_guesses(grid, torch.tensor([[3, 4]]), COPY_LEFT), slots=4,
-                                                      run_limit=3)
+    slot, offset, end, missed, guess = miss_layout(grid, torch.tensor([[3, 4]]),
+                                                   context_guesses(grid, torch.tensor([[3, 4]]), COPY_LEFT), slots=4,
+                                                   run_limit=3)[:5]
     inside = torch.arange(25).view(5, 5)[:3, :4].flatten()
     # Copying the left cell misses each row's first cell and the 2s; the last row's run of 3s ends by the limit.
     assert missed[0, inside].nonzero().flatten().tolist() == [0, 3, 4, 7, 8]
@@ -88,7 +90,7 @@ def test_a_cells_run_and_place_depend_only_on_the_cells_before_it(context):
     else:  # the axes are the code's: they stay whatever the cells
         axes = symmetry_axes(grids, shapes)
         guesses = functools.partial(AdaptiveContext(colours=10, axes=True).fit(*fitted_to).guesses, axes=axes)
-    slot, offset, end, missed, guess, _ = miss_layout(grids, shapes, guesses(grids, shapes), slots=6, run_limit=3)
+    slot, offset, end, missed, guess = miss_layout(grids, shapes, guesses(grids, shapes), slots=6, run_limit=3)[:5]
     ends_toggled = 0
     for cell in range(25):
         for colour in range(10):  # the guess among them: a cell turns from missed to predicted and back
@@ -122,7 +124,8 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
                          ("model.miss_context=learned", "miss_context"),
                          ("model.miss_axes=true", "model.miss_context=adaptive too"),
                          ("model.miss_pair_rank=1", "model.miss_context=adaptive too"),
-                         ("model.miss_pair_rank=9", "must be in [0, 8]")):
+                         ("model.miss_pair_rank=9", "must be in [0, 8]"),
+                         ("model.miss_interval=true", "model.miss_context=adaptive too")):
         result = cli("train", "dvae/tiny", "data.dataset=arc", bad, "--runs-dir", runs_dir)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
@@ -130,6 +133,10 @@ def test_miss_slots_needs_grid_slots_and_an_autoregressive_decoder(cli, runs_dir
                  "model.codebook_size=256", "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "codebook_size >= 512" in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                 "model.miss_slots=true", "model.miss_context=adaptive", "model.miss_interval=true", "model.latents=6",
+                 "model.codebook_size=64", "model.miss_run=6", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "miss_run >= 7" in result.output and "Traceback" not in result.output
     result = cli("train", "dvae/tiny", "data.dataset=arc", "model.grid_slots=true", "model.miss_above_cells=10",
                  "--runs-dir", runs_dir)
     assert result.exit_code == 2 and "miss_above_cells" in result.output and "miss_slots=true" in result.output
@@ -167,6 +174,33 @@ def test_paired_runs_are_the_entropy_coders_paired_codes_and_miss_runs_without_p
             runs = miss_runs(inside & (ranks > 0), inside, rows * shapes[:, 1:] + cols, slots, run_limit)
             assert all(torch.equal(a, b) for a, b in zip(runs, (slot, offset, end)))
     assert min(checked.values()) > 5
+
+
+def test_interval_runs_are_the_entropy_benchs_bounded_interval_codes():
+    """interval_runs (every cell at once, by a prefix scan over the values left) against
+    bench.dvae.entropy.bounded_interval_codes (cell by cell), on random probabilities and ranks in grids of random
+    shapes and codes of random sizes; no run is longer than interval_run_bound."""
+    bounded_interval_codes = bench_module("dvae.entropy").bounded_interval_codes
+    torch.manual_seed(0)
+    longest = 0
+    for _ in range(20):
+        shapes = torch.randint(1, 8, (4, 2))
+        inside = inside_cells(shapes, 7)
+        probs = (torch.randn(4, 49, 10, dtype=torch.float64) * float(torch.rand(()) * 6)).softmax(-1)
+        probs = probs.sort(-1, descending=True).values
+        ranks = torch.where(torch.rand(4, 49) < 0.7, 0, torch.randint(1, 10, (4, 49)))
+        size, slots = int(torch.randint(10, 80, ())), int(torch.randint(1, 10, ()))
+        slot, offset, end, left = interval_runs(probs, ranks, inside, slots, size)
+        for b in range(4):
+            code = bounded_interval_codes(ranks[b][inside[b]].numpy(), probs[b][inside[b]].numpy(), size)
+            assert slot[b][inside[b]].tolist() == np.minimum(code, slots).tolist()
+            assert offset[b][inside[b]].tolist() == [int((code[:i] == c).sum()) for i, c in enumerate(code)]
+            assert end[b][inside[b]][:-1].tolist() == (code[1:] != code[:-1]).tolist()
+            assert (slot[b][~inside[b]] == slots).all() and not end[b][~inside[b]].any()
+            assert (left[b][inside[b]][offset[b][inside[b]] == 0] == size).all() and (left[b][~inside[b]] == 0).all()
+        assert int(offset.max()) < interval_run_bound(size, 10)
+        longest = max(longest, int(offset.max()))
+    assert longest >= 3
 
 
 def test_the_adaptive_context_guesses_what_the_entropy_coder_finds_most_likely():

@@ -109,14 +109,14 @@ MISS_SPLIT = ("model.autoregressive=true", "model.miss_slots=true", "model.miss_
                                            ("dvae/arc-vq", (*MISS_SPLIT, "model.miss_context=adaptive")),
                                            ("dvae/arc-vq", (*MISS_SPLIT, "model.miss_context=adaptive",
                                                             "model.miss_axes=true")),
-                                           ("dvae/arc-vq-pairs", ())],
+                                           ("dvae/arc-vq-pairs", ()), ("dvae/arc-vq-interval", ())],
                          ids=["arc", "arc-reinmax", "arc-vq", "arc-fsq", "arc-vq-miss-split", "arc-vq-miss-adaptive",
-                              "arc-vq-miss-axes", "arc-vq-pairs"])
+                              "arc-vq-miss-axes", "arc-vq-pairs", "arc-vq-interval"])
 def test_dvae_codebooks_train_compiled_as_eager_on_cuda(runs_dir, preset, extra):
     """Every codebook kind compiles (VQ's package lookup runs eagerly inside the compiled loss) and trains as
     the eager path does; so does VQ with split_crowded under the miss layout (autoregressive, both layouts), with
     the fitted rule or the adaptive context (about the middle or each grid's axes), and with codes that name
-    the adaptive context's ranks, two misses to a code (dvae/arc-vq-pairs)."""
+    the adaptive context's ranks, two misses to a code (dvae/arc-vq-pairs) or interval codes (dvae/arc-vq-interval)."""
     eager = latentforge.train(preset, *SMALL_ARC, *extra, name="eager", runs_dir=runs_dir)
     fast = latentforge.train(preset, *SMALL_ARC, *extra, "train.compile=true", name="fast", runs_dir=runs_dir)
     a, b = losses(eager.path), losses(fast.path)
@@ -279,3 +279,24 @@ def test_adaptive_context_fitted_on_cuda_equals_the_cpu_fit():
     cuda = AdaptiveContext(10, axes=True).fit(grids.tokens.cuda(), grids.shapes.cuda())
     for name, value in cpu.state_dict().items():
         assert torch.equal(cuda.state_dict()[name].cpu(), value), name
+
+
+def test_interval_layout_on_cuda_equals_the_cpus():
+    """A code sequence encoded on a GPU decodes on a CPU: the interval layout (floors of the context's probabilities
+    times the values left) of held-out grids is the same on both devices."""
+    from latentforge.tasks.dvae.context import AdaptiveContext, colour_ranks, inside_cells, interval_runs, symmetry_axes
+    from latentforge.tasks.dvae.data import load_arc
+
+    train, test = load_arc("train").select(slice(0, 300)), load_arc("eval").select(slice(0, 256))
+    cpu = AdaptiveContext(10, axes=True).fit(train.tokens, train.shapes)
+    cuda = AdaptiveContext(10, axes=True).cuda()
+    cuda.load_state_dict(cpu.state_dict())
+    layouts = []
+    for context, device in ((cpu, "cpu"), (cuda, "cuda")):
+        tokens, shapes = test.tokens.long().to(device), test.shapes.long().to(device)
+        probs, choices = context.ranked(tokens, shapes, symmetry_axes(tokens, shapes))
+        inside = inside_cells(shapes, tokens.shape[-1])
+        runs = interval_runs(probs, colour_ranks(choices, tokens.flatten(1)), inside, 126, 512)
+        layouts.append([r.cpu() for r in runs])
+    for a, b in zip(*layouts):
+        assert torch.equal(a, b)

@@ -211,6 +211,8 @@ def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, s
     print("|---|---|---|---|")
     layouts = [(name, [entropy.interval_codes(r, split(q), codebook_size)[0] for r, q in zip(per_grid, per_grid_probs)])
                for name, split in splits]
+    layouts.append(("the context's own probabilities, every rank keeping a value and no escape (model.miss_interval)",
+                    [entropy.bounded_interval_codes(r, q, codebook_size) for r, q in zip(per_grid, per_grid_probs)]))
     # No code boundaries: an ideal arithmetic coder with the context's probabilities, cut at the codes' bits (every
     # cell within them in code 0, the others past the last).
     budget = slots * math.log2(codebook_size)

@@ -530,6 +530,22 @@ def interval_decode(values: list[int], probs: np.ndarray, size: int) -> np.ndarr
     return ranks
 
 
+def bounded_interval_codes(ranks: np.ndarray, probs: np.ndarray, size: int) -> np.ndarray:
+    """Each cell's code under model.miss_interval's layout, cell by cell (context.interval_runs does every cell at
+    once): each cell splits the values left among its ranks, floor(p_r (left - C)) + 1 each and rank 0 the rest, and
+    keeps its rank's share; a code ends at the cell that leaves fewer than C. No escape value: every rank keeps one,
+    so a code's end depends only on its own cells, as a decoder reading earlier cells needs."""
+    code = np.empty(len(ranks), dtype=np.int64)
+    current, left, colours = 0, size, probs.shape[1]
+    for i, rank in enumerate(ranks):
+        shares = np.floor(probs[i] * (left - colours)).astype(np.int64) + 1
+        shares[0] = left - shares[1:].sum()
+        code[i], left = current, int(shares[rank])
+        if left < colours:
+            current, left = current + 1, size
+    return code
+
+
 def uncoded(ranks: list[np.ndarray], codes: list[np.ndarray], slots: int) -> tuple[float, float]:
     """Grids whose every miss (rank > 0) is within `slots` codes, and the token accuracy if every cell within them
     is right and the context's guess (from the true earlier cells) fills the rest."""

@@ -33,15 +33,20 @@ NO_GUESS = -1  # a neighbour outside the grid, or the rule's guess where no neig
 
 
 class MissLayout(NamedTuple):
-    """Codes tied to the cells a context mispredicts (miss_layout, paired_miss_runs), each (B, S*S)."""
+    """Codes tied to the cells a context mispredicts (miss_layout, paired_miss_runs, interval_runs), each (B, S*S)."""
 
     slot: Tensor  # the run of each cell, `slots` outside the grid and past the last code
     offset: Tensor  # its place in its run
     end: Tensor  # whether its run ends there
     missed: Tensor  # whether the guess is wrong there
     guess: Tensor  # the guess given
-    # Codes that name ranks (model.miss_pair_rank): (B, S*S, colours), each cell's colours as the context ranks them.
+    # Codes that name ranks (model.miss_pair_rank, model.miss_interval): (B, S*S, colours), each cell's colours as
+    # the context ranks them.
     choices: Tensor | None = None
+    # model.miss_interval: (B, S*S, colours) the log share of the values left that each rank keeps at each cell, and
+    # (B, S*S) the values left before it (interval_runs).
+    split: Tensor | None = None
+    left: Tensor | None = None
 
 
 def inside_cells(shapes: Tensor, grid_size: int) -> Tensor:
@@ -138,16 +143,68 @@ def paired_miss_runs(ranks: Tensor, inside: Tensor, slots: int, run_limit: int,
     after = torch.stack([state + 1, run_limit + length + 1, state, state])
     after = torch.where(ends, 0, after)
     kind = torch.where(inside, (ranks > 0).long() + (ranks > pair_rank).long(), 3)
-    prefix = after[kind]  # (B, L, states): prefix[:, i, s], the state after cells ..i from state s before them
-    span = 1
-    while span < prefix.shape[1]:
-        prefix = torch.cat([prefix[:, :span], prefix[:, span:].gather(2, prefix[:, :-span])], 1)
-        span *= 2
-    before = F.pad(prefix[:, :-1, 0], (1, 0))
+    before = states_before(after[kind], 0)
     end = ends[kind, before]
     run = end.cumsum(1) - end.long()
     slot = torch.where(inside & (run < slots), run, slots)
     return slot, torch.where(inside, before % run_limit, 0), end
+
+
+def states_before(after: Tensor, start: int) -> Tensor:
+    """(B, L, states) each cell's transition (the state after it from each state before it) -> (B, L) the state
+    before each cell, from `start` before the first. A prefix composition (prefix[:, i, s], the state after cells
+    ..i from s before them): log2(L) parallel gathers rather than L sequential steps."""
+    prefix, span = after, 1
+    while span < prefix.shape[1]:
+        prefix = torch.cat([prefix[:, :span], prefix[:, span:].gather(2, prefix[:, :-span])], 1)
+        span *= 2
+    return F.pad(prefix[:, :-1, start], (1, 0), value=start)
+
+
+def interval_shares(probs: Tensor, left: Tensor) -> Tensor:
+    """How `left` values (..., with left >= C) split among C ranks of probabilities `probs` (..., C), likeliest
+    first: floor(p_r (left - C)) + 1 each, rank 0 the rest. Every rank keeps a value, so every cell can be coded."""
+    shares = (probs * (left - probs.shape[-1]).unsqueeze(-1)).floor().long() + 1
+    return torch.cat([left.unsqueeze(-1) - shares[..., 1:].sum(-1, keepdim=True), shares[..., 1:]], -1)
+
+
+def interval_run_bound(size: int, colours: int) -> int:
+    """The most cells an interval run holds: each cell leaves at most left - (colours - 1) values, and the run
+    takes cells while at least `colours` are left."""
+    return (size - colours) // (colours - 1) + 1
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def interval_runs(probs: Tensor, ranks: Tensor, inside: Tensor, slots: int,
+                  size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The runs of model.miss_interval from (B, L) cells in canvas order: each cell's rank probabilities (B, L, C)
+    (the context's, likeliest first, known from the earlier cells), its rank and whether it is inside its grid. A
+    code is an interval of `size` values; each cell splits what is left of it among its ranks (interval_shares) and
+    keeps its own rank's share; a run ends at the cell that leaves fewer than C values. A variable-to-fixed
+    arithmetic code without escapes: a code holds many likely cells or few unlikely ones, never more than `size`
+    contents for what the decoder knows, and its end depends only on its cells. Returns slot, offset and end as
+    miss_layout does, and the values left before each cell (0 outside the grid).
+    The values left is the state of a finite automaton over the cells (states_before): each cell's transition is
+    computed for all size - C + 1 states at once, in chunks of cells."""
+    colours = probs.shape[-1]
+    states = torch.arange(colours, size + 1, device=probs.device)  # values left: state i holds colours + i
+    fresh = size - colours
+    after = torch.arange(len(states), device=probs.device).expand(*ranks.shape, -1).clone()  # outside: unchanged
+    cells = inside.nonzero(as_tuple=True)
+    for chunk in torch.arange(len(cells[0]), device=probs.device).split(4096):
+        at = cells[0][chunk], cells[1][chunk]
+        shares = interval_shares(probs[at].unsqueeze(1), states.expand(len(chunk), -1))  # (n, states, C)
+        kept = shares.gather(2, ranks[at].view(-1, 1, 1).expand(-1, len(states), 1)).squeeze(-1)
+        after[at] = torch.where(kept < colours, fresh, kept - colours)
+    left = states[states_before(after, fresh)]
+    kept = interval_shares(probs, left).gather(-1, ranks.unsqueeze(-1)).squeeze(-1)
+    end = inside & (kept < colours)
+    run = end.cumsum(1) - end.long()
+    index = inside.cumsum(1) - 1  # the cell's place in the grid's reading order (the grid sits at the top left)
+    previous_end = F.pad(torch.where(end, index, -1).cummax(1).values[:, :-1], (1, 0), value=-1)
+    slot = torch.where(inside & (run < slots), run, slots)
+    return slot, torch.where(inside, index - previous_end - 1, 0), end, torch.where(inside, left, 0)
 
 
 def colour_ranks(choices: Tensor, colours: Tensor) -> Tensor:
@@ -351,12 +408,17 @@ class AdaptiveContext(nn.Module):
         colour = torch.where(inside, grids.flatten(1), 0).clamp(max=self.colours - 1)
         return torch.where(inside, colour_ranks(self.choices(grids, shapes, axes), colour), 0)
 
-    @torch.compiler.disable
-    @torch.no_grad()
     def choices(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> Tensor:
         """(B, S*S, colours): each cell's colours, likeliest first given the earlier cells (ties in colour order,
         as the guess takes them)."""
-        return self.distribution(grids, shapes, axes).sort(dim=-1, descending=True, stable=True).indices
+        return self.ranked(grids, shapes, axes)[1]
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def ranked(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, S*S, colours) each cell's colour probabilities given the earlier cells, likeliest first, and the
+        colours they belong to (choices')."""
+        return self.distribution(grids, shapes, axes).sort(dim=-1, descending=True, stable=True)
 
     def distribution(self, grids: Tensor, shapes: Tensor, axes: Tensor | None = None) -> Tensor:
         """(B, S*S, colours): each cell's colour distribution given the earlier cells (guesses' arguments)."""
