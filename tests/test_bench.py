@@ -646,8 +646,9 @@ def test_layout_reach_decodes_the_uncoded_cells_from_its_own_guesses():
     grids = task.grids("test")
     large = (grids.shapes.long().prod(1) > 100).nonzero().flatten()[:6]
     tokens, shapes = grids.tokens[large].long(), grids.shapes[large].long()
-    fit, wrong_true, wrong_free = layout_reach(model, tokens, shapes)
+    fit, wrong_true, wrong_free, excess = layout_reach(model, tokens, shapes)
     assert not fit.all() and (wrong_true[~fit] > 0).all() and (wrong_true[fit] == 0).all()
+    assert torch.equal(excess > 0, ~fit)
     assert int(wrong_free.sum()) > int(wrong_true.sum())  # a miss left uncoded leads later guesses astray
     axes = model.grid_axes(tokens, shapes)
     past = inside_cells(shapes, 32) & (model.layout(tokens, shapes, axes).slot >= model.slots)
@@ -656,6 +657,16 @@ def test_layout_reach_decodes_the_uncoded_cells_from_its_own_guesses():
         guess = model.layout(decoded.view_as(tokens), shapes, axes).guess[:, cell]
         decoded[:, cell] = torch.where(past[:, cell], guess, decoded[:, cell])
     assert torch.equal((decoded != tokens.flatten(1)).sum(1), wrong_free)
+    # The runs past the codes: with that many more codes a grid fits, with one fewer it does not.
+    from latentforge.tasks.dvae.context import colour_ranks, paired_miss_runs
+
+    layout = model.layout(tokens, shapes, axes)
+    rank = colour_ranks(layout.choices, tokens.flatten(1))
+    for b in (~fit).nonzero().flatten().tolist():
+        for more, fits in ((int(excess[b]), True), (int(excess[b]) - 1, False)):
+            slot = paired_miss_runs(rank[b:b + 1], inside_cells(shapes[b:b + 1], 32), model.slots + more,
+                                    model.miss_run, model.miss_pair_rank)[0]
+            assert bool((layout.missed[b:b + 1] & (slot >= model.slots + more)).any()) != fits
 
 
 def test_interval_toy_codes_hold_more_cells_and_are_learned():
@@ -669,3 +680,7 @@ def test_interval_toy_codes_hold_more_cells_and_are_learned():
         assert rows[-1]["step"] == 300 and rows[-1]["runs"] > 0.75 and rows[-1]["cells"] > 0.93
         assert rows[-1]["codes"] > 64
     assert per_code["interval"] > 1.1 * per_code["tunstall"]
+    # Without the escape value (model.miss_interval's codes) a code holds fewer cells, still more than the dictionary's.
+    ranks, _, lengths = toy.runs("bounded", 20_000, 64, 0)
+    assert per_code["tunstall"] < float(lengths.float().mean()) < per_code["interval"]
+    assert int(lengths.max()) <= (64 - 4) // 3 + 1 and (ranks >= 0).sum() == lengths.sum()

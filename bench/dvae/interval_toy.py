@@ -1,6 +1,6 @@
 """Can a dVAE learn codes whose meaning follows the context's confidence? A toy with known answers, for a CPU.
 
-    python -m bench.dvae.interval_toy [--layout interval|tunstall] [--codebook-size 64] [--contents 64]
+    python -m bench.dvae.interval_toy [--layout interval|bounded|tunstall] [--codebook-size 64] [--contents 64]
         [--steps 2000]
 
 Cells carry a rank (0: the context's guess, 1: its second choice, ...) and a confidence class the decoder knows,
@@ -11,7 +11,9 @@ knows (--contents; the codebook may be larger, to leave VQ slack), in one of two
 - tunstall: a Tunstall dictionary of rank sequences fitted to the ranks' overall frequencies. A code means the
   same ranks wherever it stands, as the trained miss and pair codes do;
 - interval: bench.dvae.entropy.interval_codes, each cell splitting what is left of the code's K values by its
-  class's frequencies. Codes hold more cells, and a code's ranks depend on the classes it is read with.
+  class's frequencies. Codes hold more cells, and a code's ranks depend on the classes it is read with;
+- bounded: bench.dvae.entropy.bounded_interval_codes, model.miss_interval's layout: the same without the escape
+  value (every rank keeps a value, a code ends where fewer than the ranks are left).
 Each code's run of cells is one example of a small dVAE: a GRU encoder reads the run's (rank, class) cells, VQ
 (as dvae/arc-vq sets it) picks one of K codes, and a GRU decoder reads the code with each cell's class and the
 rank before it and predicts the rank. Reported on 4,096 fresh runs, decoded greedily (each cell reads the rank
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.dvae.entropy import interval_codes, tunstall_codes, tunstall_dictionary
+from bench.dvae.entropy import bounded_interval_codes, interval_codes, tunstall_codes, tunstall_dictionary
 from latentforge.nn.codebooks import build_codebook
 
 # Each confidence class's rank frequencies, and how often the class occurs.
@@ -51,6 +53,8 @@ def runs(layout: str, cells: int, size: int, seed: int) -> tuple[torch.Tensor, t
     classes, ranks = stream(cells, np.random.default_rng(seed))
     if layout == "interval":
         code, _ = interval_codes(ranks, CLASS_RANKS[classes], size)
+    elif layout == "bounded":
+        code = bounded_interval_codes(ranks, CLASS_RANKS[classes], size)
     else:
         overall = CLASS_SHARE @ CLASS_RANKS
         leaves = 1 + (size - 1) // (RANKS - 1) * (RANKS - 1)
@@ -146,7 +150,7 @@ def evaluate(model: RunDVAE, ranks: torch.Tensor, classes: torch.Tensor, lengths
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layout", default="interval", choices=["interval", "tunstall"])
+    parser.add_argument("--layout", default="interval", choices=["interval", "bounded", "tunstall"])
     parser.add_argument("--codebook-size", type=int, default=64)
     parser.add_argument("--contents", type=int, default=0, help="a code's contents at most (default: the codebook)")
     parser.add_argument("--steps", type=int, default=2000)
