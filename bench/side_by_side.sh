@@ -16,6 +16,12 @@ LIMIT=${2:-480}
 RUNS=${LATENTFORGE_RUNS:-runs}
 SPLIT=${SPLIT:-icot_test}
 mkdir -p "$RUNS/logs"
+# The runs share the host's cores: each gets its share of CPU threads (torch's default is one per core each, and
+# several CPU-heavy steps at once, such as fitting a context before training, then starve each other) unless
+# OMP_NUM_THREADS is set.
+runs=$(grep -cv '^[[:space:]]*\(#\|$\)' "$SPEC")
+per_run=$(( $(nproc) / (runs > 0 ? runs : 1) ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( per_run > 0 ? per_run : 1 ))}
 names=()
 while read -r name preset rest; do
   [[ -z "$name" || "$name" == \#* ]] && continue
