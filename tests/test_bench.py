@@ -554,14 +554,17 @@ def test_dvae_entropy_pairs_a_cheap_miss_with_the_next_and_counts_every_kind_of_
         assert len(firsts) == entropy.paired_miss_kinds(run_limit, pair_rank)
 
 
-def test_dvae_context_speed_times_both_contexts():
-    """bench/dvae/context_speed.py on the CPU, a small batch: one line per context, a positive time each."""
+def test_dvae_context_speed_times_both_contexts_and_the_interval_layout():
+    """bench/dvae/context_speed.py on the CPU, a small batch: one line per context and one for the interval layout, a
+    positive time each."""
     result = subprocess.run([sys.executable, "-m", "bench.dvae.context_speed", "--batch", "4", "--repeats", "1",
                              "--device", "cpu"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    times = re.findall(r"^(fitted rule|adaptive context): ([0-9.]+) ms per batch$", result.stdout, re.MULTILINE)
-    assert [name for name, _ in times] == ["fitted rule", "adaptive context"] and all(float(t) > 0 for _, t in times)
+    times = re.findall(r"^(fitted rule|adaptive context|interval layout): ([0-9.]+) ms per batch$", result.stdout,
+                       re.MULTILINE)
+    assert [name for name, _ in times] == ["fitted rule", "adaptive context", "interval layout"]
+    assert all(float(t) > 0 for _, t in times)
 
 
 def test_a_tunstall_tree_parses_any_ranks_into_its_leaves():
@@ -683,4 +686,6 @@ def test_interval_toy_codes_hold_more_cells_and_are_learned():
     # Without the escape value (model.miss_interval's codes) a code holds fewer cells, still more than the dictionary's.
     ranks, _, lengths = toy.runs("bounded", 20_000, 64, 0)
     assert per_code["tunstall"] < float(lengths.float().mean()) < per_code["interval"]
-    assert int(lengths.max()) <= (64 - 4) // 3 + 1 and (ranks >= 0).sum() == lengths.sum()
+    from latentforge.tasks.dvae.context import interval_run_bound
+
+    assert int(lengths.max()) <= interval_run_bound(64, 4) and (ranks >= 0).sum() == lengths.sum()

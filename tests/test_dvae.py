@@ -489,10 +489,10 @@ def test_interval_codes_split_what_is_left_by_the_contexts_probabilities():
     logits = model.decode(torch.randn(3, model.slots, 32, dtype=torch.float64), shapes, context)
     assert torch.equal(logits[..., :10].gather(-1, layout.choices)[inside], heads[0][..., :10][inside])
     with pytest.raises(ValueError, match="miss_run >= 7"):
-        GridDVAE_with(model, miss_run=6)
+        grid_dvae_with(model, miss_run=6)
 
 
-def GridDVAE_with(model, **changes):
+def grid_dvae_with(model, **changes):
     """A GridDVAE built as `model` was (autoregressive_model's miss-interval), with `changes` to its arguments."""
     from latentforge.tasks.dvae.model import GridDVAE
 

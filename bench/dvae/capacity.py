@@ -168,7 +168,7 @@ def grid_ranks(grids: Grids, context: AdaptiveContext,
         rank = colour_ranks(choices, torch.where(inside, tokens.flatten(1), 0).clamp(max=context.colours - 1))
         for r, p, keep in zip(rank, sorted_probs, inside):  # reading order: the grid sits top-left
             ranks.append(r[keep].numpy())
-            probs.append(p[keep].float().numpy())
+            probs.append(p[keep].numpy())
     return ranks, probs
 
 
@@ -212,7 +212,7 @@ def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, s
     layouts = [(name, [entropy.interval_codes(r, split(q), codebook_size)[0] for r, q in zip(per_grid, per_grid_probs)])
                for name, split in splits]
     layouts.append(("the context's own probabilities, every rank keeping a value and no escape (model.miss_interval)",
-                    [entropy.bounded_interval_codes(r, q, codebook_size) for r, q in zip(per_grid, per_grid_probs)]))
+                    [entropy.bounded_interval_codes(r, q, codebook_size)[0] for r, q in zip(per_grid, per_grid_probs)]))
     # No code boundaries: an ideal arithmetic coder with the context's probabilities, cut at the codes' bits (every
     # cell within them in code 0, the others past the last).
     budget = slots * math.log2(codebook_size)

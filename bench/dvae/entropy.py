@@ -42,7 +42,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from latentforge.tasks.dvae.context import NEIGHBOURS, miss_runs
+from latentforge.tasks.dvae.context import NEIGHBOURS, SHARE_STEP, miss_runs
 from latentforge.tasks.dvae.data import dihedral, load_arc
 from latentforge.tasks.dvae.model import cells_per_code
 from latentforge.tasks.dvae.render import ARC_COLOURS, tickless_figure
@@ -530,20 +530,24 @@ def interval_decode(values: list[int], probs: np.ndarray, size: int) -> np.ndarr
     return ranks
 
 
-def bounded_interval_codes(ranks: np.ndarray, probs: np.ndarray, size: int) -> np.ndarray:
-    """Each cell's code under model.miss_interval's layout, cell by cell (context.interval_runs does every cell at
-    once): each cell splits the values left among its ranks, floor(p_r (left - C)) + 1 each and rank 0 the rest, and
-    keeps its rank's share; a code ends at the cell that leaves fewer than C. No escape value: every rank keeps one,
-    so a code's end depends only on its own cells, as a decoder reading earlier cells needs."""
-    code = np.empty(len(ranks), dtype=np.int64)
+def bounded_interval_codes(ranks: np.ndarray, probs: np.ndarray,
+                           size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cell's code under model.miss_interval's layout, the values its code has left before it, and whether its
+    code ends there, cell by cell (context.interval_runs does every cell at once): each cell splits the values left
+    among its ranks, floor(p_r (left - C)) + 1 each (p_r rounded to a multiple of SHARE_STEP) and rank 0 the rest,
+    and keeps its rank's share; a code ends at the cell that leaves fewer than C. No escape value: every rank keeps
+    one, so a code's end depends only on its own cells, as a decoder reading earlier cells needs."""
+    code, before = np.empty(len(ranks), dtype=np.int64), np.empty(len(ranks), dtype=np.int64)
+    end = np.zeros(len(ranks), dtype=bool)
     current, left, colours = 0, size, probs.shape[1]
     for i, rank in enumerate(ranks):
-        shares = np.floor(probs[i] * (left - colours)).astype(np.int64) + 1
+        rounded = np.round(probs[i].astype(np.float64) / SHARE_STEP) * SHARE_STEP
+        shares = np.floor(rounded * (left - colours)).astype(np.int64) + 1
         shares[0] = left - shares[1:].sum()
-        code[i], left = current, int(shares[rank])
+        code[i], before[i], left = current, left, int(shares[rank])
         if left < colours:
-            current, left = current + 1, size
-    return code
+            current, left, end[i] = current + 1, size, True
+    return code, before, end
 
 
 def uncoded(ranks: list[np.ndarray], codes: list[np.ndarray], slots: int) -> tuple[float, float]:

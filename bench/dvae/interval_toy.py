@@ -7,7 +7,7 @@ Cells carry a rank (0: the context's guess, 1: its second choice, ...) and a con
 as the adaptive context's cells do (docs/results/dvae.md, "Codes whose content depends on the context's
 confidence"); each rank is drawn from its class's frequencies (CLASS_RANKS: sure cells are almost always rank 0,
 torn ones often rank 1). A stream of cells is cut into codes, each with at most K contents for what the decoder
-knows (--contents; the codebook may be larger, to leave VQ slack), in one of two ways:
+knows (--contents; the codebook may be larger, to leave VQ slack), in one of three ways:
 - tunstall: a Tunstall dictionary of rank sequences fitted to the ranks' overall frequencies. A code means the
   same ranks wherever it stands, as the trained miss and pair codes do;
 - interval: bench.dvae.entropy.interval_codes, each cell splitting what is left of the code's K values by its
@@ -54,7 +54,7 @@ def runs(layout: str, cells: int, size: int, seed: int) -> tuple[torch.Tensor, t
     if layout == "interval":
         code, _ = interval_codes(ranks, CLASS_RANKS[classes], size)
     elif layout == "bounded":
-        code = bounded_interval_codes(ranks, CLASS_RANKS[classes], size)
+        code = bounded_interval_codes(ranks, CLASS_RANKS[classes], size)[0]
     else:
         overall = CLASS_SHARE @ CLASS_RANKS
         leaves = 1 + (size - 1) // (RANKS - 1) * (RANKS - 1)

@@ -89,5 +89,6 @@ def main(args: list[str]) -> None:
           f"{1 - int(wrong_free.sum()) / max(unfit_cells, 1):.3f} | {int(excess.sum()):,} | "
           f"{1 - int(excess.sum()) / total:.4f} |")
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -161,10 +161,17 @@ def states_before(after: Tensor, start: int) -> Tensor:
     return F.pad(prefix[:, :-1, start], (1, 0), value=start)
 
 
+# interval_shares rounds probabilities to multiples of this first, so that its floors are exact: the layout does not
+# change with a probability's last bit, which another device or batch size may round differently.
+SHARE_STEP = 2.0**-20
+
+
 def interval_shares(probs: Tensor, left: Tensor) -> Tensor:
     """How `left` values (..., with left >= C) split among C ranks of probabilities `probs` (..., C), likeliest
-    first: floor(p_r (left - C)) + 1 each, rank 0 the rest. Every rank keeps a value, so every cell can be coded."""
-    shares = (probs * (left - probs.shape[-1]).unsqueeze(-1)).floor().long() + 1
+    first: floor(p_r (left - C)) + 1 each (p_r rounded to a multiple of SHARE_STEP), rank 0 the rest. Every rank
+    keeps a value, so every cell can be coded."""
+    rounded = torch.round(probs.double() / SHARE_STEP) * SHARE_STEP
+    shares = (rounded * (left - probs.shape[-1]).unsqueeze(-1)).floor().long() + 1
     return torch.cat([left.unsqueeze(-1) - shares[..., 1:].sum(-1, keepdim=True), shares[..., 1:]], -1)
 
 
@@ -185,26 +192,48 @@ def interval_runs(probs: Tensor, ranks: Tensor, inside: Tensor, slots: int,
     arithmetic code without escapes: a code holds many likely cells or few unlikely ones, never more than `size`
     contents for what the decoder knows, and its end depends only on its cells. Returns slot, offset and end as
     miss_layout does, and the values left before each cell (0 outside the grid).
-    The values left is the state of a finite automaton over the cells (states_before): each cell's transition is
-    computed for all size - C + 1 states at once, in chunks of cells."""
-    colours = probs.shape[-1]
-    states = torch.arange(colours, size + 1, device=probs.device)  # values left: state i holds colours + i
-    fresh = size - colours
-    after = torch.arange(len(states), device=probs.device).expand(*ranks.shape, -1).clone()  # outside: unchanged
-    cells = inside.nonzero(as_tuple=True)
-    for chunk in torch.arange(len(cells[0]), device=probs.device).split(4096):
-        at = cells[0][chunk], cells[1][chunk]
-        shares = interval_shares(probs[at].unsqueeze(1), states.expand(len(chunk), -1))  # (n, states, C)
-        kept = shares.gather(2, ranks[at].view(-1, 1, 1).expand(-1, len(states), 1)).squeeze(-1)
-        after[at] = torch.where(kept < colours, fresh, kept - colours)
-    left = states[states_before(after, fresh)]
-    kept = interval_shares(probs, left).gather(-1, ranks.unsqueeze(-1)).squeeze(-1)
-    end = inside & (kept < colours)
-    run = end.cumsum(1) - end.long()
-    index = inside.cumsum(1) - 1  # the cell's place in the grid's reading order (the grid sits at the top left)
-    previous_end = F.pad(torch.where(end, index, -1).cummax(1).values[:, :-1], (1, 0), value=-1)
-    slot = torch.where(inside & (run < slots), run, slots)
-    return slot, torch.where(inside, index - previous_end - 1, 0), end, torch.where(inside, left, 0)
+    A run holds at most interval_run_bound cells, so every cell's run is followed as if a run started there, all at
+    once, that many steps; the runs that do start are then the chain of run ends from the first cell
+    (chain_from_first)."""
+    B, L, colours = probs.shape
+    # The grid's cells in reading order first (the grid sits at the top left, so that is canvas order).
+    order = torch.sort((~inside).long(), dim=1, stable=True).indices
+    probs = probs.gather(1, order.unsqueeze(-1).expand(-1, -1, colours))
+    ranks, valid = ranks.gather(1, order), inside.gather(1, order)
+    place = torch.arange(L, device=probs.device).expand(B, -1)
+    bound = interval_run_bound(size, colours)
+    left = torch.full_like(ranks, size)
+    active, end_at, lefts = valid, torch.full_like(ranks, L), []
+    for k in range(bound):  # the run from each start, at its k-th cell
+        p, r = F.pad(probs[:, k:], (0, 0, 0, k)), F.pad(ranks[:, k:], (0, k))
+        active = active & F.pad(valid[:, k:], (0, k), value=False)
+        lefts.append(torch.where(active, left, 0))
+        left = interval_shares(p, left.clamp(min=colours)).gather(-1, r.unsqueeze(-1)).squeeze(-1)
+        ends = active & (left < colours)
+        end_at = torch.where(ends, place + k, end_at)
+        active = active & ~ends
+    starts = chain_from_first((end_at + 1).clamp(max=L)) & valid
+    start = torch.where(starts, place, 0).cummax(1).values  # each cell's run's first cell
+    offset = place - start
+    left = torch.stack(lefts, -1).flatten(1).gather(1, start * bound + offset.clamp(max=bound - 1))
+    end = valid & (end_at.gather(1, start) == place)
+    run = starts.cumsum(1) - 1
+    out = (torch.where(valid & (run < slots), run, slots), torch.where(valid, offset, 0), end,
+           torch.where(valid, left, 0))
+    return tuple(torch.empty_like(x).scatter_(1, order, x) for x in out)
+
+
+def chain_from_first(following: Tensor) -> Tensor:
+    """(B, L) each position's next (> itself; L: none) -> (B, L) whether the chain 0, next(0), next(next(0)), ...
+    passes each position. The chain is found by pointer doubling: log2(L) scatters rather than L steps."""
+    B, L = following.shape
+    jump = torch.cat([following, following.new_full((B, 1), L)], 1)
+    reached = torch.zeros_like(jump)
+    reached[:, 0] = 1
+    for _ in range(max(1, math.ceil(math.log2(L + 1)))):
+        reached = reached.scatter_reduce(1, jump, reached, "amax")
+        jump = jump.gather(1, jump)
+    return reached[:, :L].bool()
 
 
 def colour_ranks(choices: Tensor, colours: Tensor) -> Tensor:

@@ -40,7 +40,8 @@ that leaves fewer values than there are colours (context.interval_runs). A code 
 unlikely ones, and never more than codebook_size contents for what the decoder knows; its meaning depends on the
 probabilities it is read with, so the encoder and the decoder read each cell's split and the values left. The head
 names ranks, as with miss_pair_rank. Counted with every code right, these codes hold 98.4% of the held-out grids, and
-0.990 of their cells decoded from the decoder's own guesses (python -m bench.dvae.capacity).
+0.990 of the held-out cells come back decoded from the decoder's own guesses (python -m bench.dvae.capacity); trained
+(dvae/arc-vq-interval), they are not learned (docs/results/dvae.md).
 
 autoregressive: the decoder also reads the grid's earlier cells (reading order over the canvas): each cell's
 query adds the colours of its left and upper neighbours, and its self-attention is causal. Trained with the
@@ -111,11 +112,12 @@ class GridDVAE(nn.Module):
                              f"model.miss_context=adaptive and a rank in [1, colours - 2] (got {miss_pair_rank})")
         colours = 10 if adaptive_context is None else adaptive_context.colours
         if miss_interval and (not miss_slots or adaptive_context is None or miss_pair_rank
-                              or miss_run < interval_run_bound(codebook_size, colours)):
+                              or codebook_size <= colours or miss_run < interval_run_bound(codebook_size, colours)):
             raise ValueError(f"miss_interval splits each code's values by the adaptive context's probabilities: it "
-                             f"needs model.miss_context=adaptive, no miss_pair_rank, and miss_run >= "
-                             f"{interval_run_bound(codebook_size, colours)} (the longest run a code of {codebook_size} "
-                             f"values holds; got {miss_run})")
+                             f"needs model.miss_slots=true, model.miss_context=adaptive, model.miss_pair_rank=0, "
+                             f"codebook_size > {colours} and miss_run >= "
+                             f"{interval_run_bound(max(codebook_size, colours + 1), colours)} (the longest run a code "
+                             f"of {codebook_size} values holds; got {miss_run})")
         cells = grid_size * grid_size
         # The slots the codebook fills (grid_slots: all but the two shape codes).
         slots = latents - 2 if grid_slots else latents
@@ -191,6 +193,10 @@ class GridDVAE(nn.Module):
         if miss_slots:
             # The rule's guess is most cells' answer: as loud as the cells' own colours.
             nn.init.normal_(self.guess_colour.weight, std=1.0)
+        if miss_interval:
+            # What a code means depends on these: as loud as the colours too (a log share is up to about -9).
+            nn.init.normal_(self.interval_split.weight, std=1.0 / adaptive_context.colours)
+            nn.init.normal_(self.interval_left.weight, std=1.0)
         for stack, branches in ((self.encoder, 2), (self.pool, 3), (self.decoder, 3)):
             for name, p in stack.named_parameters():
                 if name.endswith(("proj.weight", "down.weight")):

@@ -140,7 +140,8 @@ class DVAEModelConfig(ModelBase):
     # With miss_context=adaptive: a code is an interval of codebook_size values that each cell splits by the context's
     # probabilities of its ranks, and holds cells until fewer values than colours are left (model.py); miss_run must
     # cover the longest such run (56 cells for 512 values). Counted (python -m bench.dvae.capacity): 98.4% of the
-    # held-out grids fit, 0.990 of their cells come back from the decoder's own guesses.
+    # held-out grids fit, 0.990 of the held-out cells come back from the decoder's own guesses (trained: not learned,
+    # docs/results/dvae.md).
     miss_interval: bool = False
 
     def validate(self) -> None:
