@@ -72,13 +72,14 @@ def runs(layout: str, cells: int, size: int, seed: int) -> tuple[torch.Tensor, t
 class RunDVAE(nn.Module):
     """A run of (rank, class) cells -> one code of `size` -> its ranks, given the classes."""
 
-    def __init__(self, size: int, dim: int = 64):
+    def __init__(self, size: int, dim: int = 64, split_crowded: int = 0):
         super().__init__()
         self.rank = nn.Embedding(RANKS + 1, dim)  # RANKS: before the first cell
         self.cls = nn.Embedding(CLASSES, dim)
         self.encoder = nn.GRU(dim, dim, batch_first=True, bidirectional=True)
         self.to_code = nn.Linear(2 * dim, dim)
-        self.codebook = build_codebook("vq", dim, size, threshold_ema_dead_code=0.2, dead_code_reset="distance")
+        self.codebook = build_codebook("vq", dim, size, threshold_ema_dead_code=0.2, dead_code_reset="distance",
+                                       split_crowded=split_crowded)
         self.decoder = nn.GRU(3 * dim, dim, batch_first=True)
         self.head = nn.Linear(dim, RANKS)
 
@@ -111,14 +112,15 @@ class RunDVAE(nn.Module):
         return torch.cat(out, 1)
 
 
-def train(layout: str, size: int, contents: int, steps: int, batch: int = 256, lr: float = 2e-3,
+def train(layout: str, size: int, contents: int, steps: int, batch: int = 256, lr: float = 2e-3, split_crowded: int = 0,
           seed: int = 0) -> list[dict]:
-    """Train the toy on `layout`'s runs of at most `contents` contents with a codebook of `size`; the evaluation
-    rows every steps // 4 steps, then the runs' cells per code."""
+    """Train the toy on `layout`'s runs of at most `contents` contents with a codebook of `size` (VQ restarting
+    `split_crowded` live codes with a twin every step); the evaluation rows every steps // 4 steps, then the runs'
+    cells per code."""
     torch.manual_seed(seed)
     ranks, classes, lengths = runs(layout, 400_000, contents, seed)
     test = tuple(t[:4096] for t in runs(layout, 60_000, contents, seed + 1))
-    model = RunDVAE(size)
+    model = RunDVAE(size, split_crowded=split_crowded)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rows = []
     for step in range(1, steps + 1):
@@ -155,11 +157,14 @@ def main() -> None:
     parser.add_argument("--contents", type=int, default=0, help="a code's contents at most (default: the codebook)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-crowded", type=int, default=0,
+                        help="VQ restarts this many live codes with a twin every step (dvae/arc-vq-miss: 1)")
     args = parser.parse_args()
     contents = args.contents or args.codebook_size
     if not 2 * RANKS <= contents <= args.codebook_size or args.steps < 1:
         raise SystemExit(f"error: need {2 * RANKS} <= --contents <= --codebook-size and --steps >= 1")
-    rows = train(args.layout, args.codebook_size, contents, args.steps, seed=args.seed)
+    rows = train(args.layout, args.codebook_size, contents, args.steps, seed=args.seed,
+                 split_crowded=args.split_crowded)
     held = rows.pop()
     print(f"{args.layout} codes of at most {contents} contents, a codebook of {args.codebook_size}: "
           f"{held['cells_per_code']:.2f} cells per code (the longest {held['longest']})")
