@@ -161,9 +161,7 @@ def grid_ranks(grids: Grids, context: AdaptiveContext,
     ranks, probs = [], []
     for i in range(0, len(grids), 256):
         tokens, shapes = grids.tokens[i:i + 256], grids.shapes[i:i + 256]
-        # AdaptiveContext.choices' order, with the probabilities beside it.
-        sorted_probs, choices = context.distribution(tokens, shapes, axes[i:i + 256]).sort(dim=-1, descending=True,
-                                                                                            stable=True)
+        sorted_probs, choices = context.ranked(tokens, shapes, axes[i:i + 256])
         inside = inside_cells(shapes, tokens.shape[-1])
         rank = colour_ranks(choices, torch.where(inside, tokens.flatten(1), 0).clamp(max=context.colours - 1))
         for r, p, keep in zip(rank, sorted_probs, inside):  # reading order: the grid sits top-left
@@ -189,8 +187,7 @@ def report_paired_misses(grids: Grids, train: Grids, context: AdaptiveContext, s
                                  "context)")
     train_ranks, train_probs = grid_ranks(train, context)
     p = np.bincount(np.concatenate(train_ranks), minlength=context.colours) / sum(map(len, train_ranks))
-    # A tree over 10 ranks has 1 + 9k leaves.
-    leaves = 1 + (codebook_size - 1) // (context.colours - 1) * (context.colours - 1)
+    leaves = entropy.tunstall_leaves(codebook_size, context.colours)
     tree = entropy.tunstall_dictionary(p, leaves)
     fits, accuracy = entropy.uncoded(per_grid, [entropy.tunstall_codes(r, tree) for r in per_grid], slots)
     print(f"\na Tunstall dictionary of rank sequences, fitted to the training grids' ranks (rank 0 {p[0]:.3f} of "

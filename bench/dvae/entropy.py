@@ -420,6 +420,11 @@ def paired_miss_kinds(run_limit: int, pair_rank: int) -> int:
     return (ranks - pair_rank) * run_limit + pair_rank * pairs * ranks + pair_rank * run_limit + 1
 
 
+def tunstall_leaves(codes: int, ranks: int) -> int:
+    """The most leaves a Tunstall tree over `ranks` ranks has within `codes` codes: 1 + (ranks - 1) k."""
+    return 1 + (codes - 1) // (ranks - 1) * (ranks - 1)
+
+
 def tunstall_dictionary(p: np.ndarray, leaves: int) -> set[tuple[int, ...]]:
     """The internal nodes of a Tunstall tree over ranks drawn with probabilities p: from the root, the likeliest
     leaf splits into its len(p) children while the leaves number at most `leaves`. Its leaves are the rank

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.dvae.entropy import bounded_interval_codes, interval_codes, tunstall_codes, tunstall_dictionary
+from bench.dvae.entropy import (
+    bounded_interval_codes,
+    interval_codes,
+    tunstall_codes,
+    tunstall_dictionary,
+    tunstall_leaves,
+)
 from latentforge.nn.codebooks import build_codebook
 
 # Each confidence class's rank frequencies, and how often the class occurs.
@@ -57,8 +63,7 @@ def runs(layout: str, cells: int, size: int, seed: int) -> tuple[torch.Tensor, t
         code = bounded_interval_codes(ranks, CLASS_RANKS[classes], size)[0]
     else:
         overall = CLASS_SHARE @ CLASS_RANKS
-        leaves = 1 + (size - 1) // (RANKS - 1) * (RANKS - 1)
-        code = tunstall_codes(ranks, tunstall_dictionary(overall, leaves))
+        code = tunstall_codes(ranks, tunstall_dictionary(overall, tunstall_leaves(size, RANKS)))
     ends = np.flatnonzero(np.diff(code)) + 1
     parts = list(zip(np.split(ranks, ends), np.split(classes, ends)))[:-1]  # the last run may be cut short
     longest = max(len(r) for r, _ in parts)

@@ -143,22 +143,16 @@ def paired_miss_runs(ranks: Tensor, inside: Tensor, slots: int, run_limit: int,
     after = torch.stack([state + 1, run_limit + length + 1, state, state])
     after = torch.where(ends, 0, after)
     kind = torch.where(inside, (ranks > 0).long() + (ranks > pair_rank).long(), 3)
-    before = states_before(after[kind], 0)
+    prefix = after[kind]  # (B, L, states): prefix[:, i, s], the state after cells ..i from state s before them
+    span = 1
+    while span < prefix.shape[1]:
+        prefix = torch.cat([prefix[:, :span], prefix[:, span:].gather(2, prefix[:, :-span])], 1)
+        span *= 2
+    before = F.pad(prefix[:, :-1, 0], (1, 0))
     end = ends[kind, before]
     run = end.cumsum(1) - end.long()
     slot = torch.where(inside & (run < slots), run, slots)
     return slot, torch.where(inside, before % run_limit, 0), end
-
-
-def states_before(after: Tensor, start: int) -> Tensor:
-    """(B, L, states) each cell's transition (the state after it from each state before it) -> (B, L) the state
-    before each cell, from `start` before the first. A prefix composition (prefix[:, i, s], the state after cells
-    ..i from s before them): log2(L) parallel gathers rather than L sequential steps."""
-    prefix, span = after, 1
-    while span < prefix.shape[1]:
-        prefix = torch.cat([prefix[:, :span], prefix[:, span:].gather(2, prefix[:, :-span])], 1)
-        span *= 2
-    return F.pad(prefix[:, :-1, start], (1, 0), value=start)
 
 
 # interval_shares rounds probabilities to multiples of this first, so that its floors are exact: the layout does not

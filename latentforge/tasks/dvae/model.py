@@ -326,21 +326,19 @@ class GridDVAE(nn.Module):
         ranks, or with miss_interval context.interval_runs' by its probabilities; a grid of at most miss_above_cells
         cells keeps grid_slot_layout's even runs instead (a run ends at its last cell). Its shape codes say which, so
         the decoder knows it before the first cell."""
-        if self.miss_interval:
+        if self.names_ranks:
             probs, choices = self.adaptive_context.ranked(grids, shapes, axes)
             inside = inside_cells(shapes, self.grid_size)
             rank = colour_ranks(choices, grids.flatten(1))
-            slot, offset, end, left = interval_runs(probs, rank, inside, self.slots, self.codebook_size)
-            shares = interval_shares(probs, left.clamp(min=probs.shape[-1])).to(probs.dtype)
-            split = torch.where(inside.unsqueeze(-1), (shares / left.clamp(min=1).unsqueeze(-1)).log(), 0.0)
-            layout = MissLayout(slot, offset, end, inside & (rank > 0), torch.where(inside, choices[..., 0], NO_GUESS),
-                                choices, split, left)
-        elif self.miss_pair_rank:
-            choices = self.adaptive_context.choices(grids, shapes, axes)
-            inside = inside_cells(shapes, self.grid_size)
-            rank = colour_ranks(choices, grids.flatten(1))
-            runs = paired_miss_runs(rank, inside, self.slots, self.miss_run, self.miss_pair_rank)
-            layout = MissLayout(*runs, inside & (rank > 0), torch.where(inside, choices[..., 0], NO_GUESS), choices)
+            missed, guess = inside & (rank > 0), torch.where(inside, choices[..., 0], NO_GUESS)
+            if self.miss_interval:
+                slot, offset, end, left = interval_runs(probs, rank, inside, self.slots, self.codebook_size)
+                shares = interval_shares(probs, left.clamp(min=probs.shape[-1])).to(probs.dtype)
+                split = torch.where(inside.unsqueeze(-1), (shares / left.clamp(min=1).unsqueeze(-1)).log(), 0.0)
+                layout = MissLayout(slot, offset, end, missed, guess, choices, split, left)
+            else:
+                runs = paired_miss_runs(rank, inside, self.slots, self.miss_run, self.miss_pair_rank)
+                layout = MissLayout(*runs, missed, guess, choices)
         else:
             guess = context_guesses(grids, shapes, self.context_rule) if self.adaptive_context is None \
                 else self.adaptive_context.guesses(grids, shapes, axes)
