@@ -1,6 +1,8 @@
 import hashlib
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import latentforge
 from latentforge.config import GuardConfig
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint
 from latentforge.engine.guard import StabilityGuard
+from latentforge.engine.loop import Trainer
 from latentforge.errors import TrainingStopped
 from latentforge.tasks.multiply.task import Multiply
 
@@ -42,6 +45,64 @@ def test_interrupted_and_resumed_run_matches_the_straight_run(runs_dir, monkeypa
     sa = load_checkpoint(straight.checkpoint_path("latest"))["model"]
     sb = load_checkpoint(resumed.checkpoint_path("latest"))["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def sampling_evaluation(monkeypatch, stop_at: int | None = None) -> None:
+    """multiply's evaluation, made to draw from torch's generator as a sampling evaluation does; with `stop_at`,
+    this process gets a real SIGTERM as the evaluation of that step begins. Replaces the patches made before."""
+    monkeypatch.undo()
+    reached = {"step": 0}
+    train_step, evaluate = Trainer.train_step, Multiply.evaluate
+
+    def counting_step(self):
+        reason = train_step(self)
+        reached["step"] = self.step
+        return reason
+
+    def sampling(self, model, split):
+        torch.rand(())
+        if reached["step"] == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, model, split)
+
+    monkeypatch.setattr(Trainer, "train_step", counting_step)
+    monkeypatch.setattr(Multiply, "evaluate", sampling)
+
+
+@pytest.mark.parametrize("stop_at", [6, 12], ids=["mid-run", "final"])
+def test_a_stop_during_an_evaluation_abandons_it_and_the_resumed_run_evaluates_first(runs_dir, monkeypatch, stop_at):
+    """SIGTERM during an evaluation (which can outlast a scheduler's grace period) ends the run at once with a
+    checkpoint of that step and nothing of the evaluation logged; the resumed run evaluates that step first and
+    then matches the straight run: evaluating, abandoned or not, leaves the random generators as they were."""
+    common = [*TINY, "model.dropout=0.1"]
+    sampling_evaluation(monkeypatch)
+    straight = latentforge.train("multiply/tiny", *common, name="straight", runs_dir=runs_dir)
+    sampling_evaluation(monkeypatch, stop_at)
+    part = latentforge.train("multiply/tiny", *common, name="part", runs_dir=runs_dir)
+    assert part.status == "interrupted" and part.info["step"] == stop_at and stop_at in part.checkpoints()
+    assert not [r for r in part.metrics if r["step"] == stop_at and any(k.startswith("test/") for k in r)]
+    sampling_evaluation(monkeypatch)
+    resumed = latentforge.resume("part", runs_dir=runs_dir)
+    assert resumed.status == "finished" and resumed.info["step"] == 12
+    a, b = straight.metrics, resumed.metrics
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key.startswith(("train/loss", "train/grad_norm", "test/", "train_eval/")):
+                assert ra[key] == rb[key], (ra["step"], key)
+    sa = load_checkpoint(straight.checkpoint_path("latest"))["model"]
+    sb = load_checkpoint(resumed.checkpoint_path("latest"))["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_how_often_a_run_evaluates_does_not_change_its_training(runs_dir, monkeypatch):
+    """An evaluation that draws random numbers hands the generators back as it found them: dropout's masks, and
+    so the losses, are the same whether the run evaluates every 3 steps or every 6."""
+    sampling_evaluation(monkeypatch)
+    common = [*TINY, "model.dropout=0.1"]
+    often = latentforge.train("multiply/tiny", *common, "train.eval_every=3", name="often", runs_dir=runs_dir)
+    seldom = latentforge.train("multiply/tiny", *common, name="seldom", runs_dir=runs_dir)
+    assert losses(often.path) == losses(seldom.path)
 
 
 def test_extend_a_finished_run(runs_dir):

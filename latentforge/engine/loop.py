@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from latentforge.engine.overfit import OverfitStream, check_resume
 from latentforge.engine.seed import (
     explain_nondeterministic_ops,
     make_deterministic,
+    preserved_rng,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -174,20 +176,42 @@ def evaluate(task: Task, model: nn.Module, splits: list[str], device: torch.devi
     return metrics
 
 
+class EvaluationAbandoned(BaseException):
+    """A stop request arrived during an evaluation: the run checkpoints without it and evaluates first on resume.
+    A BaseException, so that a task's `except Exception` does not swallow it."""
+
+
 class StopRequest(CatchSignals):
     """Ctrl-C, SIGTERM or a scheduler's SIGUSR1/SIGUSR2 (time nearly up) asks the loop to stop after the
-    current step; a second Ctrl-C aborts."""
+    current step, or at once inside `abandoning_evaluation`; a second Ctrl-C aborts."""
 
     signals = (signal.SIGINT, signal.SIGTERM, *PREEMPT_SIGNALS)
 
     def __init__(self):
         super().__init__()
         self.signal_name: str | None = None
+        self.abandons_evaluation = False
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if self.abandons_evaluation:
+            self.abandons_evaluation = False
+            raise EvaluationAbandoned
+
+    @contextlib.contextmanager
+    def abandoning_evaluation(self, allowed: bool) -> Iterator[None]:
+        """Inside, a stop request (or one already made) raises EvaluationAbandoned: an evaluation can take minutes
+        (an autoregressive decoder's greedy decoding), longer than a scheduler waits after its signal. Not
+        `allowed` (several processes, which must stop at the same point), the request waits for the step's end."""
+        if allowed and self.signal_name is not None:
+            raise EvaluationAbandoned
+        self.abandons_evaluation = allowed
+        try:
+            yield
+        finally:
+            self.abandons_evaluation = False
 
 
 class Trainer:
@@ -235,6 +259,8 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.stop_signal: str | None = None  # the signal that stopped fit() early (a launcher may requeue on it)
+        # A stop request abandoned this step's evaluation: the loop runs it before the next step.
+        self.eval_pending = False
         self.window = self._empty_window()
         # DDP or FSDP around the task's loss, when there are several processes (restoring reads it).
         self.loss_module: nn.Module | None = None
@@ -328,6 +354,7 @@ class Trainer:
             "data": self.batches.state_dict(),
             "guard": self.guard.state_dict(),
             "best": self.best,
+            "eval_pending": self.eval_pending,
             "window": {"sums": {k: v.detach().cpu() for k, v in self.window["sums"].items()},
                        "steps": self.window["steps"], "tokens": self.window["tokens"]},
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -369,6 +396,7 @@ class Trainer:
         self.guard = self._build_guard()  # the checkpoint's optimizer groups say whether they are fused
         self.guard.load_state_dict(state["guard"])
         self.best = state["best"]
+        self.eval_pending = bool(state.get("eval_pending", False))
         w = state["window"]
         self.window = {"sums": {k: v.to(self.device) for k, v in w["sums"].items()},
                        "steps": w["steps"], "tokens": w["tokens"]}
@@ -630,31 +658,40 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 clock = time.perf_counter()
-                while self.step < t.steps:
-                    if self.timer is not None:
-                        self.timer.begin_step()
-                    reason = self.train_step()
-                    if reason is not None:
-                        self._on_bad_step(reason, logger, progress)
-                    done = self.step == t.steps
+                while self.step < t.steps or self.eval_pending:
+                    # A resumed run whose evaluation a stop request abandoned runs it before the next step.
+                    resumes_evaluation = self.eval_pending
+                    if not resumes_evaluation:
+                        if self.timer is not None:
+                            self.timer.begin_step()
+                        reason = self.train_step()
+                        if reason is not None:
+                            self._on_bad_step(reason, logger, progress)
+                    done = self.step >= t.steps
                     asked, time_up = (False, False) if done else self._stops_agreed(stop)
                     if time_up:
                         done, stopped_by = True, "time_limit"
                         progress.print(f"train.time_limit={t.time_limit:g} s reached at step {self.step}: "
                                        f"evaluating and saving as the last step")
-                    if self.step % t.log_every == 0 or done:
+                    if not resumes_evaluation and (self.step % t.log_every == 0 or done):
                         self._read_device_guard(logger, progress)
                         elapsed = time.perf_counter() - clock
                         self._log_window(logger, progress, elapsed)
                         clock = time.perf_counter()
                     saved = False
-                    if (t.eval_every and self.step % t.eval_every == 0) or done:
-                        saved = self._evaluate(logger, progress, last=done)
+                    if (t.eval_every and self.step % t.eval_every == 0) or done or resumes_evaluation:
+                        try:
+                            saved = self._evaluate(logger, progress, stop, last=done)
+                            self.eval_pending = False
+                        except EvaluationAbandoned:
+                            self.eval_pending, asked, done, stopped_by = True, True, False, None
+                            progress.print(f"{stop.signal_name}: the evaluation of step {self.step} is abandoned; "
+                                           f"a resumed run evaluates it first")
                         clock = time.perf_counter()
-                    if not saved and ((c.every and self.step % c.every == 0) or done):
+                    if not saved and not self.eval_pending and ((c.every and self.step % c.every == 0) or done):
                         self.save("final" if done else "periodic")
                         clock = time.perf_counter()
-                    if self.timer is not None and (where := self.timer.end_step(self.step)):
+                    if not resumes_evaluation and self.timer is not None and (where := self.timer.end_step(self.step)):
                         progress.print(where)
                         self.timer = None
                     if done:
@@ -730,18 +767,22 @@ class Trainer:
         # Per device, like the other throughputs.
         w["tokens"] = int(packed[-1].item()) // self.dist.world_size
 
-    def _evaluate(self, logger: MetricsLogger, progress: TrainProgress, last: bool = False) -> bool:
+    def _evaluate(self, logger: MetricsLogger, progress: TrainProgress, stop: StopRequest,
+                  last: bool = False) -> bool:
         """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved. `last`: the run
-        ends at this step (train.steps or train.time_limit reached)."""
+        ends at this step (train.steps or train.time_limit reached). A stop request abandons the evaluation
+        (EvaluationAbandoned) before anything is logged. The random generators come out as they went in, so
+        evaluating, abandoned or not, never changes what training draws next."""
         splits = self.task.training_eval_splits()
-        with distributed.gathered(self.loss_module):
-            metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
-            if self.overfit is not None:
-                metrics.update(self.overfit.evaluate(self.task, self.model,
-                                                     autocast(self.device, self.cfg.train.precision)))
-        if self.ema is not None:
-            ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision)
-            metrics.update({EMA_PREFIX + k: v for k, v in ema.items()})
+        with preserved_rng(), stop.abandoning_evaluation(not self.dist.enabled):
+            with distributed.gathered(self.loss_module):
+                metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+                if self.overfit is not None:
+                    metrics.update(self.overfit.evaluate(self.task, self.model,
+                                                         autocast(self.device, self.cfg.train.precision)))
+            if self.ema is not None:
+                ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision)
+                metrics.update({EMA_PREFIX + k: v for k, v in ema.items()})
         # Every rank evaluates the same data; rank 0's numbers decide, so all save together.
         metrics = distributed.broadcast(metrics, self.dist)
         logger.log(self.step, metrics)
@@ -749,7 +790,8 @@ class Trainer:
         headline = {k: v for k, v in metrics.items() if k.count("/") == 1 and not k.endswith("/examples")}
         progress.print(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in headline.items()))
         self.run.update_info(last_eval={"step": self.step, **metrics})
-        self._figures(logger, progress, last)
+        with preserved_rng():
+            self._figures(logger, progress, last)
         c = self.cfg.checkpoint
         if not c.metric:
             return False

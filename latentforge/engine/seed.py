@@ -65,3 +65,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Every generator comes out of the block as it went in, whatever the block draws or raises."""
+    before = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(before)
