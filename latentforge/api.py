@@ -38,6 +38,7 @@ from latentforge.errors import ConfigError, RunError
 from latentforge.tasks import get_task
 from latentforge.track.files import write_atomic, write_json
 from latentforge.track.listing import effective_status
+from latentforge.track.progress import TrainProgress
 from latentforge.track.remote import fetch_run
 from latentforge.track.rundir import RunDir, default_runs_dir, new_run_id
 
@@ -229,9 +230,10 @@ def lr_find(config: str | Path | Config, *overrides: str, steps: int = 100, min_
 
 def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits: list[str] | None = None,
                  runs_dir: str | Path | None = None, device: str = "auto",
-                 ema: bool = False) -> tuple[dict[str, float], Path]:
+                 ema: bool = False, quiet: bool = True) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint on splits; the metrics are also saved under the run's artifacts/.
-    With `ema`, its EMA weights, and the metrics are named as in training (`ema_test/...`)."""
+    With `ema`, its EMA weights, and the metrics are named as in training (`ema_test/...`). Not `quiet`: a bar
+    of the splits, with the task's own below it."""
     run = Run(run_spec, runs_dir)
     task, model, step = run.load(checkpoint, device, ema)
     available = task.eval_splits()
@@ -240,7 +242,14 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
         if split not in available:
             raise ConfigError(f"unknown split {split!r} (splits of this run: {', '.join(available)})")
     dev, precision = run.inference_device(model)
-    metrics = evaluate(task, model, splits, dev, precision)
+    progress = TrainProgress(len(splits), 0, enabled=not quiet, description="eval")
+    metrics: dict[str, float] = {}
+    try:
+        for done, split in enumerate(splits, 1):
+            metrics.update(evaluate(task, model, [split], dev, precision, progress))
+            progress.update(done)
+    finally:
+        progress.close()
     if ema:
         metrics = {EMA_PREFIX + k: v for k, v in metrics.items()}
     out = run.dir.artifacts / f"eval_{'+'.join(splits)}_step{step:08d}{'_ema' if ema else ''}.json"

@@ -212,7 +212,7 @@ def eval_command(
     if all_checkpoints:
         _eval_all(run, checkpoint, split, device, ema, runs_dir, quiet, as_json)
         return
-    metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device, ema)
+    metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device, ema, quiet=quiet or as_json)
     if as_json:
         print(json.dumps(metrics, indent=2))
         return

@@ -63,7 +63,8 @@ def evaluate_all(run: RunDir, cfg: Config, splits: list[str] | None, device: str
                 if produced is not None and produced <= have:
                     rows.append({"step": step, "new": 0, "note": "already evaluated"})
                 else:
-                    rows.append(_evaluate_one(run, step, task, model, splits, dev, precision, ema, have, writer))
+                    rows.append(_evaluate_one(run, step, task, model, splits, dev, precision, ema, have, writer,
+                                              progress))
                     produced = produced or {k for k in rows[-1] if "/" in k}
                 queue.done(step)
                 progress.update(i + 1)
@@ -75,14 +76,14 @@ def evaluate_all(run: RunDir, cfg: Config, splits: list[str] | None, device: str
 
 
 def _evaluate_one(run: RunDir, step: int, task: Any, model: Any, splits: list[str], dev: Any, precision: str,
-                  ema: bool, have: set[str], writer: Any) -> dict[str, Any]:
+                  ema: bool, have: set[str], writer: Any, progress: TrainProgress) -> dict[str, Any]:
     path: Path = run.checkpoints / step_dir_name(step)
     state = load_checkpoint(path)
     if ema:
         load_model_state(model, ema_weights(state, path), path)
     else:
         load_weights(model, path, state)
-    metrics = evaluate(task, model, splits, dev, precision)
+    metrics = evaluate(task, model, splits, dev, precision, progress)
     if ema:
         metrics = {EMA_PREFIX + k: v for k, v in metrics.items()}
     new = {k: v for k, v in metrics.items() if k not in have}

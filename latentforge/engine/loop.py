@@ -68,7 +68,7 @@ from latentforge.tasks import get_task
 from latentforge.track.metrics import MetricsLogger
 from latentforge.track.plots import plot_run, save_figure
 from latentforge.track.profile import StepProfiler
-from latentforge.track.progress import TrainProgress
+from latentforge.track.progress import TrainProgress, shown_in
 from latentforge.track.remote import Remote, RemoteMirror
 from latentforge.track.rundir import FollowerRunDir, RunDir, git_sha
 from latentforge.track.runlog import RunLog
@@ -163,12 +163,13 @@ def load_weights(model: nn.Module, path: Path, state: dict[str, Any]) -> None:
 
 
 def evaluate(task: Task, model: nn.Module, splits: list[str], device: torch.device,
-             precision: str) -> dict[str, float]:
+             precision: str, progress: TrainProgress | None = None) -> dict[str, float]:
+    """Every split's metrics; the task's own bars (`tracked`) show below `progress`'s."""
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
     try:
-        with torch.no_grad(), autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision), shown_in(progress):
             for split in splits:
                 metrics.update(task.evaluate(model, split))
     finally:
@@ -776,12 +777,12 @@ class Trainer:
         splits = self.task.training_eval_splits()
         with preserved_rng(), stop.abandoning_evaluation(not self.dist.enabled):
             with distributed.gathered(self.loss_module):
-                metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision)
+                metrics = evaluate(self.task, self.model, splits, self.device, self.cfg.train.precision, progress)
                 if self.overfit is not None:
                     metrics.update(self.overfit.evaluate(self.task, self.model,
                                                          autocast(self.device, self.cfg.train.precision)))
             if self.ema is not None:
-                ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision)
+                ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision, progress)
                 metrics.update({EMA_PREFIX + k: v for k, v in ema.items()})
         # Every rank evaluates the same data; rank 0's numbers decide, so all save together.
         metrics = distributed.broadcast(metrics, self.dist)

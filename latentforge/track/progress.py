@@ -3,6 +3,11 @@ go to the run's text log when there is one."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from typing import TypeVar
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -38,3 +43,35 @@ class TrainProgress:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+T = TypeVar("T")
+_shown: ContextVar[TrainProgress | None] = ContextVar("latentforge_shown_progress", default=None)
+
+
+@contextlib.contextmanager
+def shown_in(progress: TrainProgress | None) -> Iterator[None]:
+    """Inside, `tracked` puts its bars below `progress`'s (the training bar, or an eval command's)."""
+    token = _shown.set(progress)
+    try:
+        yield
+    finally:
+        _shown.reset(token)
+
+
+def tracked(items: Sequence[T], description: str) -> Iterator[T]:
+    """`items` one by one, with a bar of their own below the running one while they last: for the batches of an
+    evaluation, which can take minutes (greedy decoding). Where no bar is shown (--quiet, a library call), just
+    `items`."""
+    shown = _shown.get()
+    bars = shown.progress if shown is not None else None
+    if bars is None:
+        yield from items
+        return
+    task = bars.add_task(description, total=len(items), stats="")
+    try:
+        for item in items:
+            yield item
+            bars.advance(task)
+    finally:
+        bars.remove_task(task)

@@ -41,6 +41,7 @@ from latentforge.tasks.dvae.losses import (
 )
 from latentforge.tasks.dvae.model import GridDVAE, cells_per_code
 from latentforge.tasks.dvae.render import draw_code_usage, draw_reconstructions, grid_text
+from latentforge.track.progress import tracked
 
 CATEGORICAL = ("gumbel", "reinmax", "softmax")
 # Held-out exact match is also reported per load: grids whose codes carry 1, 2, 3-4, 5-8 or more of their cells.
@@ -354,7 +355,7 @@ class DVAE(Task):
         colour_cells = torch.zeros(colours, device=self.device)
         counts = torch.zeros(K, device=self.device)
         recon = torch.zeros((), device=self.device)
-        for start in range(0, len(grids), self.cfg.data.eval_batch_size):
+        for start in tracked(range(0, len(grids), self.cfg.data.eval_batch_size), f"eval {split}"):
             tokens = grids.tokens[start:start + self.cfg.data.eval_batch_size]
             logits, out = model(tokens)
             targets = tokens.flatten(1)

@@ -33,6 +33,7 @@ from latentforge.nn.fused_ce import linear_cross_entropy
 from latentforge.nn.generate import generate
 from latentforge.nn.lm import LM, LMConfig, forward_flops
 from latentforge.nn.lm_loss import IGNORE, lm_loss
+from latentforge.track.progress import tracked
 
 SPLIT = "valid"
 # Tokens `latentforge predict RUN TEXT` continues a prompt by (fewer when max_len leaves less room).
@@ -162,7 +163,7 @@ class LMTask(Task):
         nll = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         scored = torch.zeros((), device=self.device)
-        for batch in self._valid_batches():
+        for batch in tracked(self._valid_batches(), f"eval {split}"):
             logits = self.logits(model, batch).float()
             labels = self.labels(batch)
             nll += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -50,6 +50,7 @@ from latentforge.tasks.multiply.layout import (
     render,
     sequence_length,
 )
+from latentforge.track.progress import tracked
 
 ICOT_DIR = Path(__file__).parent / "icot"
 ICOT_SIZES = (4, 5, 7, 9, 11)
@@ -470,24 +471,26 @@ class Multiply(Task):
         chain_sum = torch.zeros((), dtype=torch.int64, device=self.device)
         step = self.last_step()
         # Rows with the same operand layout share a prompt length and decode together.
-        for la, lb in torch.unique(torch.stack([layout.len_a, layout.len_b], 1), dim=0).tolist():
-            rows = ((layout.len_a == la) & (layout.len_b == lb)).nonzero().squeeze(1)
-            for chunk in rows.split(d.eval_batch_size):
-                sub = layout.select(chunk)
-                generated = self.generate(model, sub)
-                got = extract_answer(generated, expected.shape[1])
-                marked = (generated == ANSWER).any(1)
-                chain_sum += torch.where(marked, (generated == ANSWER).int().argmax(1), 0).sum()
-                right = got == expected[chunk]
-                correct[chunk] = (right & scored[chunk]).sum(1).float()
-                digit_hits += (right & is_digit[chunk]).sum(0).float()
-                batch = self.make_batch(sub, step, smooth=False)
-                if self.variant == "latent":
-                    batch["teacher_forcing"] = 1.0
-                loss, _ = self.loss(model, batch)
-                weight = self.loss_weight(batch)
-                loss_sum += loss.float() * weight
-                loss_weight += weight
+        lengths = torch.stack([layout.len_a, layout.len_b], 1)
+        groups = [((layout.len_a == la) & (layout.len_b == lb)).nonzero().squeeze(1)
+                  for la, lb in torch.unique(lengths, dim=0).tolist()]
+        chunks = [chunk for rows in groups for chunk in rows.split(d.eval_batch_size)]
+        for chunk in tracked(chunks, f"eval {split}"):
+            sub = layout.select(chunk)
+            generated = self.generate(model, sub)
+            got = extract_answer(generated, expected.shape[1])
+            marked = (generated == ANSWER).any(1)
+            chain_sum += torch.where(marked, (generated == ANSWER).int().argmax(1), 0).sum()
+            right = got == expected[chunk]
+            correct[chunk] = (right & scored[chunk]).sum(1).float()
+            digit_hits += (right & is_digit[chunk]).sum(0).float()
+            batch = self.make_batch(sub, step, smooth=False)
+            if self.variant == "latent":
+                batch["teacher_forcing"] = 1.0
+            loss, _ = self.loss(model, batch)
+            weight = self.loss_weight(batch)
+            loss_sum += loss.float() * weight
+            loss_weight += weight
         exact = correct == target_len
         metrics = {
             f"{split}/loss": float(loss_sum / loss_weight),
