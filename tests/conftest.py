@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from latentforge.cli import app
 from latentforge.engine.loop import Trainer
+from latentforge.tasks.multiply.task import Multiply
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,6 +95,28 @@ def interrupt_at(monkeypatch, step: int) -> None:
         return reason
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def sampling_evaluation(monkeypatch, stop_at: int | None = None) -> None:
+    """multiply's evaluation, made to draw from torch's generator as a sampling evaluation does; with `stop_at`,
+    this process gets a real SIGTERM as the evaluation of that step begins. Replaces the patches made before."""
+    monkeypatch.undo()
+    reached = {"step": 0}
+    train_step, evaluate = Trainer.train_step, Multiply.evaluate
+
+    def counting_step(self):
+        reason = train_step(self)
+        reached["step"] = self.step
+        return reason
+
+    def sampling(self, model, split):
+        torch.rand(())
+        if reached["step"] == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, model, split)
+
+    monkeypatch.setattr(Trainer, "train_step", counting_step)
+    monkeypatch.setattr(Multiply, "evaluate", sampling)
 
 
 def latentforge_process(runs_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:

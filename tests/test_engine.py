@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, interrupt_at, losses
+from conftest import TINY, interrupt_at, losses, sampling_evaluation
 
 import latentforge
 from latentforge.config import GuardConfig
@@ -47,28 +47,6 @@ def test_interrupted_and_resumed_run_matches_the_straight_run(runs_dir, monkeypa
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def sampling_evaluation(monkeypatch, stop_at: int | None = None) -> None:
-    """multiply's evaluation, made to draw from torch's generator as a sampling evaluation does; with `stop_at`,
-    this process gets a real SIGTERM as the evaluation of that step begins. Replaces the patches made before."""
-    monkeypatch.undo()
-    reached = {"step": 0}
-    train_step, evaluate = Trainer.train_step, Multiply.evaluate
-
-    def counting_step(self):
-        reason = train_step(self)
-        reached["step"] = self.step
-        return reason
-
-    def sampling(self, model, split):
-        torch.rand(())
-        if reached["step"] == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate(self, model, split)
-
-    monkeypatch.setattr(Trainer, "train_step", counting_step)
-    monkeypatch.setattr(Multiply, "evaluate", sampling)
-
-
 @pytest.mark.parametrize("stop_at", [6, 12], ids=["mid-run", "final"])
 def test_a_stop_during_an_evaluation_abandons_it_and_the_resumed_run_evaluates_first(runs_dir, monkeypatch, stop_at):
     """SIGTERM during an evaluation (which can outlast a scheduler's grace period) ends the run at once with a
@@ -93,6 +71,23 @@ def test_a_stop_during_an_evaluation_abandons_it_and_the_resumed_run_evaluates_f
     sa = load_checkpoint(straight.checkpoint_path("latest"))["model"]
     sb = load_checkpoint(resumed.checkpoint_path("latest"))["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_stop_while_an_evaluation_is_recorded_stops_the_run_at_that_step(runs_dir, monkeypatch):
+    """SIGTERM after the evaluation's metrics are in (its figures, its best checkpoint) is not abandoning it, and
+    the run stops at that step rather than training one more."""
+    record = Trainer._record_evaluation
+
+    def record_then_stop(self, *args, **kwargs):
+        saved = record(self, *args, **kwargs)
+        if self.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return saved
+
+    monkeypatch.setattr(Trainer, "_record_evaluation", record_then_stop)
+    run = latentforge.train("multiply/tiny", *TINY, name="r", runs_dir=runs_dir)
+    assert run.status == "interrupted" and run.info["step"] == 6 and max(run.checkpoints()) == 6
+    assert [r for r in run.metrics if r["step"] == 6 and "test/exact_match" in r]
 
 
 def test_how_often_a_run_evaluates_does_not_change_its_training(runs_dir, monkeypatch):
@@ -290,7 +285,6 @@ def test_load_run_gives_config_metrics_and_model(runs_dir):
 def test_time_limit_ends_the_run_as_its_last_step_and_resume_goes_on(runs_dir, monkeypatch, cli):
     """train.time_limit: the step that reaches it is evaluated and checkpointed as the last one, the run is
     finished (stopped_by time_limit); resuming needs a higher limit, and then the losses are the straight run's."""
-    from latentforge.engine.loop import Trainer
 
     straight = latentforge.train("multiply/tiny", *TINY, name="straight", runs_dir=runs_dir)
     # A clock of one second per step, so the limit falls on a known step.

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import wandb
-from conftest import TINY, interrupt_at, losses
+from conftest import TINY, interrupt_at, losses, sampling_evaluation
 from wandb.proto import wandb_internal_pb2
 
 import latentforge
@@ -129,6 +129,23 @@ def test_resume_continues_the_same_wandb_run(runs_dir, wandb_offline, monkeypatc
     assert of_type(wandb_records(second), "run")[0].run_id == wandb_id
     logged = {step: row["train/loss"] for d in (first, second) for step, row in history(d).items()}
     assert logged == pytest.approx(losses(resumed.path))
+
+
+def test_an_evaluation_abandoned_and_redone_on_resume_reaches_wandb(runs_dir, wandb_offline, monkeypatch):
+    """W&B keeps one step's first records only: the step whose evaluation a SIGTERM abandons sends nothing, and
+    the resumed run sends its training window and its evaluation together."""
+    with monkeypatch.context() as m:
+        sampling_evaluation(m, 6)
+        part = latentforge.train("multiply/tiny", *TINY, *WANDB, name="p", runs_dir=runs_dir)
+    assert part.status == "interrupted" and part.info["step"] == 6
+    resumed = latentforge.resume("p", runs_dir=runs_dir)
+    assert resumed.status == "finished"
+    first, second = offline_runs(wandb_offline, part.info["wandb_id"])
+    assert set(history(first)) == set(range(1, 6)) and set(history(second)) == set(range(6, 13))
+    at_six = {k: v for r in resumed.metrics if r["step"] == 6 for k, v in r.items() if k not in ("step", "time")}
+    assert "train/loss" in at_six and "test/exact_match" in at_six
+    row = history(second)[6]
+    assert {k: row.get(k) for k in at_six} == pytest.approx(at_six)
 
 
 def test_resume_from_an_earlier_checkpoint_sends_only_steps_wandb_lacks(runs_dir, wandb_offline, capsys):

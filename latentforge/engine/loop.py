@@ -166,9 +166,9 @@ def evaluate(task: Task, model: nn.Module, splits: list[str], device: torch.devi
              precision: str, progress: TrainProgress | None = None) -> dict[str, float]:
     """Every split's metrics; the task's own bars (`tracked`) show below `progress`'s."""
     was_training = model.training
-    model.eval()
     metrics: dict[str, float] = {}
     try:
+        model.eval()
         with torch.no_grad(), autocast(device, precision), shown_in(progress):
             for split in splits:
                 metrics.update(task.evaluate(model, split))
@@ -206,10 +206,10 @@ class StopRequest(CatchSignals):
         """Inside, a stop request (or one already made) raises EvaluationAbandoned: an evaluation can take minutes
         (an autoregressive decoder's greedy decoding), longer than a scheduler waits after its signal. Not
         `allowed` (several processes, which must stop at the same point), the request waits for the step's end."""
-        if allowed and self.signal_name is not None:
-            raise EvaluationAbandoned
         self.abandons_evaluation = allowed
         try:
+            if allowed and self.signal_name is not None:
+                raise EvaluationAbandoned
             yield
         finally:
             self.abandons_evaluation = False
@@ -340,8 +340,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _empty_window(self) -> dict[str, Any]:
-        """Device-side sums of the metrics since the last log (read only every log_every steps)."""
-        return {"sums": {}, "steps": 0, "tokens": 0}
+        """Device-side sums of the metrics since the last log (read only every log_every steps). "seconds": its
+        wall time, once it is due and waits for its step's evaluation (logged after it, or after the resumed one)."""
+        return {"sums": {}, "steps": 0, "tokens": 0, "seconds": None}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the model and optimizer when those are saved in shards."""
@@ -357,7 +358,8 @@ class Trainer:
             "best": self.best,
             "eval_pending": self.eval_pending,
             "window": {"sums": {k: v.detach().cpu() for k, v in self.window["sums"].items()},
-                       "steps": self.window["steps"], "tokens": self.window["tokens"]},
+                       "steps": self.window["steps"], "tokens": self.window["tokens"],
+                       "seconds": self.window["seconds"]},
             "lr": self.optimizer.param_groups[0]["lr"],
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "clip": self.clipper.state_dict() if self.clipper is not None else None,
@@ -400,7 +402,7 @@ class Trainer:
         self.eval_pending = bool(state.get("eval_pending", False))
         w = state["window"]
         self.window = {"sums": {k: v.to(self.device) for k, v in w["sums"].items()},
-                       "steps": w["steps"], "tokens": w["tokens"]}
+                       "steps": w["steps"], "tokens": w["tokens"], "seconds": w.get("seconds")}
         if self.ema is not None and state.get("ema") is not None:
             # A checkpoint without one (EMA turned on at resume) starts the average afresh.
             self.ema.load_state_dict(state["ema"])
@@ -676,19 +678,28 @@ class Trainer:
                                        f"evaluating and saving as the last step")
                     if not resumes_evaluation and (self.step % t.log_every == 0 or done):
                         self._read_device_guard(logger, progress)
-                        elapsed = time.perf_counter() - clock
-                        self._log_window(logger, progress, elapsed)
+                        self.window["seconds"] = time.perf_counter() - clock
                         clock = time.perf_counter()
-                    saved = False
+                    metrics, abandoned = None, False
                     if (t.eval_every and self.step % t.eval_every == 0) or done or resumes_evaluation:
                         try:
-                            saved = self._evaluate(logger, progress, stop, last=done)
-                            self.eval_pending = False
+                            metrics = self._evaluation_metrics(progress, stop)
                         except EvaluationAbandoned:
-                            self.eval_pending, asked, done, stopped_by = True, True, False, None
+                            abandoned, self.eval_pending, asked, done, stopped_by = True, True, True, False, None
+                            torch.set_grad_enabled(True)
+                            self.model.train()
                             progress.print(f"{stop.signal_name}: the evaluation of step {self.step} is abandoned; "
                                            f"a resumed run evaluates it first")
+                    # The step's window waits for its evaluation: a record W&B has taken at a step is its last there.
+                    if self.window["seconds"] is not None and not abandoned:
+                        self._log_window(logger, progress, self.window["seconds"])
+                    saved = False
+                    if metrics is not None:
+                        self.eval_pending = False
+                        saved = self._record_evaluation(metrics, logger, progress, last=done)
                         clock = time.perf_counter()
+                        if not done:  # a stop request made while it ran stops the run now, not a step later
+                            asked = self._stops_agreed(stop)[0]
                     if not saved and not self.eval_pending and ((c.every and self.step % c.every == 0) or done):
                         self.save("final" if done else "periodic")
                         clock = time.perf_counter()
@@ -768,12 +779,10 @@ class Trainer:
         # Per device, like the other throughputs.
         w["tokens"] = int(packed[-1].item()) // self.dist.world_size
 
-    def _evaluate(self, logger: MetricsLogger, progress: TrainProgress, stop: StopRequest,
-                  last: bool = False) -> bool:
-        """Evaluate, log, track the best checkpoint; returns whether a checkpoint was saved. `last`: the run
-        ends at this step (train.steps or train.time_limit reached). A stop request abandons the evaluation
-        (EvaluationAbandoned) before anything is logged. The random generators come out as they went in, so
-        evaluating, abandoned or not, never changes what training draws next."""
+    def _evaluation_metrics(self, progress: TrainProgress, stop: StopRequest) -> dict[str, float]:
+        """This step's evaluation. A stop request abandons it (EvaluationAbandoned), one process only. The random
+        generators (python, numpy, torch's CPU and CUDA ones) come out as they went in, so evaluating, abandoned
+        or not, never changes what training draws next."""
         splits = self.task.training_eval_splits()
         with preserved_rng(), stop.abandoning_evaluation(not self.dist.enabled):
             with distributed.gathered(self.loss_module):
@@ -784,6 +793,12 @@ class Trainer:
             if self.ema is not None:
                 ema = evaluate(self.task, self.ema.module, splits, self.device, self.cfg.train.precision, progress)
                 metrics.update({EMA_PREFIX + k: v for k, v in ema.items()})
+        return metrics
+
+    def _record_evaluation(self, metrics: dict[str, float], logger: MetricsLogger, progress: TrainProgress,
+                           last: bool) -> bool:
+        """Log an evaluation, draw the figures, track the best checkpoint; returns whether a checkpoint was saved.
+        `last`: the run ends at this step (train.steps or train.time_limit reached)."""
         # Every rank evaluates the same data; rank 0's numbers decide, so all save together.
         metrics = distributed.broadcast(metrics, self.dist)
         logger.log(self.step, metrics)
