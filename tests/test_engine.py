@@ -10,6 +10,7 @@ import torch
 from conftest import TINY, interrupt_at, losses, sampling_evaluation
 
 import latentforge
+from latentforge.api import evaluate_all_checkpoints
 from latentforge.config import GuardConfig
 from latentforge.engine.checkpoint import list_checkpoints, load_checkpoint
 from latentforge.engine.guard import StabilityGuard
@@ -71,6 +72,19 @@ def test_a_stop_during_an_evaluation_abandons_it_and_the_resumed_run_evaluates_f
     sa = load_checkpoint(straight.checkpoint_path("latest"))["model"]
     sb = load_checkpoint(resumed.checkpoint_path("latest"))["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_pending_evaluation_that_eval_all_checkpoints_made_meanwhile_is_logged_once(runs_dir, monkeypatch):
+    sampling_evaluation(monkeypatch, 6)
+    part = latentforge.train("multiply/tiny", *TINY, name="part", runs_dir=runs_dir)
+    assert part.status == "interrupted" and part.info["step"] == 6
+    monkeypatch.undo()
+    evaluate_all_checkpoints("part", runs_dir=runs_dir)
+    assert [r for r in latentforge.Run("part", runs_dir).metrics if r["step"] == 6 and "test/exact_match" in r]
+    resumed = latentforge.resume("part", runs_dir=runs_dir)
+    assert resumed.status == "finished"
+    assert len([r for r in resumed.metrics if r["step"] == 6 and "test/exact_match" in r]) == 1
+    assert len([r for r in resumed.metrics if r["step"] == 6 and "train/loss" in r]) == 1
 
 
 def test_a_stop_while_an_evaluation_is_recorded_stops_the_run_at_that_step(runs_dir, monkeypatch):
