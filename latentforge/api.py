@@ -88,11 +88,18 @@ class Run:
         best = (self.dir.info().get("best") or {}).get("step")
         return resolve_checkpoint(self.dir.checkpoints, checkpoint, best)
 
-    def load(self, checkpoint: str | int = "latest", device: str = "cpu",
-             ema: bool = False) -> tuple[Task, nn.Module, int]:
+    def load(self, checkpoint: str | int = "latest", device: str = "cpu", ema: bool = False,
+             overrides: list[str] | tuple[str, ...] = ()) -> tuple[Task, nn.Module, int]:
         """The task and the model with a checkpoint's weights (its EMA weights if `ema`), in
-        eval mode, and that step."""
+        eval mode, and that step. `overrides`: `data.key=value` items (how to evaluate, e.g. the
+        evaluation batch size), for this load only."""
         cfg = self.config
+        if overrides:
+            for item in overrides:
+                if not item.startswith("data."):
+                    raise ConfigError(f"{item!r}: a trained run takes data.* overrides only (how it is evaluated, "
+                                      f"e.g. data.eval_batch_size=64)")
+            cfg = apply_overrides(cfg, list(overrides))
         path = self.checkpoint_path(checkpoint)
         task, model = build_task_and_model(cfg, resolve_device(device), path)
         state = load_checkpoint(path)
@@ -230,12 +237,13 @@ def lr_find(config: str | Path | Config, *overrides: str, steps: int = 100, min_
 
 def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits: list[str] | None = None,
                  runs_dir: str | Path | None = None, device: str = "auto",
-                 ema: bool = False, quiet: bool = True) -> tuple[dict[str, float], Path]:
+                 ema: bool = False, quiet: bool = True,
+                 overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint on splits; the metrics are also saved under the run's artifacts/.
     With `ema`, its EMA weights, and the metrics are named as in training (`ema_test/...`). Not `quiet`: a bar
-    of the splits, with the task's own below it."""
+    of the splits, with the task's own below it. `overrides`: data.* settings for this evaluation."""
     run = Run(run_spec, runs_dir)
-    task, model, step = run.load(checkpoint, device, ema)
+    task, model, step = run.load(checkpoint, device, ema, overrides)
     available = task.eval_splits()
     splits = splits or task.training_eval_splits()
     for split in splits:
@@ -255,7 +263,8 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
     out = run.dir.artifacts / f"eval_{'+'.join(splits)}_step{step:08d}{'_ema' if ema else ''}.json"
     run.dir.artifacts.mkdir(exist_ok=True)
     write_json(out, {"step": step, "checkpoint": str(checkpoint), "ema": ema, "splits": splits,
-                     "device": str(dev), "torch": torch.__version__, "metrics": metrics})
+                     "overrides": list(overrides), "device": str(dev), "torch": torch.__version__,
+                     "metrics": metrics})
     return {"step": step, **metrics}, out
 
 

@@ -197,6 +197,8 @@ def launch(
 @user_errors
 def eval_command(
     run: str = RunArg,
+    overrides: Optional[list[str]] = typer.Argument(None, help="data.key=value settings for this evaluation, e.g. "
+                                                    "data.eval_batch_size=1024.", show_default=False),
     checkpoint: str = Checkpoint,
     split: Optional[list[str]] = typer.Option(None, "--split", help="Split(s) to evaluate (default: the run's)."),
     device: str = Device,
@@ -210,9 +212,13 @@ def eval_command(
     """Evaluate a checkpoint; prints the metrics and saves them in the run's artifacts/. With
     --all-checkpoints: every kept checkpoint, its metrics written into the run's curves."""
     if all_checkpoints:
+        if overrides:
+            raise ConfigError("--all-checkpoints writes into the run's curves, which its own config made: "
+                              "leave out the overrides")
         _eval_all(run, checkpoint, split, device, ema, runs_dir, quiet, as_json)
         return
-    metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device, ema, quiet=quiet or as_json)
+    metrics, path = api.evaluate_run(run, checkpoint, split, runs_dir, device, ema, quiet=quiet or as_json,
+                                     overrides=overrides or ())
     if as_json:
         print(json.dumps(metrics, indent=2))
         return

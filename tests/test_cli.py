@@ -96,6 +96,18 @@ def test_eval_prints_and_saves(cli, runs_dir, trained):
     assert 0.0 <= metrics["test/exact_match"] <= 1.0
 
 
+def test_eval_takes_data_settings_for_this_evaluation_only(cli, runs_dir, trained):
+    plain = json.loads(ok(cli("eval", "base", "--runs-dir", runs_dir, "--json")).output)
+    batched = json.loads(ok(cli("eval", "base", "data.eval_batch_size=7", "--runs-dir", runs_dir, "--json")).output)
+    assert batched["test/exact_match"] == plain["test/exact_match"]
+    saved = json.loads((trained / "artifacts" / "eval_test_step00000012.json").read_text())
+    assert saved["overrides"] == ["data.eval_batch_size=7"]  # the later evaluation of the step replaced the first
+    assert "eval_batch_size: 7" not in (trained / "config.yaml").read_text()
+    for bad in ("model.d_model=8", "data.eval_batch_size=0"):
+        result = cli("eval", "base", bad, "--runs-dir", runs_dir)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_eval_on_the_public_icot_test_set(cli, runs_dir):
     ok(cli("train", "multiply/tiny", *TINY, "train.steps=2", f"data.eval_files={{icot4: {ICOT}/4_by_4/test.txt}}",
            "--name", "icot", "--runs-dir", runs_dir, "-q"))
