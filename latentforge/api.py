@@ -49,6 +49,11 @@ def _override_list(overrides: tuple[str, ...] | list[str], kw: dict[str, Any]) -
     return list(overrides) + [f"{key.replace('__', '.')}={json.dumps(value)}" for key, value in kw.items()]
 
 
+# What an evaluation of a trained run may set for itself: how it batches, and extra held-out files (multiply).
+# The rest of data.* (seeds, splits' sizes, layouts) would change what is scored.
+EVAL_OVERRIDES = ("data.eval_batch_size", "data.eval_files")
+
+
 class Run:
     """A run directory read back: its record, config, metrics and checkpoints."""
 
@@ -91,14 +96,14 @@ class Run:
     def load(self, checkpoint: str | int = "latest", device: str = "cpu", ema: bool = False,
              overrides: list[str] | tuple[str, ...] = ()) -> tuple[Task, nn.Module, int]:
         """The task and the model with a checkpoint's weights (its EMA weights if `ema`), in
-        eval mode, and that step. `overrides`: `data.key=value` items (how to evaluate, e.g. the
-        evaluation batch size), for this load only."""
+        eval mode, and that step. `overrides`: EVAL_OVERRIDES items for this load only."""
         cfg = self.config
         if overrides:
             for item in overrides:
-                if not item.startswith("data."):
-                    raise ConfigError(f"{item!r}: a trained run takes data.* overrides only (how it is evaluated, "
-                                      f"e.g. data.eval_batch_size=64)")
+                if item.split("=", 1)[0] not in EVAL_OVERRIDES:
+                    hint = " (a split is chosen with --split NAME)" if "=" not in item else ""
+                    raise ConfigError(f"{item!r}: a trained run's evaluation takes only {', '.join(EVAL_OVERRIDES)}, "
+                                      f"which do not change what is scored{hint}")
             cfg = apply_overrides(cfg, list(overrides))
         path = self.checkpoint_path(checkpoint)
         task, model = build_task_and_model(cfg, resolve_device(device), path)
@@ -241,7 +246,7 @@ def evaluate_run(run_spec: str | Path, checkpoint: str | int = "latest", splits:
                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, float], Path]:
     """Evaluate a checkpoint on splits; the metrics are also saved under the run's artifacts/.
     With `ema`, its EMA weights, and the metrics are named as in training (`ema_test/...`). Not `quiet`: a bar
-    of the splits, with the task's own below it. `overrides`: data.* settings for this evaluation."""
+    of the splits, with the task's own below it. `overrides`: EVAL_OVERRIDES items for this evaluation."""
     run = Run(run_spec, runs_dir)
     task, model, step = run.load(checkpoint, device, ema, overrides)
     available = task.eval_splits()

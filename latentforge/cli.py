@@ -197,8 +197,8 @@ def launch(
 @user_errors
 def eval_command(
     run: str = RunArg,
-    overrides: Optional[list[str]] = typer.Argument(None, help="data.key=value settings for this evaluation, e.g. "
-                                                    "data.eval_batch_size=1024.", show_default=False),
+    overrides: Optional[list[str]] = typer.Argument(None, help="data.eval_batch_size=N or data.eval_files={...} "
+                                                    "for this evaluation.", show_default=False),
     checkpoint: str = Checkpoint,
     split: Optional[list[str]] = typer.Option(None, "--split", help="Split(s) to evaluate (default: the run's)."),
     device: str = Device,

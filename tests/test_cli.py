@@ -103,7 +103,7 @@ def test_eval_takes_data_settings_for_this_evaluation_only(cli, runs_dir, traine
     saved = json.loads((trained / "artifacts" / "eval_test_step00000012.json").read_text())
     assert saved["overrides"] == ["data.eval_batch_size=7"]  # the later evaluation of the step replaced the first
     assert "eval_batch_size: 7" not in (trained / "config.yaml").read_text()
-    for bad in ("model.d_model=8", "data.eval_batch_size=0"):
+    for bad in ("model.d_model=8", "data.seed=5", "data.eval_batch_size=0", "test"):
         result = cli("eval", "base", bad, "--runs-dir", runs_dir)
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
 

@@ -74,13 +74,14 @@ def test_a_stop_during_an_evaluation_abandons_it_and_the_resumed_run_evaluates_f
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_a_pending_evaluation_that_eval_all_checkpoints_made_meanwhile_is_logged_once(runs_dir, monkeypatch):
+def test_a_pending_evaluation_is_recorded_by_the_resume_not_by_eval_all_checkpoints(runs_dir, monkeypatch):
     sampling_evaluation(monkeypatch, 6)
     part = latentforge.train("multiply/tiny", *TINY, name="part", runs_dir=runs_dir)
     assert part.status == "interrupted" and part.info["step"] == 6
     monkeypatch.undo()
-    evaluate_all_checkpoints("part", runs_dir=runs_dir)
-    assert [r for r in latentforge.Run("part", runs_dir).metrics if r["step"] == 6 and "test/exact_match" in r]
+    rows = {row["step"]: row for row in evaluate_all_checkpoints("part", runs_dir=runs_dir)}
+    assert rows[6]["new"] == 0 and "test/exact_match" in rows[6] and rows[4]["new"] > 0
+    assert not [r for r in latentforge.Run("part", runs_dir).metrics if r["step"] == 6 and "test/exact_match" in r]
     resumed = latentforge.resume("part", runs_dir=runs_dir)
     assert resumed.status == "finished"
     assert len([r for r in resumed.metrics if r["step"] == 6 and "test/exact_match" in r]) == 1

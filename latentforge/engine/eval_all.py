@@ -4,7 +4,8 @@ TensorBoard) at their steps, so the run's curves show them.
 The checkpoints are marked as queued (engine/eval_queue.py) before the first is read, so a training
 run still writing into the same directory cannot prune one before it is evaluated; each is unmarked
 once done. A metric already recorded at a checkpoint's step (e.g. by training's own evaluation) is
-not written again, and a step that already holds every metric the evaluation produces is skipped.
+not written again, and a step that already holds every metric the evaluation produces is skipped. A
+checkpoint whose evaluation a stop abandoned is evaluated but not recorded: its resumed run records it.
 Records are appended (never rewritten), so a training run appending at the same time loses nothing;
 readers order records by step.
 """
@@ -86,6 +87,9 @@ def _evaluate_one(run: RunDir, step: int, task: Any, model: Any, splits: list[st
     metrics = evaluate(task, model, splits, dev, precision, progress)
     if ema:
         metrics = {EMA_PREFIX + k: v for k, v in metrics.items()}
+    if state.get("eval_pending"):
+        # A stop abandoned this step's evaluation in training: the resumed run records it, once.
+        return {"step": step, **metrics, "new": 0, "note": "not recorded: `latentforge resume` evaluates this step"}
     new = {k: v for k, v in metrics.items() if k not in have}
     if new:
         run.append_metrics({"step": step, "time": round(time.time(), 3), **new})

@@ -620,13 +620,10 @@ class Trainer:
     def _fit(self, run: RunDir) -> str:
         self.run = run if self.dist.is_main else FollowerRunDir(run.path)
         t, c = self.cfg.train, self.cfg.checkpoint
-        # What a resumed run keeps of the history: through its step, or through the one before when that step's
-        # evaluation is pending (anything since logged at the step, by `eval --all-checkpoints`, is logged anew).
-        kept = self.step - 1 if self.eval_pending else self.step
-        logger = self.logger = MetricsLogger(self.run, self.cfg, resume_step=kept if self.step > 0 else None,
+        logger = self.logger = MetricsLogger(self.run, self.cfg, resume_step=self.step if self.step > 0 else None,
                                              writes=self.dist.is_main)
         if self.step > 0:
-            self.run.truncate_metrics(kept)
+            self.run.truncate_metrics(self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
         info = self.run.info()
         info.update(status="running", host=self.run.host(), pid=os.getpid(), device=str(self.device),

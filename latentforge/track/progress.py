@@ -68,10 +68,12 @@ def tracked(items: Sequence[T], description: str) -> Iterator[T]:
     if bars is None:
         yield from items
         return
-    task = bars.add_task(description, total=len(items), stats="")
+    task = None
     try:
+        task = bars.add_task(description, total=len(items), stats="")
         for item in items:
             yield item
             bars.advance(task)
     finally:
-        bars.remove_task(task)
+        if task is not None:
+            bars.remove_task(task)
