@@ -315,6 +315,13 @@ def test_dvae_summary_tables_exact_match_by_load(tmp_path, capsys):
     assert "| r | vq | 1,234 | 7 | 5 s | 0.9000 | 0.7500 | 0.500 | 9.0 | 3 | 800 (1152) |" in table
     assert "| r | 1.000 (10) | 0.500 (4) |  |  |  |" in loads
     assert "training grids" not in loads  # no metrics.jsonl with a training-grid evaluation
+    assert "Token accuracy by the same buckets" not in loads  # an evaluation from before that was logged
+    metrics.update({"test/token_acc/1_cell_per_code": 1.0, "test/token_acc/2_cells_per_code": 0.875,
+                    "test/forced_token_acc/1_cell_per_code": 1.0, "test/forced_token_acc/2_cells_per_code": 0.96875})
+    (run / "artifacts" / "eval_test_step00000007.json").write_text(json.dumps({"step": 7, "metrics": metrics}))
+    main(tmp_path, ["r"])
+    tokens = capsys.readouterr().out.split("Token accuracy by the same buckets")[1]
+    assert "| r | 1.0000 (1.0000) | 0.8750 (0.9688) |  |  |  |" in tokens
     # A run that evaluates the training grids too: their last evaluation (step 8) beside the held-out one.
     # The training log's own train/token_acc (augmented batches) comes after the evaluation at step 8 here, and
     # the held-out grids have a bucket (2 cells) that the training grids lack.

@@ -10,7 +10,7 @@ import latentforge
 from latentforge.config import load_config
 from latentforge.tasks.dvae.losses import kl_uniform, reconstruction, tc_decomposition, usage_penalty
 from latentforge.tasks.dvae.model import cells_per_code
-from latentforge.tasks.dvae.task import DVAE
+from latentforge.tasks.dvae.task import DVAE, LOAD_EDGES, LOAD_NAMES
 
 CPU = torch.device("cpu")
 TINY = ["train.steps=12", "train.log_every=4", "train.eval_every=6", "checkpoint.every=6"]
@@ -306,6 +306,34 @@ def test_exact_match_is_reported_per_cells_per_code(monkeypatch):
     assert metrics["test/exact_match"] == pytest.approx(float(even.mean()))
     assert metrics["test/exact_match/1_cell_per_code"] == pytest.approx(float(even[load == 1].mean()))
     assert metrics["test/exact_match/over_8_cells_per_code"] == pytest.approx(float(even[load > 8].mean()))
+    # The token accuracy too: each bucket's, weighted by its cells, adds up to the overall one.
+    cells = shapes.prod(1).float()
+    buckets = {n: cells[torch.bucketize(load, torch.tensor(LOAD_EDGES)) == i].sum() for i, n in enumerate(LOAD_NAMES)}
+    weighted = sum(metrics[f"test/token_acc/{n}"] * float(buckets[n]) for n in names) / float(cells.sum())
+    assert weighted == pytest.approx(metrics["test/token_acc"])
+    assert "test/forced_token_acc" not in metrics  # not autoregressive: decoding is the argmax
+
+
+def test_an_autoregressive_decoder_reports_its_teacher_forced_accuracy_beside_the_decoded_one(monkeypatch):
+    """Teacher-forced, every cell reads the true earlier cells; decoded, its own guesses. A decoder whose forward
+    pass is right everywhere is right teacher-forced, while greedy decoding runs the untrained decoder."""
+    cfg = load_config("dvae/tiny", ["data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
+                                    "model.latents=6", "model.codebook_size=32", "data.eval_grids=32",
+                                    "data.eval_batch_size=16"])
+    task = DVAE(cfg, CPU)
+    model = task.build_model()
+    forward = model.forward
+
+    def right(grids):
+        logits, out = forward(grids)
+        return one_hot_logits(grids.flatten(1), logits.shape[-1]), out
+
+    monkeypatch.setattr(model, "forward", right)
+    metrics = task.evaluate(model, "test")
+    assert metrics["test/forced_token_acc"] == 1.0
+    assert metrics["test/token_acc"] < 1.0
+    names = [k.split("/")[-1] for k in metrics if k.startswith("test/grids/")]
+    assert all(metrics[f"test/forced_token_acc/{n}"] == 1.0 for n in names)
 
 
 @pytest.mark.parametrize("pack", ["false", "true"])

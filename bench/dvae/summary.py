@@ -1,6 +1,7 @@
 """The dvae results table (markdown) from each run's latest evaluation (`latentforge eval` saves it
-in artifacts/, or the last evaluation during training), and, for runs that also evaluate the training grids
-(data.eval_splits=[test,train]), their last such evaluation beside the held-out one.
+in artifacts/, or the last evaluation during training), its exact match and token accuracy by cells per code, and,
+for runs that also evaluate the training grids (data.eval_splits=[test,train]), their last such evaluation beside
+the held-out one.
 
     python -m bench.dvae.summary RUNS_DIR RUN...
 """
@@ -44,6 +45,18 @@ def main(runs: Path, names: list[str]) -> None:
         cells = [f"{m[f'test/exact_match/{load}']:.3f} ({m[f'test/grids/{load}']:.0f})"
                  if f"test/exact_match/{load}" in m else "" for load in LOAD_NAMES]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    by_load = {name: m for name in names if any(f"test/token_acc/{load}" in (m := latest_metrics(runs / name))
+                                                 for load in LOAD_NAMES)}
+    if by_load:
+        print("\nToken accuracy by the same buckets, decoded (teacher-forced beside it where the decoder is "
+              "autoregressive):\n")
+        print("| run | " + " | ".join(name.replace("_", " ") for name in LOAD_NAMES) + " |")
+        print("|---|" + "---|" * len(LOAD_NAMES))
+        for name, m in by_load.items():
+            cells = [(f"{m[f'test/token_acc/{load}']:.4f}" + (f" ({m[f'test/forced_token_acc/{load}']:.4f})"
+                                                             if f"test/forced_token_acc/{load}" in m else ""))
+                     if f"test/token_acc/{load}" in m else "" for load in LOAD_NAMES]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     fitted = {name: m for name in names if (m := latest_train_eval(runs / name))}
     if fitted:
         print("\nOn the training grids and the held-out ones at the last evaluation of both (exact match by cells "

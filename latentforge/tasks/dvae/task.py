@@ -351,6 +351,8 @@ class DVAE(Task):
         load = cells_per_code(grids.shapes, model.slots)
         load_bucket = torch.bucketize(load, torch.tensor(LOAD_EDGES, device=self.device))
         load_exact = torch.zeros(len(LOAD_NAMES), device=self.device)
+        # Cells per bucket, and those right: decoded, and teacher-forced (each from the true earlier cells).
+        load_cells, load_hits, load_forced = (torch.zeros(len(LOAD_NAMES), device=self.device) for _ in range(3))
         colour_hits = torch.zeros(colours, device=self.device)
         colour_cells = torch.zeros(colours, device=self.device)
         counts = torch.zeros(K, device=self.device)
@@ -368,6 +370,9 @@ class DVAE(Task):
             exact += float(whole.sum())
             in_batch = load_bucket[start:start + len(tokens)]
             load_exact += torch.bincount(in_batch[whole], minlength=len(LOAD_NAMES)).float()
+            forced = logits.argmax(-1) == targets
+            for sums, right in ((load_cells, real), (load_hits, hit & real), (load_forced, forced & real)):
+                sums += torch.bincount(in_batch, weights=right.sum(1).float(), minlength=len(LOAD_NAMES))
             colour_hits += torch.bincount(targets[hit & real], minlength=self.vocab_size)[:colours].float()
             colour_cells += torch.bincount(targets[real], minlength=self.vocab_size)[:colours].float()
             counts += torch.bincount(out.codes.flatten(), minlength=K).float()
@@ -390,10 +395,17 @@ class DVAE(Task):
             if colour_cells[colour] > 0:
                 metrics[f"{split}/colour_acc/{colour}"] = float(colour_hits[colour] / colour_cells[colour])
         load_grids = torch.bincount(load_bucket, minlength=len(LOAD_NAMES))
-        for name, hits, total in zip(LOAD_NAMES, load_exact.tolist(), load_grids.tolist()):
+        if model.autoregressive:
+            # How far greedy decoding falls behind: its token accuracy against this one.
+            metrics[f"{split}/forced_token_acc"] = float(load_forced.sum() / load_cells.sum().clamp(min=1))
+        for i, (name, total) in enumerate(zip(LOAD_NAMES, load_grids.tolist())):
             if total:
-                metrics[f"{split}/exact_match/{name}"] = hits / total
+                metrics[f"{split}/exact_match/{name}"] = float(load_exact[i]) / total
                 metrics[f"{split}/grids/{name}"] = float(total)
+                cells = float(load_cells[i].clamp(min=1))
+                metrics[f"{split}/token_acc/{name}"] = float(load_hits[i]) / cells
+                if model.autoregressive:
+                    metrics[f"{split}/forced_token_acc/{name}"] = float(load_forced[i]) / cells
         metrics[f"{split}/examples"] = float(len(grids))
         return metrics
 
