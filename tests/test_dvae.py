@@ -276,15 +276,19 @@ def test_cells_per_code_is_the_longest_run_a_slot_gets():
     assert cells_per_code(shapes, 126).tolist() == [1, 1, 1, 8]
 
 
+def small_arc_task(*overrides: str) -> tuple[DVAE, torch.nn.Module]:
+    """The tiny preset on ARC grids in grid slots (6 codes of 32), evaluated 16 grids at a time, and its model."""
+    cfg = load_config("dvae/tiny", ["data.dataset=arc", "model.grid_slots=true", "model.latents=6",
+                                    "model.codebook_size=32", "data.eval_batch_size=16", *overrides])
+    task = DVAE(cfg, CPU)
+    return task, task.build_model()
+
+
 def test_exact_match_is_reported_per_cells_per_code(monkeypatch):
     """The held-out exact match split by how many cells each code carries: the buckets count every grid once,
     and their exact matches add up to the overall one. The decoder here returns the right cells for the grids
     of even height, so some buckets are exact and some are not."""
-    cfg = load_config("dvae/tiny", ["data.dataset=arc", "model.grid_slots=true", "model.latents=6",
-                                    "model.codebook_size=32", "data.eval_grids=64",
-                                    "data.eval_batch_size=16"])
-    task = DVAE(cfg, CPU)
-    model = task.build_model()
+    task, model = small_arc_task("data.eval_grids=64")
     forward = model.forward
 
     def half_right(grids):
@@ -317,11 +321,7 @@ def test_exact_match_is_reported_per_cells_per_code(monkeypatch):
 def test_an_autoregressive_decoder_reports_its_teacher_forced_accuracy_beside_the_decoded_one(monkeypatch):
     """Teacher-forced, every cell reads the true earlier cells; decoded, its own guesses. A decoder whose forward
     pass is right everywhere is right teacher-forced, while greedy decoding runs the untrained decoder."""
-    cfg = load_config("dvae/tiny", ["data.dataset=arc", "model.grid_slots=true", "model.autoregressive=true",
-                                    "model.latents=6", "model.codebook_size=32", "data.eval_grids=32",
-                                    "data.eval_batch_size=16"])
-    task = DVAE(cfg, CPU)
-    model = task.build_model()
+    task, model = small_arc_task("data.eval_grids=32", "model.autoregressive=true")
     forward = model.forward
 
     def right(grids):

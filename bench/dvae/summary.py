@@ -37,26 +37,19 @@ def main(runs: Path, names: list[str]) -> None:
               f"| {m['test/token_acc']:.4f} | {m['test/exact_match']:.4f} | {m['test/codes_used']:.3f} "
               f"| {m['test/perplexity']:.1f} | {m['test/dead_codes']:.0f} "
               f"| {m['test/bits_per_grid']:.0f} ({m['test/code_bits']:.0f}) |")
-    print("\nExact match by how many of its own cells each of a grid's codes carries (grids in the bucket):\n")
-    print("| run | " + " | ".join(name.replace("_", " ") for name in LOAD_NAMES) + " |")
-    print("|---|" + "---|" * len(LOAD_NAMES))
-    for name in names:
-        m = latest_metrics(runs / name)
-        cells = [f"{m[f'test/exact_match/{load}']:.3f} ({m[f'test/grids/{load}']:.0f})"
-                 if f"test/exact_match/{load}" in m else "" for load in LOAD_NAMES]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print_by_load("Exact match by how many of its own cells each of a grid's codes carries (grids in the bucket)",
+                  {name: [f"{m[f'test/exact_match/{load}']:.3f} ({m[f'test/grids/{load}']:.0f})"
+                          if f"test/exact_match/{load}" in m else "" for load in LOAD_NAMES]
+                   for name in names if (m := latest_metrics(runs / name)) is not None})
     by_load = {name: m for name in names if any(f"test/token_acc/{load}" in (m := latest_metrics(runs / name))
                                                  for load in LOAD_NAMES)}
     if by_load:
-        print("\nToken accuracy by the same buckets, decoded (teacher-forced beside it where the decoder is "
-              "autoregressive):\n")
-        print("| run | " + " | ".join(name.replace("_", " ") for name in LOAD_NAMES) + " |")
-        print("|---|" + "---|" * len(LOAD_NAMES))
-        for name, m in by_load.items():
-            cells = [(f"{m[f'test/token_acc/{load}']:.4f}" + (f" ({m[f'test/forced_token_acc/{load}']:.4f})"
-                                                             if f"test/forced_token_acc/{load}" in m else ""))
-                     if f"test/token_acc/{load}" in m else "" for load in LOAD_NAMES]
-            print(f"| {name} | " + " | ".join(cells) + " |")
+        print_by_load("Token accuracy by the same buckets, decoded (teacher-forced beside it where the decoder is "
+                      "autoregressive)",
+                      {name: [(f"{m[f'test/token_acc/{load}']:.4f}" + (f" ({m[f'test/forced_token_acc/{load}']:.4f})"
+                                                                      if f"test/forced_token_acc/{load}" in m else ""))
+                              if f"test/token_acc/{load}" in m else "" for load in LOAD_NAMES]
+                       for name, m in by_load.items()})
     fitted = {name: m for name in names if (m := latest_train_eval(runs / name))}
     if fitted:
         print("\nOn the training grids and the held-out ones at the last evaluation of both (exact match by cells "
@@ -68,6 +61,15 @@ def main(runs: Path, names: list[str]) -> None:
                     else ""
                     for key in ("token_acc", "exact_match", *(f"exact_match/{load}" for load in LOAD_NAMES))]
             print(f"| {name} | {m['step']} | " + " | ".join(pair) + " |")
+
+
+def print_by_load(title: str, rows: dict[str, list[str]]) -> None:
+    """A table of one cell per cells-per-code bucket for each run."""
+    print(f"\n{title}:\n")
+    print("| run | " + " | ".join(name.replace("_", " ") for name in LOAD_NAMES) + " |")
+    print("|---|" + "---|" * len(LOAD_NAMES))
+    for name, cells in rows.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def latest_train_eval(run: Path) -> dict:
