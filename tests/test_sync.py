@@ -52,20 +52,21 @@ def test_sync_replays_config_history_and_artifacts(cli, runs_dir, wandb_offline)
 
 def test_syncing_again_sends_only_new_steps(cli, runs_dir, wandb_offline, monkeypatch):  # noqa: F811
     with monkeypatch.context() as m:
-        interrupt_at(m, 6)
+        # Step 8 has no evaluation (a stop just before one leaves that step to the resume).
+        interrupt_at(m, 8)
         latentforge.train("modadd/tiny", *TINY, name="r", runs_dir=runs_dir)
     assert cli("runs", "sync", "r", "--to", "wandb", "--runs-dir", runs_dir).exit_code == 0
     before = snapshot(runs_dir)
     again = cli("runs", "sync", "r", "--to", "wandb", "--runs-dir", runs_dir)
-    assert again.exit_code == 0 and "nothing new" in again.output and "up to 6" in again.output
+    assert again.exit_code == 0 and "nothing new" in again.output and "up to 8" in again.output
     assert snapshot(runs_dir) == before  # not even run.json changed
     run = latentforge.resume("r", runs_dir=runs_dir)
     assert run.status == "finished"
     result = cli("runs", "sync", "r", "--to", "wandb", "--runs-dir", runs_dir)
-    assert result.exit_code == 0 and "steps 8..12" in result.output
+    assert result.exit_code == 0 and "steps 10..12" in result.output
     sync = run.info["wandb_sync"]["latentforge (offline)"]
     first, second = sync_dirs(wandb_offline, sync["id"])
-    assert set(history(first)) == {2, 4, 6} and set(history(second)) == {8, 10, 12}
+    assert set(history(first)) == {2, 4, 6, 8} and set(history(second)) == {10, 12}
     assert of_type(wandb_records(second), "run")[0].run_id == sync["id"]
 
 
