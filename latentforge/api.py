@@ -54,6 +54,25 @@ def _override_list(overrides: tuple[str, ...] | list[str], kw: dict[str, Any]) -
 EVAL_OVERRIDES = ("data.eval_batch_size", "data.eval_files")
 
 
+def eval_config(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A trained run's config with EVAL_OVERRIDES items for one evaluation; anything that would change what is
+    scored (another key, a split of eval_files given another file) is one ConfigError."""
+    allowed = [key for key in EVAL_OVERRIDES if hasattr(cfg.data, key.split(".", 1)[1])]
+    for item in overrides:
+        if item.split("=", 1)[0] not in allowed:
+            hint = " (a split is chosen with --split NAME)" if "=" not in item else ""
+            takes = ", ".join(allowed) if allowed else "no overrides"
+            raise ConfigError(f"{item!r}: an evaluation of this {cfg.task.name} run takes {takes}; nothing that "
+                              f"changes what is scored{hint}")
+    new = apply_overrides(cfg, list(overrides))
+    before = getattr(cfg.data, "eval_files", {})
+    for name, path in getattr(new.data, "eval_files", {}).items():
+        if name in before and before[name] != path:
+            raise ConfigError(f"data.eval_files: {name!r} is this run's name for {before[name]}; give {path} "
+                              f"another name")
+    return new
+
+
 class Run:
     """A run directory read back: its record, config, metrics and checkpoints."""
 
@@ -99,12 +118,7 @@ class Run:
         eval mode, and that step. `overrides`: EVAL_OVERRIDES items for this load only."""
         cfg = self.config
         if overrides:
-            for item in overrides:
-                if item.split("=", 1)[0] not in EVAL_OVERRIDES:
-                    hint = " (a split is chosen with --split NAME)" if "=" not in item else ""
-                    raise ConfigError(f"{item!r}: a trained run's evaluation takes only {', '.join(EVAL_OVERRIDES)}, "
-                                      f"which do not change what is scored{hint}")
-            cfg = apply_overrides(cfg, list(overrides))
+            cfg = eval_config(cfg, overrides)
         path = self.checkpoint_path(checkpoint)
         task, model = build_task_and_model(cfg, resolve_device(device), path)
         state = load_checkpoint(path)

@@ -113,6 +113,12 @@ def test_eval_on_the_public_icot_test_set(cli, runs_dir):
            "--name", "icot", "--runs-dir", runs_dir, "-q"))
     metrics = json.loads(ok(cli("eval", "icot", "--split", "icot4", "--json", "--runs-dir", runs_dir)).output)
     assert metrics["icot4/examples"] == 1000 and "icot4/exact_match/4x4" in metrics
+    # Another public set, for this evaluation only, under a name of its own; the run's own name keeps its file.
+    extra = f"data.eval_files={{icot4: {ICOT}/4_by_4/test.txt, icot5: {ICOT}/5_by_5/test.txt}}"
+    metrics = json.loads(ok(cli("eval", "icot", extra, "--split", "icot5", "--json", "--runs-dir", runs_dir)).output)
+    assert "icot5/exact_match/5x5" in metrics
+    result = cli("eval", "icot", f"data.eval_files={{icot4: {ICOT}/5_by_5/test.txt}}", "--runs-dir", runs_dir)
+    assert result.exit_code == 2 and "icot4" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_resume_extends_a_finished_run(cli, runs_dir, trained):

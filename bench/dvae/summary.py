@@ -37,12 +37,12 @@ def main(runs: Path, names: list[str]) -> None:
               f"| {m['test/token_acc']:.4f} | {m['test/exact_match']:.4f} | {m['test/codes_used']:.3f} "
               f"| {m['test/perplexity']:.1f} | {m['test/dead_codes']:.0f} "
               f"| {m['test/bits_per_grid']:.0f} ({m['test/code_bits']:.0f}) |")
+    latest = {name: latest_metrics(runs / name) for name in names}
     print_by_load("Exact match by how many of its own cells each of a grid's codes carries (grids in the bucket)",
                   {name: [f"{m[f'test/exact_match/{load}']:.3f} ({m[f'test/grids/{load}']:.0f})"
                           if f"test/exact_match/{load}" in m else "" for load in LOAD_NAMES]
-                   for name in names if (m := latest_metrics(runs / name)) is not None})
-    by_load = {name: m for name in names if any(f"test/token_acc/{load}" in (m := latest_metrics(runs / name))
-                                                 for load in LOAD_NAMES)}
+                   for name, m in latest.items()})
+    by_load = {name: m for name, m in latest.items() if any(f"test/token_acc/{load}" in m for load in LOAD_NAMES)}
     if by_load:
         print_by_load("Token accuracy by the same buckets, decoded (teacher-forced beside it where the decoder is "
                       "autoregressive)",

@@ -49,6 +49,9 @@ def evaluate_all(run: RunDir, cfg: Config, splits: list[str] | None, device: str
         if split not in available:
             raise ConfigError(f"unknown split {split!r} (splits of this run: {', '.join(available)})")
     precision = cfg.train.precision if dev.type == "cuda" else "fp32"
+    # The metric prefixes training evaluates (and a resume records): its splits, and their EMA twins.
+    trained = task.training_eval_splits()
+    resumed_splits = {*trained, *(EMA_PREFIX + split for split in trained if cfg.train.ema_decay > 0)}
     writer = None
     if cfg.track.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -65,7 +68,7 @@ def evaluate_all(run: RunDir, cfg: Config, splits: list[str] | None, device: str
                     rows.append({"step": step, "new": 0, "note": "already evaluated"})
                 else:
                     rows.append(_evaluate_one(run, step, task, model, splits, dev, precision, ema, have, writer,
-                                              progress))
+                                              progress, resumed_splits))
                     produced = produced or {k for k in rows[-1] if "/" in k}
                 queue.done(step)
                 progress.update(i + 1)
@@ -77,7 +80,8 @@ def evaluate_all(run: RunDir, cfg: Config, splits: list[str] | None, device: str
 
 
 def _evaluate_one(run: RunDir, step: int, task: Any, model: Any, splits: list[str], dev: Any, precision: str,
-                  ema: bool, have: set[str], writer: Any, progress: TrainProgress) -> dict[str, Any]:
+                  ema: bool, have: set[str], writer: Any, progress: TrainProgress,
+                  resumed_splits: set[str]) -> dict[str, Any]:
     path: Path = run.checkpoints / step_dir_name(step)
     state = load_checkpoint(path)
     if ema:
@@ -87,13 +91,16 @@ def _evaluate_one(run: RunDir, step: int, task: Any, model: Any, splits: list[st
     metrics = evaluate(task, model, splits, dev, precision, progress)
     if ema:
         metrics = {EMA_PREFIX + k: v for k, v in metrics.items()}
-    if state.get("eval_pending"):
-        # A stop abandoned this step's evaluation in training: the resumed run records it, once.
-        return {"step": step, **metrics, "new": 0, "note": "not recorded: `latentforge resume` evaluates this step"}
-    new = {k: v for k, v in metrics.items() if k not in have}
+    held: set[str] = set()
+    if state.get("eval_pending") and run.info().get("step") == step:
+        # A stop abandoned this step's evaluation in training and the run has not gone on: its resume records what
+        # training evaluates there, once.
+        held = {k for k in metrics if k.split("/", 1)[0] in resumed_splits}
+    new = {k: v for k, v in metrics.items() if k not in have and k not in held}
     if new:
         run.append_metrics({"step": step, "time": round(time.time(), 3), **new})
         if writer is not None:
             for key, value in new.items():
                 writer.add_scalar(key, value, step)
-    return {"step": step, **metrics, "new": len(new)}
+    note = {"note": "left to `latentforge resume`, which evaluates this step"} if held else {}
+    return {"step": step, **metrics, "new": len(new), **note}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from latentforge.config import Config, ModelBase, TaskConfig, require, require_evaluated_metric
@@ -371,8 +372,10 @@ class DVAE(Task):
             in_batch = load_bucket[start:start + len(tokens)]
             load_exact += torch.bincount(in_batch[whole], minlength=len(LOAD_NAMES)).float()
             forced = logits.argmax(-1) == targets
+            # A sum per bucket through a one-hot (bincount with weights has no deterministic CUDA kernel).
+            buckets = F.one_hot(in_batch, len(LOAD_NAMES)).float()
             for sums, right in ((load_cells, real), (load_hits, hit & real), (load_forced, forced & real)):
-                sums += torch.bincount(in_batch, weights=right.sum(1).float(), minlength=len(LOAD_NAMES))
+                sums += (buckets * right.sum(1, keepdim=True).float()).sum(0)
             colour_hits += torch.bincount(targets[hit & real], minlength=self.vocab_size)[:colours].float()
             colour_cells += torch.bincount(targets[real], minlength=self.vocab_size)[:colours].float()
             counts += torch.bincount(out.codes.flatten(), minlength=K).float()
