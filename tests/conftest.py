@@ -97,9 +97,10 @@ def interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-def sampling_evaluation(monkeypatch, stop_at: int | None = None) -> None:
-    """multiply's evaluation, made to draw from torch's generator as a sampling evaluation does; with `stop_at`,
-    this process gets a real SIGTERM as the evaluation of that step begins. Replaces the patches made before."""
+def sampling_evaluation(monkeypatch, stop_at: int | None = None, device: str = "cpu") -> None:
+    """multiply's evaluation, made to draw from torch's generator on `device` as a sampling evaluation does; with
+    `stop_at`, this process gets a real SIGTERM as the evaluation of that step begins. Replaces the patches made
+    before."""
     monkeypatch.undo()
     reached = {"step": 0}
     train_step, evaluate = Trainer.train_step, Multiply.evaluate
@@ -110,7 +111,7 @@ def sampling_evaluation(monkeypatch, stop_at: int | None = None) -> None:
         return reason
 
     def sampling(self, model, split):
-        torch.rand(())
+        torch.rand((), device=device)
         if reached["step"] == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(self, model, split)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, losses
+from conftest import TINY, losses, sampling_evaluation
 from test_multiply_variants import VARIANTS
 
 import latentforge
@@ -48,6 +48,20 @@ def test_resume_on_cuda_continues(runs_dir):
     latentforge.train("multiply/tiny", *TINY, "train.device=cuda", name="r", runs_dir=runs_dir)
     run = latentforge.resume("r", "train.steps=20", runs_dir=runs_dir)
     assert run.status == "finished" and sorted(losses(run.path)) == list(range(1, 21))
+
+
+def test_a_stop_during_an_evaluation_on_cuda_resumes_exactly(runs_dir, monkeypatch):
+    """An evaluation that draws from the CUDA generator, abandoned by SIGTERM and redone on resume: it hands the
+    CUDA generator back as it found it, so dropout's masks, and the losses, are the straight run's."""
+    common = (*TINY, "model.dropout=0.1", "train.device=cuda", "train.deterministic=true")
+    sampling_evaluation(monkeypatch, device="cuda")
+    straight = latentforge.train("multiply/tiny", *common, name="straight", runs_dir=runs_dir)
+    sampling_evaluation(monkeypatch, 6, device="cuda")
+    part = latentforge.train("multiply/tiny", *common, name="part", runs_dir=runs_dir)
+    assert part.status == "interrupted" and part.info["step"] == 6
+    sampling_evaluation(monkeypatch, device="cuda")
+    resumed = latentforge.resume("part", runs_dir=runs_dir)
+    assert resumed.status == "finished" and losses(resumed.path) == losses(straight.path)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
