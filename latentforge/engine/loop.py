@@ -680,22 +680,22 @@ class Trainer:
                         self._read_device_guard(logger, progress)
                         self.window["seconds"] = time.perf_counter() - clock
                         clock = time.perf_counter()
-                    metrics, abandoned = None, False
+                    metrics = None
                     if (t.eval_every and self.step % t.eval_every == 0) or done or resumes_evaluation:
                         try:
                             metrics = self._evaluation_metrics(progress, stop)
+                            self.eval_pending = False
                         except EvaluationAbandoned:
-                            abandoned, self.eval_pending, asked, done, stopped_by = True, True, True, False, None
+                            self.eval_pending, asked, done, stopped_by = True, True, False, None
                             torch.set_grad_enabled(True)
                             self.model.train()
                             progress.print(f"{stop.signal_name}: the evaluation of step {self.step} is abandoned; "
                                            f"a resumed run evaluates it first")
                     # The step's window waits for its evaluation: a record W&B has taken at a step is its last there.
-                    if self.window["seconds"] is not None and not abandoned:
-                        self._log_window(logger, progress, self.window["seconds"])
+                    if self.window["seconds"] is not None and not self.eval_pending:
+                        self._log_window(logger, progress)
                     saved = False
                     if metrics is not None:
-                        self.eval_pending = False
                         saved = self._record_evaluation(metrics, logger, progress, last=done)
                         clock = time.perf_counter()
                         if not done:  # a stop request made while it ran stops the run now, not a step later
@@ -749,10 +749,11 @@ class Trainer:
     def _train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.fit_start
 
-    def _log_window(self, logger: MetricsLogger, progress: TrainProgress, elapsed: float) -> None:
+    def _log_window(self, logger: MetricsLogger, progress: TrainProgress) -> None:
         if self.dist.enabled:
             self._reduce_window()
         w = self.window
+        elapsed = w["seconds"]
         # No good step in the window (all skipped by the guard): no train metrics.
         metrics = {k: float(v) / w["steps"] for k, v in w["sums"].items()} if w["steps"] > 0 else {}
         metrics["train/lr"] = self.last_lr
