@@ -8,6 +8,7 @@ import torch
 
 import latentforge
 from latentforge.config import load_config
+from latentforge.tasks.dvae import task as dvae_task
 from latentforge.tasks.dvae.losses import kl_uniform, reconstruction, tc_decomposition, usage_penalty
 from latentforge.tasks.dvae.model import cells_per_code
 from latentforge.tasks.dvae.task import DVAE, LOAD_EDGES, LOAD_NAMES
@@ -334,6 +335,37 @@ def test_an_autoregressive_decoder_reports_its_teacher_forced_accuracy_beside_th
     assert metrics["test/token_acc"] < 1.0
     names = [k.split("/")[-1] for k in metrics if k.startswith("test/grids/")]
     assert all(metrics[f"test/forced_token_acc/{n}"] == 1.0 for n in names)
+
+
+def test_grids_a_batch_leaves_unsettled_are_decoded_together_as_each_batch_alone_would(monkeypatch):
+    """The evaluation gives each batch SETTLE_PASSES Jacobi passes of greedy decoding, then finishes the grids
+    still changing, of every batch, together. The metrics are those of decoding each batch to its end, which are
+    the model's own greedy reconstructions. Here each cell's colour is one more than its earlier neighbour's in
+    reading order, so a grid settles about a cell a pass and every batch leaves grids unsettled."""
+    task, model = small_arc_task("data.eval_grids=32", "data.eval_batch_size=5", "model.autoregressive=true")
+    model.eval()
+    grids = task.grids("test").tokens
+    colours = model(grids)[0].shape[-1]
+
+    def chained(z, shapes=None, context=None, axes=None):
+        earlier = torch.roll(context.flatten(1), 1, dims=1)
+        earlier[:, 0] = 0
+        return one_hot_logits((earlier + 1) % 10, colours)
+
+    monkeypatch.setattr(model, "decode", chained)
+    with torch.no_grad():
+        logits, out = model(grids)
+        unsettled = model.advance(model.decoding(grids, logits, out.z), 1)
+        decoded = model.reconstruction(grids, logits, out.z)
+    assert set((unsettled // 5).tolist()) == set(range(7))
+    monkeypatch.setattr(dvae_task, "SETTLE_PASSES", 10**6)
+    alone = task.evaluate(model, "test")
+    monkeypatch.setattr(dvae_task, "SETTLE_PASSES", 1)
+    assert task.evaluate(model, "test") == alone
+    targets = grids.flatten(1)
+    real = targets != task.pad_id
+    assert alone["test/token_acc"] == pytest.approx(float((decoded == targets)[real].float().mean()))
+    assert alone["test/exact_match"] == float((decoded == targets).all(1).float().mean())
 
 
 @pytest.mark.parametrize("pack", ["false", "true"])

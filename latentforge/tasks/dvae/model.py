@@ -52,6 +52,7 @@ what the cells before cannot predict: a row that repeats the one above costs its
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -388,40 +389,51 @@ class GridDVAE(nn.Module):
     def generate(self, z: Tensor, shapes: Tensor | None = None, start: Tensor | None = None,
                  axes: Tensor | None = None) -> Tensor:
         """Quantized slots -> the (B, S*S) grids they decode to: each cell's argmax colour. autoregressive:
-        greedy decoding in reading order, by Jacobi iteration. Every pass predicts all cells in parallel from
-        the last pass's grid, until a pass changes nothing. A cell reads only earlier cells, so after t passes
-        the first t cells are final whatever the first guess (`start`, (B, S, S); padding if None): the fixed
-        point is exactly the greedy decoding, and a good guess only reaches it in fewer passes. (Exactly, where
-        a cell's logits do not depend on how many grids share a pass; on a GPU in bf16 another batch size may
-        round a near-tie differently.)"""
+        greedy decoding in reading order, by Jacobi iteration (`advance`), from the first guess `start` ((B, S, S);
+        padding if None)."""
         if not self.autoregressive:
             return self.decode(z, shapes).argmax(-1)
         S = self.grid_size
         first_guess = 0 if self.pad_id is None else self.pad_id
         grids = torch.full((len(z), S, S), first_guess, dtype=torch.long, device=z.device) if start is None \
             else start.clone()
-        active = torch.arange(len(z), device=z.device)
-        for _ in range(S * S + 1):
-            step = self.decode(z[active], None if shapes is None else shapes[active], grids[active],
-                               axes=None if axes is None else axes[active])
-            new = step.argmax(-1).view(-1, S, S)
-            changed = (new != grids[active]).flatten(1).any(1)
-            grids[active] = new
+        decoding = Decoding(grids, z, shapes, axes)
+        self.advance(decoding, S * S + 1)
+        return grids.flatten(1)
+
+    def advance(self, decoding: Decoding, passes: int) -> Tensor:
+        """Up to `passes` Jacobi passes of greedy decoding, in place: every pass predicts all cells in parallel
+        from the last pass's grid, and a grid is final once a pass changes nothing in it. A cell reads only
+        earlier cells, so after t passes the first t cells are final whatever the first guess: the fixed point is
+        exactly the greedy decoding (S*S + 1 passes always reach it), and a good guess only reaches it sooner.
+        (Exactly, where a cell's logits do not depend on how many grids share a pass; on a GPU in bf16 another
+        batch size may round a near-tie differently.) Returns the indices of the grids the last pass changed."""
+        S = self.grid_size
+        active = torch.arange(len(decoding.z), device=decoding.z.device)
+        for _ in range(passes):
+            part = decoding[active]
+            new = self.decode(part.z, part.shapes, part.grids, axes=part.axes).argmax(-1).view(-1, S, S)
+            changed = (new != part.grids).flatten(1).any(1)
+            decoding.grids[active] = new
             active = active[changed]
             if not len(active):
                 break
-        return grids.flatten(1)
+        return active
+
+    def decoding(self, grids: Tensor, logits: Tensor, z: Tensor) -> Decoding:
+        """The greedy decoding of the codes z of `grids` (autoregressive), started from the forward pass's argmax
+        (its logits read the true earlier cells): where that gives the grid back, one pass confirms it."""
+        shapes = self.grid_shapes(grids) if self.grid_slots else None
+        return Decoding(logits.argmax(-1).view_as(grids), z, shapes, self.grid_axes(grids, shapes))
 
     def reconstruction(self, grids: Tensor, logits: Tensor, z: Tensor) -> Tensor:
         """The (B, S*S) grids that the codes z of `grids` decode to, given the forward pass's logits: their argmax,
-        or, where the decoder is autoregressive (its logits read the true earlier cells), its greedy decoding.
-        That starts from the logits' argmax, the first pass from the true grids: where it gives them back, one
-        more pass confirms it."""
-        predicted = logits.argmax(-1)
+        or, where the decoder is autoregressive (its logits read the true earlier cells), its greedy decoding."""
         if not self.autoregressive:
-            return predicted
-        shapes = self.grid_shapes(grids) if self.grid_slots else None
-        return self.generate(z, shapes, predicted.view_as(grids), self.grid_axes(grids, shapes))
+            return logits.argmax(-1)
+        decoding = self.decoding(grids, logits, z)
+        self.advance(decoding, self.grid_size ** 2 + 1)
+        return decoding.grids.flatten(1)
 
     def code_sequence(self, grids: Tensor, codes: Tensor) -> Tensor:
         """What stores each grid: its N codes (with grid_slots, height - 1 and width - 1 first; with miss_axes
@@ -441,6 +453,25 @@ class GridDVAE(nn.Module):
         shape_codes = sequence[:, :2]
         axes = shape_codes // self.grid_size - AXIS_REACH if self.miss_axes else None
         return self.generate(self.codebook.embed(sequence[:, 2:]), shape_codes % self.grid_size + 1, axes=axes)
+
+
+@dataclass
+class Decoding:
+    """Greedy decodings under way: each grid's current guess (B, S, S) and what it is decoded from. Those of
+    several batches can be joined (`joined`), so that the long Jacobi tails of the few grids decoded wrong, a pass
+    per cell, run together rather than once for each batch."""
+    grids: Tensor
+    z: Tensor
+    shapes: Tensor | None = None
+    axes: Tensor | None = None
+
+    def __getitem__(self, index: Tensor | slice) -> Decoding:
+        return Decoding(*(None if t is None else t[index] for t in (self.grids, self.z, self.shapes, self.axes)))
+
+    @staticmethod
+    def joined(parts: list[Decoding]) -> Decoding:
+        fields = zip(*((p.grids, p.z, p.shapes, p.axes) for p in parts))
+        return Decoding(*(None if ts[0] is None else torch.cat(ts) for ts in fields))
 
 
 # The logit of a colour a cell cannot have (padding inside a grid, a colour outside it): exp() of it is 0

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from latentforge.config import Config, ModelBase, TaskConfig, require, require_evaluated_metric
 from latentforge.engine.schedules import ScalarSchedule
@@ -40,7 +40,7 @@ from latentforge.tasks.dvae.losses import (
     tc_decomposition,
     usage_penalty,
 )
-from latentforge.tasks.dvae.model import GridDVAE, cells_per_code
+from latentforge.tasks.dvae.model import Decoding, GridDVAE, cells_per_code
 from latentforge.tasks.dvae.render import draw_code_usage, draw_reconstructions, grid_text
 from latentforge.track.progress import tracked
 
@@ -49,6 +49,10 @@ CATEGORICAL = ("gumbel", "reinmax", "softmax")
 LOAD_EDGES = (1, 2, 4, 8)
 LOAD_NAMES = ("1_cell_per_code", "2_cells_per_code", "3-4_cells_per_code", "5-8_cells_per_code",
               "over_8_cells_per_code")
+# Jacobi passes of greedy decoding a batch gets before the grids it has not settled wait for those of the split's
+# other batches. Most grids settle in a pass or two; one decoded wrong can take a pass per cell, and a pass over a
+# few grids costs about as much as over a batch, so those tails run together, once.
+SETTLE_PASSES = 16
 
 
 def off() -> ScalarSchedule:
@@ -346,40 +350,51 @@ class DVAE(Task):
         grids = self.grids(split)
         K, N = model.codebook.size, model.latents
         colours = self.vocab_size - (1 if self.pad_id is not None else 0)
-        correct = scored = exact = 0.0
         # Exact match by how many of a grid's cells each code must carry: a code of K holds any
         # floor(log_colours K) cells by itself; beyond that only compression can get the grid back.
         load = cells_per_code(grids.shapes, model.slots)
         load_bucket = torch.bucketize(load, torch.tensor(LOAD_EDGES, device=self.device))
-        load_exact = torch.zeros(len(LOAD_NAMES), device=self.device)
-        # Cells per bucket, and those right: decoded, and teacher-forced (each from the true earlier cells).
-        load_cells, load_hits, load_forced = (torch.zeros(len(LOAD_NAMES), device=self.device) for _ in range(3))
-        colour_hits = torch.zeros(colours, device=self.device)
-        colour_cells = torch.zeros(colours, device=self.device)
+        targets = grids.tokens.flatten(1)
+        real = targets != self.pad_id if self.pad_id is not None else torch.ones_like(targets, dtype=torch.bool)
+        predicted = torch.empty_like(targets)
+        # Each grid's real cells right under teacher forcing (each from the true earlier cells).
+        forced = torch.zeros(len(grids), device=self.device)
+        unsettled: list[tuple[Tensor, Decoding]] = []
         counts = torch.zeros(K, device=self.device)
         recon = torch.zeros((), device=self.device)
-        for start in tracked(range(0, len(grids), self.cfg.data.eval_batch_size), f"eval {split}"):
-            tokens = grids.tokens[start:start + self.cfg.data.eval_batch_size]
+        size = self.cfg.data.eval_batch_size
+        for start in tracked(range(0, len(grids), size), f"eval {split}"):
+            tokens = grids.tokens[start:start + size]
             logits, out = model(tokens)
-            targets = tokens.flatten(1)
-            predicted = model.reconstruction(tokens, logits, out.z)
-            hit = predicted == targets
-            real = targets != self.pad_id if self.pad_id is not None else torch.ones_like(hit)
-            correct += float((hit & real).sum())
-            scored += float(real.sum())
-            whole = hit.all(1)
-            exact += float(whole.sum())
-            in_batch = load_bucket[start:start + len(tokens)]
-            load_exact += torch.bincount(in_batch[whole], minlength=len(LOAD_NAMES)).float()
-            forced = logits.argmax(-1) == targets
-            # A sum per bucket through a one-hot (bincount with weights has no deterministic CUDA kernel).
-            buckets = F.one_hot(in_batch, len(LOAD_NAMES)).float()
-            for sums, right in ((load_cells, real), (load_hits, hit & real), (load_forced, forced & real)):
-                sums += (buckets * right.sum(1, keepdim=True).float()).sum(0)
-            colour_hits += torch.bincount(targets[hit & real], minlength=self.vocab_size)[:colours].float()
-            colour_cells += torch.bincount(targets[real], minlength=self.vocab_size)[:colours].float()
+            batch = slice(start, start + len(tokens))
+            if model.autoregressive:
+                decoding = model.decoding(tokens, logits, out.z)
+                left = model.advance(decoding, SETTLE_PASSES)
+                if len(left):
+                    unsettled.append((start + left, decoding[left]))
+                predicted[batch] = decoding.grids.flatten(1)
+                forced[batch] = ((logits.argmax(-1) == targets[batch]) & real[batch]).sum(1).float()
+            else:
+                predicted[batch] = logits.argmax(-1)
             counts += torch.bincount(out.codes.flatten(), minlength=K).float()
-            recon += reconstruction(logits, targets, self.pad_id, self.cfg.task.pad_weight) * len(tokens)
+            recon += reconstruction(logits, targets[batch], self.pad_id, self.cfg.task.pad_weight) * len(tokens)
+        if unsettled:
+            # The grids still changing after SETTLE_PASSES, of every batch together.
+            index = torch.cat([i for i, _ in unsettled])
+            rest = Decoding.joined([d for _, d in unsettled])
+            for start in tracked(range(0, len(index), size), f"decode {split}"):
+                part = rest[start:start + size]
+                model.advance(part, model.grid_size ** 2 + 1)
+                predicted[index[start:start + size]] = part.grids.flatten(1)
+        hit = (predicted == targets) & real
+        whole = (predicted == targets).all(1)
+        # Sums per bucket through a one-hot (bincount with weights has no deterministic CUDA kernel).
+        buckets = F.one_hot(load_bucket, len(LOAD_NAMES)).float()
+        load_cells, load_hits, load_forced, load_exact = (
+            (buckets * v[:, None]).sum(0) for v in (real.sum(1).float(), hit.sum(1).float(), forced, whole.float()))
+        colour_hits = torch.bincount(targets[hit], minlength=self.vocab_size)[:colours].float()
+        colour_cells = torch.bincount(targets[real], minlength=self.vocab_size)[:colours].float()
+        correct, scored, exact = float(load_hits.sum()), float(load_cells.sum()), float(whole.sum())
         used = float((counts > 0).sum())
         p = counts / counts.sum()
         entropy_bits = float(-(p[p > 0] * p[p > 0].log2()).sum())
