@@ -340,8 +340,9 @@ def test_an_autoregressive_decoder_reports_its_teacher_forced_accuracy_beside_th
 def test_grids_a_batch_leaves_unsettled_are_decoded_together_as_each_batch_alone_would(monkeypatch):
     """The evaluation gives each batch SETTLE_PASSES Jacobi passes of greedy decoding, then finishes the grids
     still changing, of every batch, together. The metrics are those of decoding each batch to its end, which are
-    the model's own greedy reconstructions. Here each cell's colour is one more than its earlier neighbour's in
-    reading order, so a grid settles about a cell a pass and every batch leaves grids unsettled."""
+    the model's own greedy reconstructions. Here each cell's colour is its earlier neighbour's in reading order plus
+    one plus the grid's height, so a grid settles about a cell a pass, every batch leaves grids unsettled, and
+    grids of other heights decode to other colours."""
     task, model = small_arc_task("data.eval_grids=32", "data.eval_batch_size=5", "model.autoregressive=true")
     model.eval()
     grids = task.grids("test").tokens
@@ -350,7 +351,7 @@ def test_grids_a_batch_leaves_unsettled_are_decoded_together_as_each_batch_alone
     def chained(z, shapes=None, context=None, axes=None):
         earlier = torch.roll(context.flatten(1), 1, dims=1)
         earlier[:, 0] = 0
-        return one_hot_logits((earlier + 1) % 10, colours)
+        return one_hot_logits((earlier + 1 + shapes[:, :1]) % 10, colours)  # each grid's own, by its height
 
     monkeypatch.setattr(model, "decode", chained)
     with torch.no_grad():

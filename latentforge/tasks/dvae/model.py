@@ -45,7 +45,7 @@ names ranks, as with miss_pair_rank. Counted with every code right, these codes 
 
 autoregressive: the decoder also reads the grid's earlier cells (reading order over the canvas): each cell's
 query adds the colours of its left and upper neighbours, and its self-attention is causal. Trained with the
-true cells (teacher forcing), it reconstructs by greedy decoding (`generate`). The codes then need to carry only
+true cells (teacher forcing), it reconstructs by greedy decoding (`advance`). The codes then need to carry only
 what the cells before cannot predict: a row that repeats the one above costs its codes nothing.
 """
 
@@ -458,8 +458,8 @@ class GridDVAE(nn.Module):
 @dataclass
 class Decoding:
     """Greedy decodings under way: each grid's current guess (B, S, S) and what it is decoded from. Those of
-    several batches can be joined (`joined`), so that the long Jacobi tails of the few grids decoded wrong, a pass
-    per cell, run together rather than once for each batch."""
+    several batches can be joined (`joined`), so that the long Jacobi tails of the few grids decoded wrong (up to a
+    pass per cell) share their passes rather than each batch running its own."""
     grids: Tensor
     z: Tensor
     shapes: Tensor | None = None

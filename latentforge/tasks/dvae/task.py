@@ -50,8 +50,8 @@ LOAD_EDGES = (1, 2, 4, 8)
 LOAD_NAMES = ("1_cell_per_code", "2_cells_per_code", "3-4_cells_per_code", "5-8_cells_per_code",
               "over_8_cells_per_code")
 # Jacobi passes of greedy decoding a batch gets before the grids it has not settled wait for those of the split's
-# other batches. Most grids settle in a pass or two; one decoded wrong can take a pass per cell, and a pass over a
-# few grids costs about as much as over a batch, so those tails run together, once.
+# other batches. Most grids settle in a pass or two; one decoded wrong can take a pass per cell. Where a pass over a
+# few grids costs about what one over a batch does (a GPU's fixed cost per pass), those tails are cheaper together.
 SETTLE_PASSES = 16
 
 
@@ -379,13 +379,20 @@ class DVAE(Task):
             counts += torch.bincount(out.codes.flatten(), minlength=K).float()
             recon += reconstruction(logits, targets[batch], self.pad_id, self.cfg.task.pad_weight) * len(tokens)
         if unsettled:
-            # The grids still changing after SETTLE_PASSES, of every batch together.
+            # The grids still changing, of every batch together, SETTLE_PASSES passes at a time over those left
+            # (S*S + 1 passes settle any grid).
             index = torch.cat([i for i, _ in unsettled])
             rest = Decoding.joined([d for _, d in unsettled])
-            for start in tracked(range(0, len(index), size), f"decode {split}"):
-                part = rest[start:start + size]
-                model.advance(part, model.grid_size ** 2 + 1)
-                predicted[index[start:start + size]] = part.grids.flatten(1)
+            for _ in tracked(range(math.ceil((model.grid_size ** 2 + 1) / SETTLE_PASSES)), f"decode {split}"):
+                changing = []
+                for start in range(0, len(index), size):
+                    part = rest[start:start + size]  # a view: its passes land in `rest`
+                    changing.append(start + model.advance(part, SETTLE_PASSES))
+                    predicted[index[start:start + size]] = part.grids.flatten(1)
+                left = torch.cat(changing)
+                index, rest = index[left], rest[left]
+                if not len(index):
+                    break
         hit = (predicted == targets) & real
         whole = (predicted == targets).all(1)
         # Sums per bucket through a one-hot (bincount with weights has no deterministic CUDA kernel).
