@@ -37,6 +37,7 @@ cells past the last code guessed from the true earlier cells and, as greedy deco
 
 from __future__ import annotations
 
+import heapq
 import math
 import sys
 from collections import Counter, defaultdict
@@ -291,21 +292,35 @@ def grid_contents(grids: Grids) -> list[list[list[int]]]:
 
 def fitted_segments(rows: list[list[int]], slots: int) -> list[tuple[int, ...]]:
     """A grid's runs of one colour along each row, the adjacent pair of one row with the fewest cells merged
-    until at most `slots` segments are left (or no two segments of one row are left to merge)."""
-    segments: list[tuple[int, tuple[int, ...]]] = []  # (row, colours)
+    (the leftmost of equals) until at most `slots` segments are left (or no two segments of one row are left to
+    merge). The pairs wait in a heap; a merge leaves its old pairs there, which are skipped when they come up."""
+    row_of: list[int] = []
+    colours: list[tuple[int, ...]] = []
     for r, row in enumerate(rows):
         start = 0
         for c in range(1, len(row) + 1):
             if c == len(row) or row[c] != row[start]:
-                segments.append((r, tuple(row[start:c])))
+                row_of.append(r)
+                colours.append(tuple(row[start:c]))
                 start = c
-    while len(segments) > slots:
-        pairs = [(len(a[1]) + len(b[1]), i) for i, (a, b) in enumerate(zip(segments, segments[1:])) if a[0] == b[0]]
-        if not pairs:
-            break
-        _, i = min(pairs)
-        segments[i:i + 2] = [(segments[i][0], segments[i][1] + segments[i + 1][1])]
-    return [colours for _, colours in segments]
+    n = len(colours)
+    after, before, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
+    # (cells, left, right): a segment keeps the index of its leftmost run, so indices keep the segments' order.
+    pairs = [(len(colours[i]) + len(colours[i + 1]), i, i + 1) for i in range(n - 1) if row_of[i] == row_of[i + 1]]
+    heapq.heapify(pairs)
+    left = n
+    while left > slots and pairs:
+        cells, i, j = heapq.heappop(pairs)
+        if not (alive[i] and alive[j] and after[i] == j and len(colours[i]) + len(colours[j]) == cells):
+            continue  # a merge has changed this pair since
+        colours[i], alive[j], left = colours[i] + colours[j], False, left - 1
+        after[i] = after[j]
+        if after[j] < n:
+            before[after[j]] = i
+        for x, y in ((before[i], i), (i, after[i])):
+            if x >= 0 and y < n and row_of[x] == row_of[y]:
+                heapq.heappush(pairs, (len(colours[x]) + len(colours[y]), x, y))
+    return [c for c, keep in zip(colours, alive) if keep]
 
 
 def context_misses(rows: list[list[int]]) -> list[bool]:
