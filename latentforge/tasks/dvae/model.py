@@ -397,20 +397,25 @@ class GridDVAE(nn.Module):
         first_guess = 0 if self.pad_id is None else self.pad_id
         grids = torch.full((len(z), S, S), first_guess, dtype=torch.long, device=z.device) if start is None \
             else start.clone()
-        decoding = Decoding(grids, z, shapes, axes)
-        self.advance(decoding, S * S + 1)
+        self.advance(Decoding(grids, z, shapes, axes))
         return grids.flatten(1)
 
-    def advance(self, decoding: Decoding, passes: int) -> Tensor:
-        """Up to `passes` Jacobi passes of greedy decoding, in place: every pass predicts all cells in parallel
-        from the last pass's grid, and a grid is final once a pass changes nothing in it. A cell reads only
-        earlier cells, so after t passes the first t cells are final whatever the first guess: the fixed point is
-        exactly the greedy decoding (S*S + 1 passes always reach it), and a good guess only reaches it sooner.
-        (Exactly, where a cell's logits do not depend on how many grids share a pass; on a GPU in bf16 another
-        batch size may round a near-tie differently.) Returns the indices of the grids the last pass changed."""
+    @property
+    def most_passes(self) -> int:
+        """The Jacobi passes that settle any grid: after t passes the first t cells are final, and one more pass
+        confirms the last."""
+        return self.grid_size ** 2 + 1
+
+    def advance(self, decoding: Decoding, passes: int | None = None) -> Tensor:
+        """Up to `passes` (most_passes if None) Jacobi passes of greedy decoding, in place: every pass predicts all
+        cells in parallel from the last pass's grid, and a grid is final once a pass changes nothing in it. A cell
+        reads only earlier cells, so after t passes the first t cells are final whatever the first guess: the fixed
+        point is exactly the greedy decoding, and a good guess only reaches it sooner. (Exactly, where a cell's
+        logits do not depend on how many grids share a pass; on a GPU in bf16 another batch size may round a
+        near-tie differently.) Returns the indices of the grids the last pass changed."""
         S = self.grid_size
         active = torch.arange(len(decoding.z), device=decoding.z.device)
-        for _ in range(passes):
+        for _ in range(self.most_passes if passes is None else passes):
             part = decoding[active]
             new = self.decode(part.z, part.shapes, part.grids, axes=part.axes).argmax(-1).view(-1, S, S)
             changed = (new != part.grids).flatten(1).any(1)
@@ -432,7 +437,7 @@ class GridDVAE(nn.Module):
         if not self.autoregressive:
             return logits.argmax(-1)
         decoding = self.decoding(grids, logits, z)
-        self.advance(decoding, self.grid_size ** 2 + 1)
+        self.advance(decoding)
         return decoding.grids.flatten(1)
 
     def code_sequence(self, grids: Tensor, codes: Tensor) -> Tensor:

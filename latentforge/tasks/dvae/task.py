@@ -379,11 +379,10 @@ class DVAE(Task):
             counts += torch.bincount(out.codes.flatten(), minlength=K).float()
             recon += reconstruction(logits, targets[batch], self.pad_id, self.cfg.task.pad_weight) * len(tokens)
         if unsettled:
-            # The grids still changing, of every batch together, SETTLE_PASSES passes at a time over those left
-            # (S*S + 1 passes settle any grid).
+            # The grids still changing, of every batch together, SETTLE_PASSES passes at a time over those left.
             index = torch.cat([i for i, _ in unsettled])
             rest = Decoding.joined([d for _, d in unsettled])
-            for _ in tracked(range(math.ceil((model.grid_size ** 2 + 1) / SETTLE_PASSES)), f"decode {split}"):
+            for _ in tracked(range(math.ceil(model.most_passes / SETTLE_PASSES)), f"decode {split}"):
                 changing = []
                 for start in range(0, len(index), size):
                     part = rest[start:start + size]  # a view: its passes land in `rest`
@@ -393,8 +392,8 @@ class DVAE(Task):
                 index, rest = index[left], rest[left]
                 if not len(index):
                     break
-        hit = (predicted == targets) & real
-        whole = (predicted == targets).all(1)
+        same = predicted == targets
+        hit, whole = same & real, same.all(1)
         # Sums per bucket through a one-hot (bincount with weights has no deterministic CUDA kernel).
         buckets = F.one_hot(load_bucket, len(LOAD_NAMES)).float()
         load_cells, load_hits, load_forced, load_exact = (
